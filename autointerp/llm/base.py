@@ -32,6 +32,10 @@ class Usage:
     cost_usd: float = 0.0
     calls: int = 0
     cached_calls: int = 0  # answered from the response cache (paid nothing)
+    # Token counts of the cached answers (what they cost when first made); not in prompt/completion_tokens.
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+    estimated_calls: int = 0  # calls whose token counts are a chars/4 estimate (the server sent no usage)
 
     def add(self, other: "Usage") -> "Usage":
         self.prompt_tokens += other.prompt_tokens
@@ -39,6 +43,9 @@ class Usage:
         self.cost_usd += other.cost_usd
         self.calls += other.calls
         self.cached_calls += other.cached_calls
+        self.cached_prompt_tokens += other.cached_prompt_tokens
+        self.cached_completion_tokens += other.cached_completion_tokens
+        self.estimated_calls += other.estimated_calls
         return self
 
     def as_dict(self) -> dict:
@@ -48,7 +55,16 @@ class Usage:
             "cost_usd": round(self.cost_usd, 8),
             "calls": self.calls,
             "cached_calls": self.cached_calls,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "cached_completion_tokens": self.cached_completion_tokens,
+            "estimated_calls": self.estimated_calls,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Usage":
+        """Inverse of as_dict; unknown keys are ignored, missing ones are 0 (older records)."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass

@@ -1,0 +1,207 @@
+"""`autointerp …` — the command line. Every command has --help; bad input exits 2 with one line naming the problem."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import AutointerpError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Automatically explain and score the latents of sparse autoencoders and transcoders.")
+
+
+def _friendly(fn):
+    """Turn AutointerpError into a one-line message and exit code 2 (no traceback for bad input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=os.environ.get("AUTOINTERP_LOG", "WARNING"), format="%(levelname)s %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except AutointerpError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _resolve_dictionary(spec: str, subject):
+    if spec == "builtin:demo":
+        from .demo import ensure_demo_dictionary
+
+        return str(ensure_demo_dictionary(subject))
+    return spec
+
+
+@app.command()
+@_friendly
+def extract(
+    model: str = typer.Option("builtin:smollm2", help="Subject model: builtin:smollm2, a local folder, a .gguf file or a hub id."),
+    dictionary: List[str] = typer.Option(["builtin:demo"], "--dictionary", "-d",
+                                         help="Dictionary (repeatable): a checkpoint folder/file, a hub id, "
+                                              "'neurons', 'topk-neurons:K' or builtin:demo."),
+    hookpoint: Optional[List[str]] = typer.Option(None, "--hookpoint", help="Hookpoint (repeatable, one per dictionary "
+                                                  "or one for all): resid_post.N, mlp_out.N, attn_out.N, mlp_in.N, "
+                                                  "mlp_neurons.N or a module path. Default: what the checkpoint names."),
+    corpus: str = typer.Option("builtin", help="builtin, builtin:code, a .txt/.jsonl/.parquet file or folder, or hf:NAME."),
+    out: Path = typer.Option(Path("runs/extract"), help="Output folder (a cache; several targets get subfolders)."),
+    n_tokens: int = typer.Option(100_000, help="Tokens to process."),
+    ctx_len: int = typer.Option(64, help="Window length in tokens (BOS included)."),
+    batch_size: int = typer.Option(32, help="Windows per forward pass."),
+    top_k: int = typer.Option(100, help="Top-activating windows kept per latent."),
+    n_sample: int = typer.Option(200, help="Uniformly sampled activating windows kept per latent."),
+    pool_size: int = typer.Option(1000, help="Shared random windows kept for negatives."),
+    text_column: str = typer.Option("text", help="Text column of .jsonl/.parquet/HF corpora."),
+    split: str = typer.Option("train", help="HF dataset split."),
+    seed: int = typer.Option(0, help="Corpus shuffle and sampling seed."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: CUDA when present)."),
+    dtype: Optional[str] = typer.Option(None, help="Model dtype: float32, bfloat16, float16 (default: bf16 on GPU)."),
+    overwrite: bool = typer.Option(False, help="Replace whatever the output folder holds."),
+    progress: bool = typer.Option(True, help="Show a progress bar with tokens/s."),
+    checkpoint_every: float = typer.Option(120.0, help="Seconds between resumable checkpoints."),
+):
+    """Run the subject model over a corpus and collect every latent's contexts and statistics (resumable)."""
+    from .extract import extract as run
+    from .subject import load_subject
+
+    subject = load_subject(model, device=device, dtype=dtype)
+    dicts = [_resolve_dictionary(d, subject) for d in dictionary]
+    caches = run(subject, dicts, list(hookpoint) if hookpoint else None, corpus, out, n_tokens=n_tokens,
+                 ctx_len=ctx_len, batch_size=batch_size, seed=seed, top_k=top_k, n_sample=n_sample,
+                 pool_size=pool_size, text_column=text_column, split=split, overwrite=overwrite, progress=progress,
+                 checkpoint_every_s=checkpoint_every)
+    for c in caches:
+        _print_summary(c)
+
+
+def _print_summary(cache, n_show: int = 10, tokenizer=None) -> None:
+    import numpy as np
+
+    s = cache.stats
+    alive = cache.alive_latents()
+    freq = s["n_active"] / max(1, cache.n_tokens)
+    typer.echo(f"\n{cache.path}: {cache.n_latents} latents, {cache.n_tokens} tokens, hookpoint "
+               f"{cache.manifest['hookpoint']}, {len(alive)} alive ({len(alive) / cache.n_latents:.1%}), "
+               f"{cache.disk_bytes() / 1e6:.1f} MB on disk")
+    if len(alive):
+        typer.echo(f"firing frequency of alive latents: median {np.median(freq[alive]):.2e}, "
+                   f"max {freq[alive].max():.2e}")
+    order = alive[np.argsort(-s["act_max"][alive], kind="stable")][:n_show]
+    if tokenizer is not None:
+        cache.attach_tokenizer(tokenizer)
+    typer.echo(f"{'latent':>7} {'freq':>9} {'max':>8} {'mean':>8}  top context")
+    for i in order:
+        rec = cache.record(int(i))
+        ctx = ""
+        if len(rec.top):
+            acts, toks = rec.top.acts[0], rec.top.tokens[0]
+            j = int(acts.argmax())
+            words = rec.token_strings(toks[max(0, j - 6): j + 2])
+            pivot = min(j, 6)
+            words[pivot] = f"<<{words[pivot]}>>"
+            ctx = "".join(words).replace("\n", "⏎")
+        typer.echo(f"{int(i):>7} {freq[i]:>9.2e} {s['act_max'][i]:>8.2f} "
+                   f"{rec.stats.mean_act:>8.2f}  {ctx[:80]}")
+
+
+@app.command()
+@_friendly
+def inspect(
+    cache: Path = typer.Argument(..., help="A cache folder written by `autointerp extract`."),
+    latent: Optional[int] = typer.Option(None, help="Show this latent's top and sampled windows."),
+    n: int = typer.Option(5, help="Windows to show."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Summarise a latent cache, or show one latent's contexts."""
+    from .cache import LatentCache
+    from .models import load_causal_lm, resolve_model_source
+
+    c = LatentCache(cache)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_source(c.manifest["model"]))
+    if latent is None:
+        if as_json:
+            typer.echo(json.dumps(c.summary(), indent=1))
+        else:
+            _print_summary(c, tokenizer=tok)
+        return
+    c.attach_tokenizer(tok)
+    rec = c.record(latent)
+    if as_json:
+        typer.echo(json.dumps({"latent": latent, "stats": {"frequency": rec.stats.frequency, "max": rec.stats.max_act,
+                                                          "mean": rec.stats.mean_act},
+                               "top": [{"text": "".join(rec.token_strings(t)), "max": float(a.max())}
+                                       for t, a in zip(rec.top.tokens[:n], rec.top.acts[:n])]}, indent=1))
+        return
+    typer.echo(f"latent {latent}: frequency {rec.stats.frequency:.2e}, max {rec.stats.max_act:.2f}, "
+               f"mean {rec.stats.mean_act:.2f}, {len(rec.top)} top / {len(rec.sample)} sampled / "
+               f"{len(rec.negatives)} negative windows")
+    for title, ex in (("top", rec.top), ("sample", rec.sample)):
+        typer.echo(f"-- {title}")
+        for t, a in zip(ex.tokens[:n], ex.acts[:n]):
+            thr = 0.3 * a.max() if a.max() > 0 else 1
+            words = [f"<<{w}>>" if v >= thr else w for w, v in zip(rec.token_strings(t), a)]
+            typer.echo(f"[{a.max():6.2f}] " + "".join(words).replace("\n", "⏎"))
+
+
+@app.command("train-sae")
+@_friendly
+def train_sae(
+    model: str = typer.Option("builtin:smollm2", help="Subject model."),
+    hookpoint: str = typer.Option("resid_post.15", help="Where to read activations (mlp_in.N for a transcoder)."),
+    corpus: str = typer.Option("builtin", help="Training corpus (same sources as extract)."),
+    n_tokens: int = typer.Option(100_000, help="Training tokens."),
+    n_latents: int = typer.Option(2048, help="Dictionary size."),
+    k: int = typer.Option(32, help="Active latents per token (TopK)."),
+    out: Path = typer.Option(Path("runs/sae"), help="Output folder (sparsify format: <out>/<hookpoint>/)."),
+    seed: int = typer.Option(0, help="Seed."),
+    device: Optional[str] = typer.Option(None, help="Device."),
+):
+    """Train a small TopK SAE (sparsify format) — a real dictionary for offline demos and tests."""
+    from .activations import collect_activations
+    from .corpus import CorpusSpec
+    from .subject import load_subject
+    from .train_sae import train_topk_sae
+
+    subject = load_subject(model, device=device)
+    acts = collect_activations(subject, hookpoint, CorpusSpec(source=corpus, n_tokens=n_tokens, seed=seed))
+    result = train_topk_sae(acts, n_latents=n_latents, k=k, out_dir=out, hookpoint=hookpoint, seed=seed)
+    typer.echo(f"wrote {out / hookpoint}: {result}")
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its cache."),
+    n_tokens: int = typer.Option(60_000, help="Tokens to extract over."),
+):
+    """The offline demo: SmolLM2 + a locally trained SAE → extraction → per-latent summary."""
+    from .demo import ensure_demo_dictionary
+    from .extract import extract as run
+    from .subject import load_subject
+
+    typer.echo("[demo] loading SmolLM2-135M (first run dequantizes the packaged GGUF once, ~30 s)")
+    subject = load_subject("builtin:smollm2")
+    typer.echo("[demo] demo dictionary (trained once on this machine, then cached)")
+    sae = ensure_demo_dictionary(subject)
+    typer.echo(f"[demo] extracting {n_tokens} tokens at {sae.name}")
+    caches = run(subject, str(sae), None, "builtin", out, n_tokens=n_tokens)
+    for c in caches:
+        _print_summary(c, tokenizer=subject.tokenizer)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

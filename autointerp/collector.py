@@ -1,0 +1,180 @@
+"""The streaming collector: per-latent top-K windows, a uniform reservoir sample, statistics and a shared pool.
+
+Memory is O(n_latents × (K + S) × ctx_len) and never grows with the number of tokens. All state lives on the
+device the codes come from (GPU when present) and every update is a handful of batched tensor ops per batch.
+
+Both per-latent buffers are the same structure, a *keyed top-K*: the top windows use key = the window's max
+activation; the uniform sample uses key = a hash of (window id, latent, seed), which makes "top-S by random key" a
+reservoir sample that does not depend on batch boundaries (and needs no RNG state to resume). Ties in key are
+broken by the lower window id, so results are exactly those of sorting all windows by (key desc, id asc).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .cache import hist_edges
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    top_k: int = 100
+    n_sample: int = 200
+    pool_size: int = 1000
+    seed: int = 0
+    hist_bins: int = 80
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def hash_uniform(window_ids: torch.Tensor, latents: torch.Tensor, seed: int) -> torch.Tensor:
+    """A deterministic uniform(0,1) float per (window, latent) pair (32-bit integer mix, murmur3-style finaliser)."""
+    x = (window_ids[:, None] * 0x9E3779B1 + latents[None, :] * 0x85EBCA77 + (seed * 0xC2B2AE3D + 0x27D4EB2F)) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return (x.to(torch.float64) + 0.5).div_(2.0**32).to(torch.float32)
+
+
+class KeyedTopK:
+    """For every latent, the K windows with the highest key, with the latent's per-token activations in them.
+
+    keys/ids are kept sorted (key desc, id asc) — cheap, [n, K]. The big per-token array `acts` [n, K, T] is
+    never permuted: each entry points at a storage slot, and an entering window takes the slot of one it evicts.
+    """
+
+    def __init__(self, n: int, k: int, ctx: int, device, act_dtype=torch.float16):
+        self.k = k
+        self.keys = torch.full((n, k), float("-inf"), device=device)
+        self.ids = torch.full((n, k), -1, dtype=torch.int64, device=device)
+        self.slots = torch.arange(k, device=device).repeat(n, 1)
+        self.acts = torch.zeros((n, k, ctx), dtype=act_dtype, device=device)
+
+    def update(self, new_keys: torch.Tensor, window_ids: torch.Tensor, codes: torch.Tensor) -> int:
+        """new_keys [B, n] (-inf = not eligible), window_ids [B] ascending, codes [B, T, n]. Returns rows changed."""
+        k = self.k
+        thresh = self.keys[:, -1]
+        rows = torch.nonzero((new_keys > thresh).any(0)).squeeze(1)
+        if rows.numel() == 0:
+            return 0
+        b = new_keys.shape[0]
+        cat_keys = torch.cat([self.keys[rows], new_keys[:, rows].T], dim=1)  # [m, K+B]
+        cat_ids = torch.cat([self.ids[rows], window_ids[None, :].expand(rows.numel(), b)], dim=1)
+        # stable sort: old entries (smaller ids, already in (key desc, id asc) order) precede new ones on ties,
+        # and new ones are in window order, so the merge is exactly a global (key desc, id asc) sort.
+        order = torch.sort(cat_keys, dim=1, descending=True, stable=True).indices[:, :k]
+        old_slots = self.slots[rows]
+        slots = torch.where(order < k, old_slots.gather(1, order.clamp(max=k - 1)), -1)
+        kept = torch.zeros_like(cat_keys, dtype=torch.bool).scatter_(1, order, True)
+        r_ev, p_ev = torch.nonzero(~kept[:, :k], as_tuple=True)  # freed slots, row-major
+        r_in, j_in = torch.nonzero(order >= k, as_tuple=True)  # entering windows, row-major: counts match per row
+        free = old_slots[r_ev, p_ev]
+        slots[r_in, j_in] = free
+        lat = rows[r_in]
+        bidx = order[r_in, j_in] - k
+        self.acts[lat, free] = codes[bidx, :, lat].to(self.acts.dtype)
+        self.keys[rows] = cat_keys.gather(1, order)
+        self.ids[rows] = cat_ids.gather(1, order)
+        self.slots[rows] = slots
+        return int(rows.numel())
+
+    def sorted_acts(self) -> torch.Tensor:
+        """acts in key order [n, K, T] (done once at the end)."""
+        return self.acts.gather(1, self.slots[:, :, None].expand(-1, -1, self.acts.shape[2]))
+
+    def state(self) -> dict:
+        return {"keys": self.keys, "ids": self.ids, "slots": self.slots, "acts": self.acts}
+
+    def load_state(self, st: dict) -> None:
+        for name, val in st.items():
+            getattr(self, name).copy_(val)
+
+
+class Collector:
+    """Feed it batches of codes; it keeps everything the cache needs. `state()`/`load_state()` for resume."""
+
+    def __init__(self, n_latents: int, ctx_len: int, config: CollectorConfig, device):
+        self.cfg = config
+        self.n = n_latents
+        self.device = torch.device(device)
+        self.top = KeyedTopK(n_latents, config.top_k, ctx_len, self.device)
+        self.sample = KeyedTopK(n_latents, config.n_sample, ctx_len, self.device)
+        self.n_active = torch.zeros(n_latents, dtype=torch.int64, device=self.device)
+        self.act_sum = torch.zeros(n_latents, dtype=torch.float64, device=self.device)
+        self.act_max = torch.zeros(n_latents, dtype=torch.float32, device=self.device)
+        self.edges = torch.tensor(hist_edges(config.hist_bins), device=self.device, dtype=torch.float32)
+        self.hist = torch.zeros((n_latents, config.hist_bins), dtype=torch.int64, device=self.device)
+        self._lat_ids = torch.arange(n_latents, device=self.device)
+        # the shared pool: a reservoir over windows (key = hash(window, -1)), each with its firing latents
+        self.pool_keys = torch.empty(0, device=self.device)
+        self.pool_ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.pool_codes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # window id -> (latents, max acts)
+        self.n_tokens = 0
+        self.n_windows = 0
+
+    @torch.no_grad()
+    def update(self, codes: torch.Tensor, window_ids: torch.Tensor) -> None:
+        """codes [B, T, n] (float), window_ids [B] int64 ascending (global window index)."""
+        codes = codes.float()
+        window_ids = window_ids.to(self.device)
+        b, t, _ = codes.shape
+        wmax = codes.amax(dim=1)  # [B, n] the window's max activation per latent
+        active = wmax > 0
+        self.top.update(torch.where(active, wmax, float("-inf")), window_ids, codes)
+        rnd = hash_uniform(window_ids, self._lat_ids, self.cfg.seed)
+        self.sample.update(torch.where(active, rnd, float("-inf")), window_ids, codes)
+        # statistics over firing tokens only
+        bi, ti, li = torch.nonzero(codes > 0, as_tuple=True)
+        vals = codes[bi, ti, li]
+        self.n_active += torch.bincount(li, minlength=self.n)
+        self.act_sum.index_add_(0, li, vals.double())
+        self.act_max = torch.maximum(self.act_max, wmax.amax(0))
+        bins = (torch.bucketize(vals, self.edges, right=True) - 1).clamp_(0, self.cfg.hist_bins - 1)
+        self.hist.view(-1).index_add_(0, li * self.cfg.hist_bins + bins, torch.ones_like(li))
+        self._update_pool(window_ids, wmax)
+        self.n_tokens += b * t
+        self.n_windows += b
+
+    def _update_pool(self, window_ids: torch.Tensor, wmax: torch.Tensor) -> None:
+        if self.cfg.pool_size <= 0:
+            return
+        keys = hash_uniform(window_ids, torch.tensor([-1], device=self.device), self.cfg.seed + 7919).squeeze(1)
+        all_keys = torch.cat([self.pool_keys, keys])
+        all_ids = torch.cat([self.pool_ids, window_ids])
+        order = torch.sort(all_keys, descending=True, stable=True).indices[: self.cfg.pool_size]
+        self.pool_keys, self.pool_ids = all_keys[order], all_ids[order]
+        keep = set(self.pool_ids.tolist())
+        for wid in [w for w in self.pool_codes if w not in keep]:
+            del self.pool_codes[wid]
+        first = int(window_ids[0])
+        for wid in keep:
+            if wid not in self.pool_codes and wid >= first:
+                row = wmax[wid - first]
+                lat = torch.nonzero(row > 0).squeeze(1)
+                self.pool_codes[wid] = (lat.to(torch.int32), row[lat].to(torch.float16))
+
+    def state(self) -> dict:
+        return {
+            "top": self.top.state(), "sample": self.sample.state(),
+            "n_active": self.n_active, "act_sum": self.act_sum, "act_max": self.act_max, "hist": self.hist,
+            "pool_keys": self.pool_keys, "pool_ids": self.pool_ids, "pool_codes": self.pool_codes,
+            "n_tokens": self.n_tokens, "n_windows": self.n_windows,
+        }
+
+    def load_state(self, st: dict) -> None:
+        self.top.load_state(st["top"])
+        self.sample.load_state(st["sample"])
+        for name in ("n_active", "act_sum", "act_max", "hist"):
+            getattr(self, name).copy_(st[name])
+        self.pool_keys = st["pool_keys"].to(self.device)
+        self.pool_ids = st["pool_ids"].to(self.device)
+        self.pool_codes = {int(k): (v[0].to(self.device), v[1].to(self.device)) for k, v in st["pool_codes"].items()}
+        self.n_tokens, self.n_windows = int(st["n_tokens"]), int(st["n_windows"])

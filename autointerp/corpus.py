@@ -1,0 +1,205 @@
+"""Text corpora → fixed-length token windows.
+
+Sources (`CorpusSpec.source`):
+  builtin             offline prose shipped with Python: pydoc topics + standard-library docstrings (~0.5M tokens)
+  builtin:code        the standard library's Python sources (~10M tokens), for long runs and benchmarks
+  path/to/file.txt    one document per file (a folder of .txt files: one per file)
+  path/to/file.jsonl  one document per line, field `text_column` (default "text")
+  path/to/file.parquet  column `text_column`
+  hf:NAME[:CONFIG]    a Hugging Face dataset (split, text_column), streamed; NAME may be a local dataset folder
+
+Documents are shuffled deterministically by `seed`, tokenized without special tokens, joined with the EOS token and
+cut into windows of `ctx_len` tokens. With `bos=True` each window starts with the BOS token followed by
+ctx_len-1 corpus tokens (the model sees a proper sequence start, as in training).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import sys
+import sysconfig
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    source: str = "builtin"
+    ctx_len: int = 64
+    n_tokens: int = 100_000
+    seed: int = 0
+    text_column: str = "text"
+    split: str = "train"
+    bos: bool = True
+
+    def validate(self) -> None:
+        if self.n_tokens <= 0:
+            raise ConfigError(f"--n-tokens: must be > 0 (got {self.n_tokens})")
+        if self.ctx_len < 2:
+            raise ConfigError(f"--ctx-len: must be >= 2 (got {self.ctx_len})")
+
+    @property
+    def n_windows(self) -> int:
+        return max(1, self.n_tokens // self.ctx_len)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- document sources
+
+def _stdlib_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib).parts
+        if rel[0] in ("site-packages", "dist-packages", "idlelib") or any(p in ("test", "tests") for p in rel):
+            continue
+        out.append(path)
+    return out
+
+
+def _builtin_documents(kind: str) -> list[str]:
+    """`builtin` (prose, ~0.5M tokens): pydoc topics + stdlib docstrings; `builtin:code` (~10M tokens): stdlib sources."""
+    if kind == "code":
+        return [p.read_text(encoding="utf-8", errors="replace") for p in _stdlib_files()]
+    if kind != "docs":
+        raise ConfigError(f"corpus builtin:{kind}: unknown built-in corpus (expected builtin or builtin:code)")
+    import pydoc_data.topics as topics
+
+    docs = [topics.topics[k] for k in sorted(topics.topics)]
+    # Docstrings read with ast (no imports, so no side effects and the same text on every run).
+    for path in _stdlib_files():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    docs.append(doc)
+    return docs
+
+
+def _read_jsonl(path: Path, column: str) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or column not in row:
+                keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+                raise ConfigError(f"{path}:{lineno}: no text column {column!r} (found: {keys}); set --text-column")
+            if not isinstance(row[column], str):
+                raise ConfigError(f"{path}:{lineno}: column {column!r} is {type(row[column]).__name__}, expected a string")
+            docs.append(row[column])
+    return docs
+
+
+def _read_parquet(path: Path, column: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise ConfigError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    if column not in table.column_names:
+        raise ConfigError(f"{path}: no text column {column!r} (found: {', '.join(table.column_names)}); set --text-column")
+    return [t for t in table.column(column).to_pylist() if isinstance(t, str)]
+
+
+def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
+    import datasets
+
+    name = spec.source[3:]
+    config = None
+    if ":" in name and not Path(name).exists():
+        name, config = name.split(":", 1)
+    try:
+        ds = datasets.load_dataset(name, config, split=spec.split, streaming=True)
+    except Exception as e:
+        raise ConfigError(f"corpus {spec.source}: could not load split {spec.split!r} ({str(e).splitlines()[0]})") from None
+    ds = ds.shuffle(seed=spec.seed, buffer_size=10_000)
+    first = True
+    for row in ds:
+        if first:
+            if spec.text_column not in row:
+                raise ConfigError(f"corpus {spec.source}: no text column {spec.text_column!r} "
+                                  f"(found: {', '.join(sorted(row))}); set --text-column")
+            first = False
+        text = row[spec.text_column]
+        if isinstance(text, str):
+            yield text
+
+
+def iter_documents(spec: CorpusSpec) -> Iterator[str]:
+    if spec.source.startswith("hf:"):
+        yield from _hf_documents(spec)
+        return
+    if spec.source == "builtin" or spec.source.startswith("builtin:"):
+        docs = _builtin_documents(spec.source.split(":", 1)[1] if ":" in spec.source else "docs")
+    else:
+        path = Path(spec.source).expanduser()
+        if not path.exists():
+            raise ConfigError(f"corpus {spec.source}: no such file or folder (expected builtin, a .txt/.jsonl/.parquet "
+                              "file or folder, or hf:NAME)")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        docs = []
+        for f in files:
+            if f.suffix == ".txt":
+                docs.append(f.read_text(encoding="utf-8", errors="replace"))
+            elif f.suffix == ".jsonl":
+                docs.extend(_read_jsonl(f, spec.text_column))
+            elif f.suffix == ".parquet":
+                docs.extend(_read_parquet(f, spec.text_column))
+            elif not path.is_dir():
+                raise ConfigError(f"corpus {f}: unsupported file type {f.suffix!r} (expected .txt, .jsonl or .parquet)")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ConfigError(f"corpus {spec.source}: no text found (empty corpus)")
+    random.Random(spec.seed).shuffle(docs)
+    yield from docs
+
+
+# ---------------------------------------------------------------------------------------------- windows
+
+def iter_windows(spec: CorpusSpec, tokenizer, batch_size: int = 32) -> Iterator[np.ndarray]:
+    """Batches [b, ctx_len] int32 of token windows, at most spec.n_windows in all, always in the same order."""
+    spec.validate()
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    body = spec.ctx_len - 1 if spec.bos else spec.ctx_len
+    buf: list[int] = []
+    batch: list[np.ndarray] = []
+    emitted = 0
+    for doc in iter_documents(spec):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        buf.extend(ids)
+        if sep is not None:
+            buf.append(sep)
+        while len(buf) >= body and emitted < spec.n_windows:
+            win = buf[:body]
+            del buf[:body]
+            batch.append(np.asarray(([bos] if spec.bos else []) + win, dtype=np.int32))
+            emitted += 1
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
+        if emitted >= spec.n_windows:
+            break
+    if batch:
+        yield np.stack(batch)
+    if emitted == 0:
+        raise ConfigError(f"corpus {spec.source}: too little text for one window of {spec.ctx_len} tokens")

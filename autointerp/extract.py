@@ -1,0 +1,352 @@
+"""Extraction: corpus → subject model → dictionary.encode → Collector → LatentCache, in one streaming pass.
+
+`extract(...)` is what the CLI and the GPU worker call. Several (hookpoint, dictionary) targets share one forward
+pass. The run checkpoints its state every `checkpoint_every_s` seconds into `<out>/.partial/`; re-running the same
+command resumes from there, and a run whose inputs differ from what the folder holds is refused instead of mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .cache import FORMAT_VERSION, LatentCache, hist_edges
+from .collector import Collector, CollectorConfig
+from .corpus import CorpusSpec, iter_windows
+from .errors import ConfigError
+from .subject import SubjectModel, load_subject, translate_hookpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    """One (hookpoint, dictionary) pair and where its cache goes."""
+
+    dictionary: object  # autointerp.dictionaries.Dictionary
+    hookpoint: str
+    out_dir: Path
+    collector: Collector | None = None
+    identity: dict = field(default_factory=dict)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "dictionary"
+
+
+def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device):
+    from .dictionaries import load_dictionary
+
+    if not isinstance(spec, str):
+        return spec  # an already-loaded Dictionary
+    if spec == "neurons" or spec.startswith("topk-neurons"):
+        if not hookpoint:
+            raise ConfigError(f"--dictionary {spec}: raw neurons need --hookpoint (e.g. mlp_neurons.12)")
+        return load_dictionary(spec, d_in=subject.width(hookpoint), device=device)
+    return load_dictionary(spec, device=device)
+
+
+def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list[str | None], out: Path,
+                     device) -> list[Target]:
+    if len(hookpoints) == 1 and len(dictionaries) > 1:
+        hookpoints = hookpoints * len(dictionaries)
+    if len(hookpoints) != len(dictionaries):
+        raise ConfigError(f"--hookpoint: give one, or one per dictionary ({len(dictionaries)} dictionaries, "
+                          f"{len(hookpoints)} hookpoints)")
+    targets = []
+    for spec, hp in zip(dictionaries, hookpoints):
+        d = _load_dictionary(spec, subject, hp, device)
+        if hp is None:
+            if not getattr(d, "hookpoint", None):
+                raise ConfigError(f"dictionary {getattr(d, 'source', spec)} names no hookpoint: pass --hookpoint")
+            hp = translate_hookpoint(d.hookpoint)
+        hook = subject.hookpoint(hp)  # raises with close matches when unknown
+        if getattr(d, "transcoder", False) and hook.mode == "output" and not hp.endswith(":output"):
+            hp = f"{hook.module_path}:input"  # a transcoder reads what goes INTO the module it replaces
+            hook = subject.hookpoint(hp)
+        width = subject.width(hp)
+        if d.d_in != width:
+            raise ConfigError(f"dictionary {getattr(d, 'source', spec)}: d_in={d.d_in} but hookpoint {hp} "
+                              f"({hook.module_path}, {hook.mode}) has width {width}")
+        targets.append(Target(d, hp, out))
+    if len(targets) > 1:
+        names = [f"{t.hookpoint}__{_slug(str(getattr(t.dictionary, 'id', 'dict')).split('/')[-1])}" for t in targets]
+        if len(set(names)) != len(names):
+            names = [f"{i}_{n}" for i, n in enumerate(names)]
+        for t, n in zip(targets, names):
+            t.out_dir = out / _slug(n)
+    return targets
+
+
+def _identity(subject: SubjectModel, t: Target, corpus: CorpusSpec, cfg: CollectorConfig) -> dict:
+    d = t.dictionary
+    return {
+        "model": subject.spec,
+        "hookpoint": t.hookpoint,
+        "dictionary": {"id": str(d.id), "format": d.format, "source": str(d.source), "n_latents": int(d.n_latents),
+                       "d_in": int(d.d_in), "transcoder": bool(getattr(d, "transcoder", False))},
+        "corpus": corpus.as_dict(),
+        "collector": cfg.as_dict(),
+    }
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    keys = ("model", "hookpoint", "dictionary", "corpus", "collector")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _describe(m: dict) -> str:
+    return (f"model {m.get('model')}, hookpoint {m.get('hookpoint')}, dictionary {m.get('dictionary', {}).get('id')}, "
+            f"corpus {m.get('corpus', {}).get('source')} n_tokens={m.get('corpus', {}).get('n_tokens')}")
+
+
+def _check_out_dir(t: Target, overwrite: bool) -> str:
+    """'done' when an identical complete cache is there, 'fresh' otherwise; refuses a folder holding something else."""
+    mpath = t.out_dir / "manifest.json"
+    if mpath.is_file():
+        try:
+            m = json.loads(mpath.read_text())
+        except json.JSONDecodeError:
+            m = {}
+        if m.get("complete") and _same_run(m, t.identity) and not overwrite:
+            return "done"
+        if not _same_run(m, t.identity) and not overwrite:
+            raise ConfigError(f"{t.out_dir}: holds a cache of another run ({_describe(m)}); "
+                              "use another --out folder or --overwrite")
+    elif t.out_dir.exists() and not overwrite and any(p.is_file() for p in t.out_dir.iterdir()):
+        raise ConfigError(f"{t.out_dir}: folder exists and is not a latent cache; use another --out or --overwrite")
+    return "fresh"
+
+
+class _Checkpoint:
+    """`<out>/.partial/`: windows.bin (append-only token ids) + state.pt (collector states), written atomically."""
+
+    def __init__(self, root: Path, ctx_len: int):
+        self.dir = root / ".partial"
+        self.ctx_len = ctx_len
+        self.windows_path = self.dir / "windows.bin"
+        self.state_path = self.dir / "state.pt"
+        self._fh = None
+
+    def load(self, identities: list[dict]) -> list[dict] | None:
+        if not self.state_path.is_file():
+            return None
+        try:
+            st = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        except Exception:  # a torn state file: start over rather than trust it
+            log.warning("checkpoint %s unreadable; restarting", self.state_path)
+            return None
+        if len(st["identities"]) != len(identities) or not all(
+                _same_run(a, b) for a, b in zip(st["identities"], identities)):
+            return None
+        return st
+
+    def open(self, n_windows_done: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        keep = n_windows_done * self.ctx_len * 4
+        mode = "r+b" if self.windows_path.exists() else "w+b"
+        self._fh = open(self.windows_path, mode)
+        self._fh.truncate(keep)  # drop windows written after the last checkpoint
+        self._fh.seek(keep)
+
+    def append(self, windows: np.ndarray) -> None:
+        self._fh.write(np.ascontiguousarray(windows, dtype=np.int32).tobytes())
+
+    def save(self, identities: list[dict], collectors: list[Collector]) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save({"identities": identities, "states": [c.state() for c in collectors]}, tmp)
+        os.replace(tmp, self.state_path)
+
+    def windows(self) -> np.ndarray:
+        self._fh.flush()
+        return np.memmap(self.windows_path, dtype=np.int32, mode="r").reshape(-1, self.ctx_len)
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+
+
+def _publish(t: Target, collector: Collector, windows: np.ndarray, extra: dict) -> None:
+    """Write the final cache into <out>/.partial/publish-<slug>/ and move it into place, manifest last."""
+    c = collector
+    top_ids, sample_ids = c.top.ids.cpu().numpy(), c.sample.ids.cpu().numpy()
+    pool_ids = np.sort(c.pool_ids.cpu().numpy())
+    used = np.unique(np.concatenate([top_ids[top_ids >= 0], sample_ids[sample_ids >= 0], pool_ids]))
+
+    def rows(ids):
+        r = np.searchsorted(used, ids).astype(np.int32)
+        return np.where(ids >= 0, r, -1).astype(np.int32)
+
+    stage = t.out_dir / ".partial" / "publish"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    np.save(stage / "windows.npy", np.asarray(windows[used], dtype=np.int32))
+    np.save(stage / "top_rows.npy", rows(top_ids))
+    np.save(stage / "top_acts.npy", c.top.sorted_acts().cpu().numpy())
+    np.save(stage / "sample_rows.npy", rows(sample_ids))
+    np.save(stage / "sample_acts.npy", c.sample.sorted_acts().cpu().numpy())
+    np.save(stage / "hist.npy", c.hist.cpu().numpy())
+    np.savez(stage / "stats.npz", n_active=c.n_active.cpu().numpy(), act_sum=c.act_sum.cpu().numpy(),
+             act_max=c.act_max.cpu().numpy(), hist_edges=hist_edges(c.cfg.hist_bins))
+    indptr, lats, maxs = [0], [], []
+    for wid in pool_ids.tolist():
+        lat, mx = c.pool_codes[wid]
+        lats.append(lat.cpu().numpy())
+        maxs.append(mx.cpu().numpy())
+        indptr.append(indptr[-1] + len(lats[-1]))
+    np.save(stage / "pool_rows.npy", rows(pool_ids))
+    np.save(stage / "pool_indptr.npy", np.asarray(indptr, dtype=np.int64))
+    np.save(stage / "pool_latents.npy", np.concatenate(lats).astype(np.int32) if lats else np.zeros(0, np.int32))
+    np.save(stage / "pool_max.npy", np.concatenate(maxs).astype(np.float16) if maxs else np.zeros(0, np.float16))
+    manifest = {**t.identity, **extra, "format_version": FORMAT_VERSION, "n_tokens": c.n_tokens,
+                "n_windows": c.n_windows, "n_windows_stored": int(len(used)), "complete": True}
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    old = t.out_dir / "manifest.json"
+    if old.exists():
+        old.unlink()  # readers must never see an old manifest beside new arrays
+    for f in sorted(stage.iterdir(), key=lambda p: p.name == "manifest.json"):
+        os.replace(f, t.out_dir / f.name)
+    shutil.rmtree(stage)
+
+
+def extract(
+    model: str | SubjectModel = "builtin:smollm2",
+    dictionary: str | object | list = "builtin:demo",
+    hookpoint: str | list[str | None] | None = None,
+    corpus: str | CorpusSpec = "builtin",
+    out: str | Path = "runs/extract",
+    *,
+    n_tokens: int = 100_000,
+    ctx_len: int = 64,
+    batch_size: int = 32,
+    seed: int = 0,
+    top_k: int = 100,
+    n_sample: int = 200,
+    pool_size: int = 1000,
+    text_column: str = "text",
+    split: str = "train",
+    device: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    checkpoint_every_s: float = 120.0,
+    max_batches: int | None = None,
+) -> list[LatentCache]:
+    """Run the streaming extraction; returns the caches (one per target). `max_batches` stops early without
+    publishing (a clean interruption, used by tests and for chunked scheduling)."""
+    out = Path(out)
+    spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(
+        source=corpus, ctx_len=ctx_len, n_tokens=n_tokens, seed=seed, text_column=text_column, split=split)
+    spec.validate()
+    subject = model if isinstance(model, SubjectModel) else load_subject(model, device=device, dtype=dtype)
+    if subject.max_context and spec.ctx_len > subject.max_context:
+        raise ConfigError(f"--ctx-len: {spec.ctx_len} is beyond the model's context ({subject.max_context} tokens)")
+    dev = subject.device
+    dictionaries = dictionary if isinstance(dictionary, list) else [dictionary]
+    hookpoints = hookpoint if isinstance(hookpoint, list) else [hookpoint]
+    targets = _resolve_targets(subject, dictionaries, hookpoints, out, dev)
+    cfg = CollectorConfig(top_k=top_k, n_sample=n_sample, pool_size=pool_size, seed=seed)
+    for t in targets:
+        t.identity = _identity(subject, t, spec, cfg)
+    status = [_check_out_dir(t, overwrite) for t in targets]
+    if all(s == "done" for s in status):
+        log.info("%s: complete cache(s) already there; nothing to do", out)
+        return [LatentCache(t.out_dir) for t in targets]
+    if overwrite:
+        for t in targets:
+            for name in [p for p in (t.out_dir.iterdir() if t.out_dir.exists() else []) if p.is_file()]:
+                name.unlink()
+        shutil.rmtree(out / ".partial", ignore_errors=True)
+
+    identities = [t.identity for t in targets]
+    for t in targets:
+        t.collector = Collector(t.dictionary.n_latents, spec.ctx_len, cfg, dev)
+    ckpt = _Checkpoint(out, spec.ctx_len)
+    state = ckpt.load(identities)
+    done = 0
+    if state is not None:
+        for t, st in zip(targets, state["states"]):
+            t.collector.load_state(st)
+        done = targets[0].collector.n_windows
+        log.info("resuming %s at window %d", out, done)
+    ckpt.open(done)
+    hooks = [subject.hookpoint(t.hookpoint) for t in targets]
+    bar = tqdm(total=spec.n_windows * spec.ctx_len, initial=done * spec.ctx_len, unit="tok", unit_scale=True,
+               disable=not progress, desc=f"extract {out.name}", dynamic_ncols=True)
+    wid, batches, last_ckpt, interrupted = 0, 0, time.monotonic(), False
+    try:
+        for batch in iter_windows(spec, subject.tokenizer, batch_size):
+            if wid + len(batch) <= done:  # already collected before the interruption
+                wid += len(batch)
+                continue
+            if wid < done:
+                batch, wid = batch[done - wid:], done
+            ids = torch.from_numpy(batch).long()
+            acts = subject.capture(ids, hooks)
+            window_ids = torch.arange(wid, wid + len(batch), device=dev)
+            for t, h in zip(targets, hooks):
+                x = acts[h.name]
+                codes = t.dictionary.encode(x.to(torch.float32))
+                if spec.bos:
+                    codes[:, 0] = 0  # the BOS position's activations reflect the sequence start, not the text
+                t.collector.update(codes, window_ids)
+            ckpt.append(batch)
+            wid += len(batch)
+            batches += 1
+            bar.update(batch.size)
+            if time.monotonic() - last_ckpt > checkpoint_every_s:
+                ckpt.save(identities, [t.collector for t in targets])
+                last_ckpt = time.monotonic()
+            if max_batches is not None and batches >= max_batches:
+                interrupted = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        bar.close()
+        if interrupted:
+            ckpt.save(identities, [t.collector for t in targets])
+            ckpt.close()
+    if interrupted:
+        return []
+    extra = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"autointerp": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                     "transformers": _version("transformers")},
+        "device": str(dev),
+    }
+    windows = ckpt.windows()
+    for t in targets:
+        _publish(t, t.collector, windows, extra)
+    ckpt.close()
+    for t in targets:
+        shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
+    shutil.rmtree(out / ".partial", ignore_errors=True)
+    return [LatentCache(t.out_dir) for t in targets]
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:
+        return None

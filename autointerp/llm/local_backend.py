@@ -1,0 +1,149 @@
+"""Backend `local`: a transformers causal LM in this process (default: builtin:smollm2, SmolLM2-135M-Instruct).
+
+Generation runs in a worker thread (asyncio.to_thread) so the event loop stays responsive; one lock per loaded
+model serializes generate() calls (a model is shared by every LocalBackend of the same spec/device/dtype, so an
+explainer and a judge on the same model load it once). Requests are not batched together: batching pads
+prompts, which changes greedy outputs slightly with what a prompt happens to share a batch with, and we want a
+prompt's answer to be reproducible.
+
+temperature 0 -> greedy; otherwise plain temperature sampling (no top-k/top-p) seeded with params.seed.
+Logprobs are those of the model's own distribution (raw logits, before temperature), like vLLM reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import ChatMessage, Completion, LLMError, PermanentLLMError, SamplingParams, TokenLogprob, Usage
+
+DEFAULT_LOCAL_MODEL = "builtin:smollm2"
+
+
+@dataclass
+class _Loaded:
+    model: object
+    tokenizer: object
+    lock: threading.Lock
+    stop_ids: list[int]
+    max_len: int | None
+
+
+_LOADED: dict[tuple, _Loaded] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def _load(spec: str, device: str | None, dtype) -> _Loaded:
+    key = (spec, device, str(dtype))
+    with _LOAD_LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        from ..models import load_causal_lm
+
+        try:
+            model, tok = load_causal_lm(spec, device=device, dtype=dtype)
+        except ConfigError as e:
+            raise PermanentLLMError(f"local model {spec!r}: {e}") from e
+        stop = set()
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        stop.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        # Chat models end a turn with an end-of-turn token that GGUF metadata may not declare as eos.
+        for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", tok.eos_token):
+            tid = tok.convert_tokens_to_ids(t) if t else None
+            if isinstance(tid, int) and tid != tok.unk_token_id:
+                stop.add(tid)
+        max_len = getattr(model.config, "max_position_embeddings", None)
+        loaded = _Loaded(model, tok, threading.Lock(), sorted(stop), max_len)
+        _LOADED[key] = loaded
+        return loaded
+
+
+class LocalBackend:
+    cost_free = True  # no per-token price
+
+    def __init__(self, model: str = DEFAULT_LOCAL_MODEL, device: str | None = None, dtype=None):
+        self.model = model or DEFAULT_LOCAL_MODEL
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    def supports_logprobs(self) -> bool:
+        return True
+
+    async def complete(self, messages: list[ChatMessage], params: SamplingParams | None = None) -> Completion:
+        params = params or SamplingParams()
+        return await asyncio.to_thread(self._complete_sync, messages, params)
+
+    def load(self) -> None:
+        """Load the model now (otherwise the first complete() does)."""
+        _load(self.model, self.device, self.dtype)
+
+    async def aclose(self) -> None:
+        pass
+
+    # ---- worker thread ------------------------------------------------------------------------------------
+
+    def _encode(self, tok, messages: list[ChatMessage]):
+        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        except Exception as e:  # jinja TemplateError: some templates (e.g. Gemma) reject a system role
+            if not msgs or msgs[0]["role"] != "system" or len(msgs) < 2:
+                raise PermanentLLMError(f"local model {self.model!r}: chat template failed: {e}") from e
+            merged = [{"role": msgs[1]["role"], "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}]
+            return tok.apply_chat_template(
+                merged + msgs[2:], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+
+    def _complete_sync(self, messages: list[ChatMessage], params: SamplingParams) -> Completion:
+        import torch
+        from transformers import GenerationConfig
+
+        lm = _load(self.model, self.device, self.dtype)
+        model, tok = lm.model, lm.tokenizer
+        enc = self._encode(tok, messages).to(model.device)
+        n_in = int(enc["input_ids"].shape[1])
+        max_new = params.max_tokens
+        if lm.max_len:
+            if n_in >= lm.max_len:
+                raise LLMError(f"prompt too long for {self.model!r}: {n_in} tokens, context is {lm.max_len}")
+            max_new = min(max_new, lm.max_len - n_in)
+        sample = params.temperature > 0
+        cfg = GenerationConfig(
+            max_new_tokens=max(1, max_new),
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_k=0 if sample else None,
+            top_p=1.0 if sample else None,
+            eos_token_id=lm.stop_ids or None,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (lm.stop_ids or [0])[0],
+        )
+        want_lp = params.logprobs
+        with lm.lock, torch.inference_mode():
+            if sample:  # global RNG, safe under the lock
+                torch.manual_seed(params.seed if params.seed is not None else random.randrange(2**31))
+            out = model.generate(**enc, generation_config=cfg, output_logits=want_lp, return_dict_in_generate=True)
+
+        gen = out.sequences[0, n_in:].tolist()
+        stop = set(lm.stop_ids)
+        end = next((i for i, t in enumerate(gen) if t in stop), len(gen))
+        n_generated = min(end + 1, len(gen))  # the end-of-turn token was generated too
+        text = tok.decode(gen[:end], skip_special_tokens=True)
+
+        logprobs = None
+        if want_lp:
+            logprobs = []
+            k = max(0, params.top_logprobs)
+            for i in range(end):
+                lp = torch.log_softmax(out.logits[i][0].float(), dim=-1)
+                top = {}
+                if k:
+                    vals, ids = lp.topk(k)
+                    for v, j in zip(vals.tolist(), ids.tolist()):
+                        top.setdefault(tok.decode([j]), v)  # distinct ids can decode alike; keep the likelier
+                logprobs.append(TokenLogprob(token=tok.decode([gen[i]]), logprob=float(lp[gen[i]]), top=top))
+        usage = Usage(prompt_tokens=n_in, completion_tokens=n_generated, calls=1)
+        return Completion(text=text, usage=usage, model=self.model, logprobs=logprobs)

