@@ -7,6 +7,7 @@ command resumes from there, and a run whose inputs differ from what the folder h
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -286,13 +287,16 @@ def extract(
             t.collector.load_state(st)
         done = targets[0].collector.n_windows
         log.info("resuming %s at window %d", out, done)
+    # read the first batch before creating anything on disk: an empty corpus or a missing column fails clean
+    batches_it = iter_windows(spec, subject.tokenizer, batch_size)
+    first = next(batches_it)
     ckpt.open(done)
     hooks = [subject.hookpoint(t.hookpoint) for t in targets]
     bar = tqdm(total=spec.n_windows * spec.ctx_len, initial=done * spec.ctx_len, unit="tok", unit_scale=True,
                disable=not progress, desc=f"extract {out.name}", dynamic_ncols=True)
     wid, batches, last_ckpt, interrupted = 0, 0, time.monotonic(), False
     try:
-        for batch in iter_windows(spec, subject.tokenizer, batch_size):
+        for batch in itertools.chain([first], batches_it):
             if wid + len(batch) <= done:  # already collected before the interruption
                 wid += len(batch)
                 continue

@@ -94,6 +94,26 @@ def rng_for(seed: int, latent: int, *salt: str | int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(words))
 
 
+def window_keys(window_ids: np.ndarray, seed: int, latent: int, salt: str) -> np.ndarray:
+    """A pseudo-random uint64 key per window id (splitmix64 of id ^ a (seed, latent, salt) word).
+
+    Random picks take the smallest keys of a candidate set, so a window's selection never depends on which
+    other windows are candidates: excluding windows that were not picked leaves every pick unchanged (the
+    same test set for every explainer of a latent, whatever windows each one used)."""
+    mix = rng_for(seed, latent, salt).integers(0, 2**63, dtype=np.uint64)
+    x = np.asarray(window_ids).astype(np.uint64) ^ np.uint64(mix)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _smallest(keys: np.ndarray, among: np.ndarray, k: int) -> np.ndarray:
+    """The k members of `among` (indices) with the smallest keys, sorted by index."""
+    return np.sort(among[np.argsort(keys[among], kind="stable")[:k]])
+
+
 # --------------------------------------------------------------------------------------------------- embeddings
 
 
@@ -173,6 +193,26 @@ class NegativePool:
         return mat[[self._index[i] for i in ids]]
 
 
+_BLAS = None
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b. Small products run on one BLAS thread: threads cannot speed them up, and on a busy machine
+    multi-threaded BLAS spin-waits (10x slower measured on 2 shared cores)."""
+    global _BLAS
+    if a.shape[0] * a.shape[1] * b.shape[1] > 20_000_000:
+        return a @ b
+    try:
+        if _BLAS is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+        with _BLAS.limit(limits=1, user_api="blas"):
+            return a @ b
+    except ImportError:
+        return a @ b
+
+
 def _decode(decode, tokens) -> list[str]:
     return [str(int(t)) for t in tokens] if decode is None else list(decode([int(t) for t in tokens]))
 
@@ -205,7 +245,7 @@ def quantile_of(max_acts: np.ndarray, top: float, n_q: int) -> np.ndarray:
     return np.clip(q, 0, n_q - 1)
 
 
-def _stratified(bins: np.ndarray, n_q: int, n: int, rng: np.random.Generator) -> np.ndarray:
+def _stratified(bins: np.ndarray, n_q: int, n: int, keys: np.ndarray) -> np.ndarray:
     """n indices spread evenly over the bins (remainder to the highest bins); what a bin lacks is taken from
     the highest bins that still have spare members (high activations are the rarest and most informative)."""
     n = min(n, len(bins))
@@ -219,7 +259,7 @@ def _stratified(bins: np.ndarray, n_q: int, n: int, rng: np.random.Generator) ->
         grow = min(deficit, len(members[b]) - int(take[b]))
         take[b] += grow
         deficit -= grow
-    picked = [rng.choice(m, size=int(k), replace=False) for m, k in zip(members, take) if k]
+    picked = [_smallest(keys, m, int(k)) for m, k in zip(members, take) if k]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
@@ -234,7 +274,7 @@ def sample_latent(
     """The explainer/test/negative sets of one latent. `exclude_ids` (e.g. the window ids an explanation was
     made from) never enter the test set, whatever config produced them."""
     cfg = config
-    rng = rng_for(seed, record.latent, "sample")
+    keys = lambda ex, salt: window_keys(ex.window_ids, seed, record.latent, salt)  # noqa: E731
     n_q = cfg.n_quantiles
     ctx = record.ctx_len
     parts = [p for p in (record.top, record.sample) if len(p)]
@@ -262,7 +302,7 @@ def sample_latent(
         src = _dedup(record.sample) if len(record.sample) else acts_all
         src = _without(src.take(np.flatnonzero(src.max_acts > 0)), top_ids)
         k = n_explain - len(top_ids)
-        idx = _stratified(quantile_of(src.max_acts, top_act, n_q), n_q, k, rng)
+        idx = _stratified(quantile_of(src.max_acts, top_act, n_q), n_q, k, keys(src, "explain"))
         q_part = src.take(idx)
         explain = Examples.concat([top_part, q_part]) if top_ids else q_part
         if not len(explain):
@@ -276,7 +316,7 @@ def sample_latent(
     if len(cand) < cfg.min_test:
         return Skipped(f"{len(cand)} activating test windows left (need {cfg.min_test})", record.latent)
     q_all = quantile_of(cand.max_acts, top_act, n_q)
-    idx = _stratified(q_all, n_q, cfg.n_test, rng)
+    idx = _stratified(q_all, n_q, cfg.n_test, keys(cand, "test"))
     test, test_q = cand.take(idx), q_all[idx]
 
     # negatives: hard ones (closest to the test windows) first, then random ones
@@ -290,13 +330,14 @@ def sample_latent(
     sims = None
     if pool is not None and (n_hard or cfg.n_explain_negatives):
         neg_m = pool.matrix(neg_cand.window_ids, _texts_for(record, neg_cand))
-        sims = neg_m @ pool.matrix(test.window_ids, _texts_for(record, test)).T  # [n_cand, n_test]
+        sims = _dot(neg_m, pool.matrix(test.window_ids, _texts_for(record, test)).T)  # [n_cand, n_test]
     chosen = np.zeros(0, np.int64)
     if n_hard:
         score = sims.max(axis=1)
         chosen = np.lexsort((neg_cand.window_ids, -score))[:n_hard]  # ties by id: deterministic
     rest = np.setdiff1d(np.arange(n_neg_avail), chosen)
-    rand = rng.choice(rest, size=n_neg - len(chosen), replace=False)
+    neg_keys = keys(neg_cand, "negatives")
+    rand = _smallest(neg_keys, rest, n_neg - len(chosen))
     neg_idx = np.concatenate([chosen, np.sort(rand)]).astype(np.int64)
     negatives = neg_cand.take(neg_idx)
     is_hard = np.arange(len(neg_idx)) < len(chosen)
@@ -306,10 +347,11 @@ def sample_latent(
     k = min(cfg.n_explain_negatives, len(left))
     if k and pool is not None:
         sub = neg_cand.take(left)
-        s = (pool.matrix(sub.window_ids, _texts_for(record, sub)) @ pool.matrix(explain.window_ids, _texts_for(record, explain)).T).max(axis=1)
+        e_m = pool.matrix(explain.window_ids, _texts_for(record, explain))
+        s = _dot(pool.matrix(sub.window_ids, _texts_for(record, sub)), e_m.T).max(axis=1)
         e_idx = left[np.lexsort((sub.window_ids, -s))[:k]]
     else:
-        e_idx = np.sort(rng.choice(left, size=k, replace=False)) if k else np.zeros(0, np.int64)
+        e_idx = _smallest(neg_keys, left, k)
     explain_neg = neg_cand.take(e_idx)
 
     out = LatentSample(

@@ -135,9 +135,16 @@ class MeteredClient:
         _record(usage, self.usage_total, *((self.meter.total,) if self.meter else ()))
 
     async def aclose(self) -> None:
+        """Close this event loop's HTTP connections (call before the loop ends, or use `async with client:`)."""
         close = getattr(self.backend, "aclose", None)
         if close is not None:
             await close()
+
+    async def __aenter__(self) -> "MeteredClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
 
 def make_client(

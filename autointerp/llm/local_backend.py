@@ -119,6 +119,7 @@ class LocalBackend:
             top_k=0 if sample else None,
             top_p=1.0 if sample else None,
             eos_token_id=lm.stop_ids or None,
+            bos_token_id=getattr(model.generation_config, "bos_token_id", None),
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (lm.stop_ids or [0])[0],
         )
         want_lp = params.logprobs

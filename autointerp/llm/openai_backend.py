@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
+
 class _Endpoint:
     """The concurrency limit of one base URL, shared by every client of it in this process.
 

