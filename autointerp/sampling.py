@@ -7,7 +7,9 @@
   windows by sentence embedding); a few more, disjoint from the test ones, for the contrastive explainer.
 
 The explainer and test sets are disjoint by window id, checked on every call (`LeakageError`). Everything is
-deterministic per (seed, latent). A latent with too few examples gives `Skipped(reason)`, never a score.
+deterministic per (seed, latent); random picks take the windows with the smallest per-window hash keys, so
+excluding windows that were not picked changes no pick (every explainer of a latent faces the same test set).
+A latent with too few examples gives `Skipped(reason)`, never a score.
 
 Embeddings: `NegativePool` embeds the shared pool once (text -> unit vector, keyed by window id) and caches every
 other window it is asked about, so each window is embedded at most once per run; the per-latent work is one
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np

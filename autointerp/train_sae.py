@@ -94,7 +94,7 @@ def train_topk_sae(
     if not hookpoint or "/" in hookpoint or hookpoint in (".", ".."):
         raise ConfigError(f"train_topk_sae: hookpoint {hookpoint!r} must be a plain folder name")
     x_all = acts.float()
-    n, d_in, d_out = x_all.shape[0], x_all.shape[1], y_all.shape[1]
+    n, d_in = x_all.shape
     batch_size = min(batch_size, n)
     steps = epochs * math.ceil(n / batch_size) if epochs is not None else steps
     lr = lr if lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)  # sparsify's width-scaled default

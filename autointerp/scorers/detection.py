@@ -44,8 +44,8 @@ Config = DetectionConfig
 
 def explanation_parts(explanation) -> tuple[str, tuple[int, ...]]:
     """Text and the window ids it was made from (an Explanation object carries them; a plain str does not)."""
-    if isinstance(explanation, str):
-        return explanation, ()
+    if explanation is None or isinstance(explanation, str):
+        return explanation or "", ()
     return explanation.text, tuple(getattr(explanation, "examples_used", ()) or ())
 
 
@@ -61,6 +61,8 @@ async def score(
     config: DetectionConfig = DetectionConfig(),
     seed: int = 0,
 ) -> ScoreResult:
+    if isinstance(explanation, Skipped):
+        return skipped_result(NAME, record, explanation, seed)
     text, used = explanation_parts(explanation)
     sample = sample_latent(record, config.sampling, seed, pool=config.pool, exclude_ids=used)
     if isinstance(sample, Skipped):

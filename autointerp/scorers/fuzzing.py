@@ -57,6 +57,8 @@ async def score(
     config: FuzzingConfig = FuzzingConfig(),
     seed: int = 0,
 ) -> ScoreResult:
+    if isinstance(explanation, Skipped):
+        return skipped_result(NAME, record, explanation, seed)
     text, used = explanation_parts(explanation)
     sample = sample_latent(record, config.sampling, seed, pool=config.pool, exclude_ids=used)
     if isinstance(sample, Skipped):

@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ..formatting import highlight_mask, numbered, render_tokens
 from ..llm.base import LLMClient, SamplingParams, Usage
 from ..prompt_files import load_prompt

@@ -11,6 +11,7 @@ need not be the subject model. Neutral losses do not depend on the explanation a
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -56,31 +57,43 @@ def _load(spec: str, device: str | None):
 
 @torch.no_grad()
 def text_losses(model, tokenizer, prefix: str, texts: list[str], batch_size: int = 16) -> np.ndarray:
-    """Mean next-token loss over each text's own tokens, read after `prefix` (prefix tokens are context only)."""
+    """Mean next-token loss over each text's own tokens, read after `prefix` (prefix tokens are context only).
+
+    The prefix runs once; its KV cache is copied for every batch of texts (the prefix is usually longer than a
+    window, so this is most of the work saved).
+    """
     pre = tokenizer(prefix, add_special_tokens=False).input_ids
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        pre = [tokenizer.bos_token_id] + pre
+    if not pre:
+        raise ValueError("surprisal: the prefix must not be empty")
     # tokenise prefix and text apart so the text's tokens are the same after any prefix
-    seqs = [(bos + pre, tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    seqs = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    head = model(input_ids=torch.tensor([pre], device=device), use_cache=True)
+    first_lp = torch.log_softmax(head.logits[0, -1].float(), -1)  # predicts each text's first token
     out = np.full(len(texts), np.nan)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
-        L = max(len(p) + len(t) for p, t in chunk)
-        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), L), dtype=torch.long)
-        target = torch.zeros((len(chunk), L), dtype=torch.bool)  # positions whose token is a text token
-        for r, (p, t) in enumerate(chunk):
-            ids[r, : len(p) + len(t)] = torch.tensor(p + t)
-            mask[r, : len(p) + len(t)] = 1
-            target[r, len(p) : len(p) + len(t)] = True
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
-        lp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # nll[:, i] = loss of token i+1
-        tgt = target[:, 1:]
-        for r in range(len(chunk)):
-            if tgt[r].any():
-                out[start + r] = float(nll[r][tgt[r]].mean())
+        B, L = len(chunk), max(1, max(len(t) for t in chunk))
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        mask = torch.zeros((B, len(pre) + L), dtype=torch.long)
+        mask[:, : len(pre)] = 1
+        for r, t in enumerate(chunk):
+            ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[r, len(pre) : len(pre) + len(t)] = 1
+        cache = copy.deepcopy(head.past_key_values)
+        cache.batch_repeat_interleave(B)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                       use_cache=True).logits
+        for r, t in enumerate(chunk):
+            if not t:
+                continue
+            lp = torch.log_softmax(logits[r, : len(t) - 1].float(), -1)
+            tgt = torch.tensor(t, device=device)
+            nll = torch.cat([-first_lp[tgt[:1]], -lp.gather(-1, tgt[1:, None]).squeeze(-1)])
+            out[start + r] = float(nll.mean())
     return out
 
 

@@ -1,0 +1,175 @@
+import asyncio
+import re
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autointerp.errors import ConfigError
+from autointerp.explainers import (
+    EXPLAINERS,
+    ExplainConfig,
+    Explanation,
+    build_messages,
+    explain,
+    parse_explanation,
+    random_explanation,
+)
+from autointerp.formatting import highlight_mask, render_tokens
+from autointerp.llm import make_client
+from autointerp.prompt_files import load_prompt, prompts_dir
+from autointerp.records import Examples, LatentRecord, LatentStats
+from autointerp.sampling import NegativePool, SamplingConfig, Skipped, sample_latent
+from judges import rule_words
+from llm_server_fixture import start_llm_server
+from synthetic import bag_of_words_embed, make_world, oracle_explanation, trigger_set
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(n_latents=4)
+
+
+@pytest.fixture(scope="module")
+def srv():
+    with start_llm_server(judge="judges:rule_judge") as s:
+        yield s
+
+
+def run_explain(srv, rec, **kw):
+    async def go():
+        async with make_client("openai", model="judge", base_url=srv.base_url, api_key_env=None,
+                               cache_path=None) as client:
+            return await explain(rec, client, **kw)
+
+    return asyncio.run(go())
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def test_parse_last_marker_and_fallback():
+    assert parse_explanation("x [EXPLANATION]: wrong\nmore\n[EXPLANATION]: **cats and dogs**") == (
+        "cats and dogs", True)
+    assert parse_explanation("[explanation] : lower case") == ("lower case", True)
+    assert parse_explanation("no marker here\n\nlast line\n") == ("last line", False)
+    assert parse_explanation("") == ("", False)
+
+
+ADVERSARIAL = st.one_of(
+    st.sampled_from(["<<", ">>", "<", ">", "[EXPLANATION]:", "[ explanation ]", "[ANSWER]: 3", "${x}", "$x", "$",
+                     "\n", "\r\n", "\t", "[1, 0]", "Example 2: ", " <<cat>> ", "]]", "[["]),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=6),
+)
+_OUR_MARKER = re.compile(r"\[\s*EXPLANATION\s*\]", re.I)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(toks=st.lists(ADVERSARIAL, min_size=8, max_size=8), acts=st.lists(st.floats(0, 5), min_size=8, max_size=8),
+       kind=st.sampled_from(["default", "activations", "cot", "contrastive"]))
+def test_adversarial_example_text_cannot_break_prompt_or_parse(toks, acts, kind):
+    vocab = list(toks)
+    n, ctx = 12, 8
+    rng = np.random.default_rng(0)
+    a = np.tile(np.asarray(acts, np.float32), (n, 1)) * rng.uniform(0.5, 1, (n, 1)).astype(np.float32)
+    a[:, 0] = np.maximum(a[:, 0], 0.1)  # every window fires
+    tokens = np.tile(np.arange(ctx, dtype=np.int32), (n, 1))
+    ex = Examples(np.arange(n, dtype=np.int64), tokens, a)
+    neg = Examples(np.arange(100, 112, dtype=np.int64), tokens.copy(), np.zeros_like(a))
+    rec = LatentRecord(0, ex, ex, neg, LatentStats(1, 1, 1, 1, np.zeros(2), np.zeros(1)),
+                       decode=lambda ids: [vocab[i] for i in ids])
+    cfg = ExplainConfig(sampling=SamplingConfig(n_explain=6, n_test=5, n_negatives=5, n_explain_negatives=3,
+                                                min_explain=2, min_test=2, min_negatives=2))
+    s = sample_latent(rec, cfg.sampling, 0)
+    assert not isinstance(s, Skipped)
+    msgs, version, used = build_messages(rec, s, kind, cfg)
+    user = msgs[-1].content
+    # our marker never comes from example text, and every example stays on one line
+    assert not _OUR_MARKER.search(user)
+    lines = [ln for ln in user.split("\n") if ln.startswith("Example ")]
+    assert len(lines) == len(s.explain) + (len(s.explain_negatives) if kind == "contrastive" else 0)
+    # the only << >> are our highlights: one pair per run of highlighted tokens
+    for line, acts_row in zip(lines, s.explain.acts):
+        mask = highlight_mask(acts_row, cfg.threshold * s.max_act)
+        runs = int(mask[0]) + int(np.sum(mask[1:] & ~mask[:-1]))
+        body = line.split(": ", 1)[1]
+        assert body.count("<<") == body.count(">>") == runs
+    if "${x}" in toks:
+        assert "${x}" in user  # inserted verbatim, never substituted
+    # an answer that echoes the whole prompt, then answers, parses to the answer
+    echoed = user + "\n" + msgs[0].content + "\n[EXPLANATION]: the real one"
+    assert parse_explanation(echoed) == ("the real one", True)
+    assert set(used) >= {int(i) for i in s.explain.window_ids}
+
+
+def test_render_merges_runs_and_escapes():
+    out = render_tokens(["a", "<", "<", "b", ">", ">", "[EXPLANATION]", "\n"], [0, 1, 1, 0, 0, 1, 0, 0])
+    assert out == "a<<‹‹>>b›<<›>>［EXPLANATION］↵"
+
+
+# ------------------------------------------------------------------------------------------------ kinds
+
+
+@pytest.mark.parametrize("kind", ["default", "activations", "cot", "contrastive"])
+def test_llm_kinds_with_rule_judge(world, srv, kind):
+    rec = world.record(1)
+    pool = NegativePool.from_examples(world.examples(0, world.pool_ids), world.decode, bag_of_words_embed)
+    cfg = ExplainConfig(pool=pool)
+    srv.reset_stats()
+    e = run_explain(srv, rec, kind=kind, config=cfg, seed=0)
+    assert isinstance(e, Explanation) and e.parsed
+    assert rule_words(e.text) == {w.lower() for w in trigger_set(1)}
+    assert e.prompt_version.startswith(f"explain_{kind}@") and e.model == "judge" and e.usage.calls == 1
+    assert srv.stats()["requests"] == 1
+    s = sample_latent(rec, cfg.sampling, 0, pool=pool)
+    want = {int(i) for i in s.explain.window_ids}
+    if kind == "contrastive":
+        want |= {int(i) for i in s.explain_negatives.window_ids}
+    assert set(e.examples_used) == want
+    assert not want & s.test_ids
+
+
+def test_baselines(world):
+    rec = world.record(2)
+    e = asyncio.run(explain(rec, None, kind="token_frequency", seed=0))
+    assert set(e.text.removeprefix("fires on: ").split(", ")) == set(trigger_set(2))
+    assert e.usage.calls == 0 and e.examples_used
+    pool = {i: oracle_explanation(i) for i in range(4)}
+    picks = {asyncio.run(explain(rec, None, kind="random", config=ExplainConfig(random_pool=pool), seed=s)).text
+             for s in range(20)}
+    assert oracle_explanation(2) not in picks and len(picks) > 1
+    assert random_explanation(2, pool, 5) == random_explanation(2, pool, 5)
+    assert isinstance(asyncio.run(explain(rec, None, kind="random", config=ExplainConfig(random_pool={2: "x"}))),
+                      Skipped)
+    with pytest.raises(ConfigError, match="random_pool"):
+        asyncio.run(explain(rec, None, kind="random"))
+
+
+def test_unknown_kind_and_missing_client(world):
+    with pytest.raises(ConfigError) as e:
+        asyncio.run(explain(world.record(0), None, kind="fancy"))
+    assert all(k in str(e.value) for k in EXPLAINERS)
+    with pytest.raises(ConfigError, match="needs an LLM client"):
+        asyncio.run(explain(world.record(0), None, kind="default"))
+
+
+def test_skipped_latent_makes_no_call(world, srv):
+    srv.reset_stats()
+    out = run_explain(srv, world.record(0, n_activating=6), seed=0)
+    assert isinstance(out, Skipped) and srv.stats()["requests"] == 0
+
+
+def test_template_with_missing_variable_fails_at_load(tmp_path, world):
+    for name in ("explain_default", "explain_contrastive"):
+        shutil.copy(prompts_dir() / f"{name}.md", tmp_path / f"{name}.md")
+    text = (tmp_path / "explain_contrastive.md").read_text().replace("${negatives}", "")
+    (tmp_path / "explain_contrastive.md").write_text(text)
+    rec = world.record(0)
+    s = sample_latent(rec, seed=0)
+    build_messages(rec, s, "default", ExplainConfig(prompt_dir=tmp_path))  # intact copy loads
+    with pytest.raises(ConfigError, match=r"missing variable\(s\) \$\{negatives\}"):
+        build_messages(rec, s, "contrastive", ExplainConfig(prompt_dir=tmp_path))
+    with pytest.raises(ConfigError, match="unknown variable"):
+        load_prompt("explain_default", set(), tmp_path)

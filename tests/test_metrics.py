@@ -1,0 +1,77 @@
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn import metrics as skm
+
+from autointerp.metrics import aggregate, binary_metrics, format_table, pearson_r, roc_auc, summarize
+from autointerp.scorers.base import ScoreResult
+
+labels = st.lists(st.integers(0, 1), min_size=1, max_size=60)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_binary_metrics_match_sklearn(data):
+    y = data.draw(labels)
+    p = data.draw(st.lists(st.integers(0, 1), min_size=len(y), max_size=len(y)))
+    # coarse scores make ties common
+    s = data.draw(st.lists(st.integers(0, 4), min_size=len(y), max_size=len(y)))
+    m = binary_metrics(y, p, [v / 4 for v in s])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+        assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, p, zero_division=0))
+    assert m["recall"] == pytest.approx(skm.recall_score(y, p, zero_division=0))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, p, zero_division=0))
+    if len(set(y)) == 2:
+        assert m["auc"] == pytest.approx(skm.roc_auc_score(y, s))
+    else:
+        assert m["auc"] is None
+    assert m["n"] == len(y)
+
+
+@settings(max_examples=100, deadline=None)
+@given(y=st.lists(st.integers(0, 1), min_size=2, max_size=200).filter(lambda v: len(set(v)) == 2),
+       seed=st.integers(0, 10**6))
+def test_auc_continuous_scores(y, seed):
+    s = np.random.default_rng(seed).normal(size=len(y)) + np.asarray(y)
+    assert roc_auc(y, s) == pytest.approx(skm.roc_auc_score(y, s))
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=50), seed=st.integers(0, 1000))
+def test_pearson_matches_numpy(x, seed):
+    y = np.asarray(x) * 0.5 + np.random.default_rng(seed).normal(size=len(x))
+    r = pearson_r(x, y)
+    if np.std(x) == 0 or np.std(y) == 0:
+        assert r is None
+    else:
+        assert r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
+    assert pearson_r([1, 1, 1], [1, 2, 3]) is None and pearson_r([1], [2]) is None
+
+
+def test_empty():
+    m = binary_metrics([], [])
+    assert m["n"] == 0 and m["accuracy"] is None and m["auc"] is None
+
+
+def test_aggregate_ignores_skipped_and_none():
+    rs = [ScoreResult("detection", i, {"balanced_accuracy": v, "n_failed": 2, "auc": None}) for i, v in
+          enumerate([0.5, 0.7, 0.9, 1.0])]
+    rs.append(ScoreResult("detection", 9, {}, skipped="too few"))
+    rs.append(ScoreResult("fuzzing", 0, {"balanced_accuracy": 0.8, "n_failed": 0}))
+    agg = aggregate(rs)
+    d = agg["detection"]
+    assert (d["n_latents"], d["n_skipped"], d["n_failed"]) == (5, 1, 8)
+    ba = d["metrics"]["balanced_accuracy"]
+    assert ba["n"] == 4 and ba["mean"] == pytest.approx(0.775) and ba["median"] == pytest.approx(0.8)
+    assert ba["q10"] == pytest.approx(np.quantile([0.5, 0.7, 0.9, 1.0], 0.1))
+    assert d["metrics"]["auc"]["n"] == 0 and d["metrics"]["auc"]["mean"] is None
+    assert agg["fuzzing"]["metrics"]["balanced_accuracy"]["mean"] == 0.8
+    table = format_table(agg)
+    assert "detection" in table and "0.775" in table
+    assert summarize([None, float("nan")])["n"] == 0

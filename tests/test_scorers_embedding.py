@@ -1,0 +1,73 @@
+"""Embedding scorer with the real local MiniLM: AUC high for a matching explanation, ~0.5 for an unrelated one."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+from judges_sim import word_record
+
+from autointerp.sampling import SamplingConfig
+from autointerp.scorers import embedding as emb
+
+ANIMALS = ["dog", "cat", "horse", "rabbit", "goat", "parrot"]
+THINGS = ["car", "lamp", "chair", "bottle", "bicycle", "umbrella"]
+FRAMES = [
+    "After lunch my brother sat next to the {} and read the newspaper.",
+    "We found a {} in the garden when we came home late yesterday.",
+    "The teacher pointed at the {} and asked the children a question.",
+    "She took a photo of the old {} before the rain started.",
+    "Nobody noticed the {} standing quietly by the front door.",
+    "In the morning the {} was still there, next to the kitchen window.",
+    "He painted a picture of a {} for his grandmother's birthday.",
+]
+
+
+def _sentences(nouns):
+    return [f.format(n) for f, n in itertools.product(FRAMES, nouns)]
+
+
+@pytest.fixture(scope="module")
+def record():
+    return word_record(_sentences(ANIMALS), _sentences(THINGS), ANIMALS, latent=7)
+
+
+CFG = emb.EmbeddingConfig(sampling=SamplingConfig(n_explain=5, n_test=30, n_negatives=30))
+
+
+def test_auc_matching_vs_unrelated(record):
+    good = asyncio.run(emb.score(record, "animals, such as pets and farm animals", None, config=CFG))
+    bad = asyncio.run(emb.score(record, "tax law and accounting rules", None, config=CFG))
+    assert good.skipped is None and good.metrics["n_activating"] == 30 and good.metrics["n_negative"] == 30
+    assert good.metrics["auc"] > 0.9
+    assert 0.3 < bad.metrics["auc"] < 0.7
+    assert good.metrics["mean_sim_activating"] > good.metrics["mean_sim_negative"]
+
+
+def test_score_many_embeds_each_window_once(record, monkeypatch):
+    calls = []
+    real = emb.embed
+
+    def counting(texts, name=None):
+        calls.append(len(texts))
+        return real(texts, name)
+
+    monkeypatch.setattr(emb, "embed", counting)
+    cache = emb.WindowEmbeddings()
+    expl = ["animals", "furniture and objects", "the weather"]
+    res = emb.score_many([record] * 3, expl, config=CFG, cache=cache)
+    # one pass for the 60 distinct windows, one for the 3 explanations
+    assert calls == [60, 3]
+    again = emb.score_many([record], ["animals"], config=CFG, cache=cache)
+    assert calls[2:] == [1]  # windows come from the cache
+    assert again[0].metrics["auc"] == pytest.approx(res[0].metrics["auc"])
+    assert res[0].metrics["auc"] > res[1].metrics["auc"]
+
+
+def test_skips_without_enough_examples(record):
+    tiny = word_record(_sentences(ANIMALS)[:3], _sentences(THINGS)[:3], ANIMALS)
+    res = asyncio.run(emb.score(tiny, "animals", None, config=CFG))
+    assert res.skipped and not res.metrics
+    assert np.isfinite(asyncio.run(emb.score(record, "animals", None, config=CFG)).metrics["auc"])

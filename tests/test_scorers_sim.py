@@ -1,0 +1,101 @@
+"""Simulation scorer against the real test HTTP server with rule-based simulator judges (tests/judges_sim.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+from judges_sim import random_sentences, word_record
+from llm_server_fixture import start_llm_server
+
+from autointerp.llm import TokenLogprob
+from autointerp.llm.client import make_client
+from autointerp.scorers import simulation as sim
+
+ANIMALS = ["cat", "dog", "horse", "rabbit", "goat"]
+FILLER = ["house", "table", "went", "blue", "quickly", "over", "river", "paper", "seven", "green", "walked", "under"]
+
+
+@pytest.fixture(scope="module")
+def record():
+    act = random_sentences(60, FILLER, 12, seed=1, insert=ANIMALS)
+    neg = random_sentences(30, FILLER, 12, seed=2)
+    return word_record(act, neg, ANIMALS, latent=3)
+
+
+def _client(srv, **kw):
+    return make_client("openai", model="sim", base_url=srv.base_url, api_key_env=None, cache_path=None, **kw)
+
+
+def _score(record, explanation, client, **cfg):
+    return asyncio.run(sim.score(record, explanation, client, config=sim.SimulationConfig(**cfg), seed=0))
+
+
+ORACLE = "animal words: cat, dog, horse, rabbit, goat"
+RANDOM = "colours and furniture: blue, table, paper"
+
+
+def test_logprob_mode_oracle_vs_random(record):
+    with start_llm_server(judge="judges_sim:simulator") as srv:
+        client = _client(srv)
+        good = _score(record, ORACLE, client)
+        n_ex = good.metrics["n_examples"]
+        # 15 examples (10 activating + 5 negatives), 5 per call
+        assert srv.stats()["requests"] == math.ceil(n_ex / 5) == 3
+        bad = _score(record, RANDOM, client)
+    assert good.details["mode"] == "logprob" and good.details["calls_without_logprobs"] == 0
+    assert good.metrics["pearson_r"] > 0.9
+    assert abs(bad.metrics["pearson_r"]) < 0.3
+    assert good.metrics["n_failed_tokens"] == 0 and good.metrics["n_failed_examples"] == 0
+    # predictions are expected values of the logprob distribution, not the written numbers
+    preds = np.concatenate([e["pred"] for e in good.details["examples"]])
+    assert set(np.round(preds, 2)) <= {8.9, 0.1}
+    assert good.metrics["mean_pred_negative"] == pytest.approx(0.1, abs=1e-6)
+    assert any(k.startswith("pearson_r_q") for k in good.metrics)
+    assert good.prompt_version.startswith("simulation@") and good.usage.calls == 3
+
+
+def test_json_mode_when_backend_has_no_logprobs(record):
+    with start_llm_server(judge="judges_sim:simulator", logprobs=False) as srv:
+        client = _client(srv, supports_logprobs=False)
+        good = _score(record, ORACLE, client, examples_per_call=8)
+        assert srv.stats()["requests"] == 2
+        bad = _score(record, RANDOM, client, examples_per_call=8)
+    assert good.details["mode"] == "json" and good.prompt_version.startswith("simulation_json@")
+    assert good.metrics["pearson_r"] > 0.9
+    assert abs(bad.metrics["pearson_r"]) < 0.3
+    preds = np.concatenate([e["pred"] for e in good.details["examples"]])
+    assert set(preds) <= {0.0, 10.0}
+
+
+def test_misaligned_output_counts_failures(record):
+    with start_llm_server(judge="judges_sim:simulator_sloppy", logprobs=False) as srv:
+        res = _score(record, ORACLE, _client(srv), mode="logprob", examples_per_call=5)
+    # each call's last example is missing, every other example lacks its last row
+    assert res.metrics["n_failed_examples"] == 3
+    assert res.metrics["n_failed_tokens"] == 12
+    assert res.metrics["pearson_r"] > 0.8
+    missing = [e for e in res.details["examples"] if e["pred"] is None]
+    assert len(missing) == 3
+
+
+def test_parsers_are_tolerant():
+    # JSON with prose, fences, a non-number value; and a broken object salvaged example by example
+    rows = sim.parse_json('Sure!\n```json\n{"1": [["a", 3], ["b", "x"]], "2": [["c", 12]]}\n```')
+    assert rows[1][0] == ("a", 3.0) and math.isnan(rows[1][1][1]) and rows[2] == [("c", 10.0)]
+    rows = sim.parse_json('{"1": [["a", 1], ["b", 2]], "2": [["c", 3]')
+    assert rows == {1: [("a", 1.0), ("b", 2.0)]}
+    pred, failed = sim.align([("a", 1.0), ("b", float("nan"))], 3)
+    assert pred.tolist() == [1.0, 0.0, 0.0] and failed == 2
+    assert sim.align(None, 4) == (None, 4)
+    # row parsing: a numeric token, a blank token, a merged tab+digit logprob token
+    text = "## Example 1\n 5\t3\n\t7\n cat\t10\n"
+    lps = [TokenLogprob(t, -0.1, top) for t, top in [
+        ("## Example 1\n", {}), (" 5", {}), ("\t3", {"\t3": math.log(0.5), "\t1": math.log(0.5)}), ("\n", {}),
+        ("\t", {}), ("7", {"7": 0.0}), ("\n", {}), (" cat", {}), ("\t", {}), ("10", {"10": 0.0, "x": -1}), ("\n", {}),
+    ]]
+    assert sim.parse_rows(text) == {1: [(" 5", 3.0), ("", 7.0), (" cat", 10.0)]}
+    assert sim.parse_rows(text, lps) == {1: [(" 5", 2.0), ("", 7.0), (" cat", 10.0)]}
+    assert sim.pearson(np.ones(5), np.arange(5)) == 0.0 and sim.pearson(np.arange(3), np.ones(3)) is None
