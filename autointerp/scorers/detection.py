@@ -5,10 +5,11 @@ windows most similar to the activating ones, when a NegativePool is given), show
 and batched.
 
 Call budget. Explain (1) + detection + fuzzing must stay <= 10 calls per latent at 50+50 test examples. Detection
-judges 100 examples, fuzzing 50, so batches of 20 give 5 + 3 calls: 9 in all, one to spare for a retry. Batches of
-10 (delphi's default) would need 16 calls; the papers report accuracy holding up to batches of ~20, and an
-answer list of 20 digits stays easy to produce and to parse. Batches are of near-equal size (17/17/16, never a
-stub of 2), so no call carries a near-empty prompt.
+judges 100 examples, fuzzing 50, so batches of 20 give 5 + 3 calls: 9 in all, one to spare. Batches of 10 would
+need 16 calls (bench/llm_calls.py). 20 one-line examples (~600 prompt tokens at 16-token windows) and a 20-digit
+answer list stay well within what instruction-tuned judges handle; whether a given judge loses accuracy at 20 vs
+10 is an empirical question per model (`batch_size` is a config field). Batches are of near-equal size
+(17/17/16, never a stub of 2), and each batch mixes activating and negative examples after a seeded shuffle.
 """
 
 from __future__ import annotations
