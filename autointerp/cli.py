@@ -122,12 +122,8 @@ def inspect(
 ):
     """Summarise a latent cache, or show one latent's contexts."""
     from .cache import LatentCache
-    from .models import load_causal_lm, resolve_model_source
-
     c = LatentCache(cache)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_source(c.manifest["model"]))
+    tok = _tokenizer_for(c)
     if latent is None:
         if as_json:
             typer.echo(json.dumps(c.summary(), indent=1))
@@ -176,6 +172,98 @@ def train_sae(
     acts = collect_activations(subject, hookpoint, CorpusSpec(source=corpus, n_tokens=n_tokens, seed=seed))
     result = train_topk_sae(acts, n_latents=n_latents, k=k, out_dir=out, hookpoint=hookpoint, seed=seed)
     typer.echo(f"wrote {out / hookpoint}: {result}")
+
+
+@app.command()
+@_friendly
+def interpret(
+    cache: Path = typer.Argument(..., help="A cache folder written by `autointerp extract`."),
+    latents: Optional[str] = typer.Option(None, help="Latents: '0-99,120'. Default: the first --n-latents alive ones."),
+    n_latents: int = typer.Option(20, help="How many alive latents when --latents is not given."),
+    explainer: str = typer.Option("default", help="Explainer kind: default, activations, cot, contrastive, "
+                                                  "token_frequency, random."),
+    explainer_model: str = typer.Option("local", help="LLM spec: local, local:MODEL, openai:MODEL, "
+                                                      "openai:MODEL@http://host:port/v1."),
+    judge_model: Optional[str] = typer.Option(None, help="Judge LLM spec for the scorers (default: the explainer's)."),
+    scorers: str = typer.Option("detection,fuzzing", help="Comma-separated: detection, fuzzing, intruder, "
+                                                          "simulation, embedding, surprisal, intervention."),
+    out: Optional[Path] = typer.Option(None, help="Results JSON-lines file (default: <cache>/results.jsonl)."),
+    seed: int = typer.Option(0, help="Sampling seed (recorded with every row)."),
+    concurrency: int = typer.Option(8, help="Latents in flight."),
+    llm_concurrency: int = typer.Option(16, help="Requests in flight per LLM endpoint."),
+    prices: Optional[Path] = typer.Option(None, help="Price table (JSON/TOML: model -> $ per 1M prompt/completion tokens)."),
+    hard_negatives: bool = typer.Option(True, help="Embed the random pool once to pick hard negatives."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Explain and score latents of a cache (resumable: re-running skips what is done)."""
+    import asyncio
+
+    from .cache import LatentCache
+    from .interpret import InterpretConfig, interpret as run, parse_latents, read_results
+    from .llm import client_from_spec
+    from .metrics import aggregate, format_table
+    from .scorers import get_scorer
+    from .scorers.base import ScoreResult
+
+    names = [n.strip() for n in scorers.split(",") if n.strip()]
+    for n in names:
+        get_scorer(n)  # unknown names fail before any work
+    c = LatentCache(cache)
+    tok = _tokenizer_for(c)
+    c.attach_tokenizer(tok)
+    ids = parse_latents(latents, c, n_latents)
+    out = out or (cache / "results.jsonl")
+    kw = {"concurrency": llm_concurrency, "prices": str(prices) if prices else None}
+    explainer_client = client_from_spec(explainer_model, **kw)
+    judge_client = explainer_client if not judge_model or judge_model == explainer_model else \
+        client_from_spec(judge_model, **kw)
+    cfg = InterpretConfig(explainer=explainer, scorers=names, seed=seed, concurrency=concurrency,
+                          hard_negatives=hard_negatives)
+    context = {}
+    if {"intervention", "surprisal"} & set(names):
+        context = _scorer_context(c)
+
+    async def go():
+        try:
+            return await run(c, ids, explainer_client=explainer_client, judge_client=judge_client, config=cfg,
+                             out=out, progress=progress, scorer_context=context)
+        finally:
+            for cl in {id(explainer_client): explainer_client, id(judge_client): judge_client}.values():
+                await cl.aclose()
+
+    summary = asyncio.run(go())
+    rows = [r for r in read_results(out) if r["type"] == "score" and r["latent"] in set(ids)
+            and r.get("dictionary_id") == c.dictionary_id]
+    results = [ScoreResult(r["scorer"], r["latent"], r.get("metrics") or {}, skipped=r.get("skipped")) for r in rows]
+    typer.echo(format_table(aggregate(results)))
+    u = summary.usage
+    typer.echo(f"\n{summary.latents_done} latents done, {summary.latents_already_done} already done, "
+               f"{summary.latents_skipped} skipped, {summary.latents_failed} failed (retry by re-running); "
+               f"LLM: {u.calls} calls ({u.cached_calls} cached), {u.prompt_tokens} prompt + {u.completion_tokens} "
+               f"completion tokens, ${u.cost_usd:.4f}; results in {out}")
+    for e in summary.errors[:5]:
+        typer.echo(f"  {e}", err=True)
+
+
+def _tokenizer_for(cache):
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model_source
+
+    return AutoTokenizer.from_pretrained(resolve_model_source(cache.manifest["model"]))
+
+
+def _scorer_context(cache) -> dict:
+    """The subject model and dictionary, for scorers that run the model (intervention, surprisal)."""
+    from .dictionaries import load_dictionary
+    from .subject import load_subject
+
+    subject = load_subject(cache.manifest["model"])
+    d = cache.manifest["dictionary"]
+    dictionary = load_dictionary(d["source"], d_in=d["d_in"]) if d["format"] in ("neurons", "topk-neurons") \
+        else load_dictionary(d["source"])
+    return {"subject": subject, "model": subject.model, "tokenizer": subject.tokenizer, "dictionary": dictionary,
+            "hookpoint": cache.manifest["hookpoint"]}
 
 
 @app.command()

@@ -16,11 +16,11 @@ from .models import cache_root
 log = logging.getLogger(__name__)
 
 DEMO_HOOKPOINT = "resid_post.15"
-DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 120_000, "seed": 0, "steps": 1500}
+DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 64_000, "seed": 0, "steps": 1500}
 
 
 def demo_dictionary_path() -> Path:
-    return cache_root() / "dictionaries" / f"demo-smollm2-{DEMO['n_latents']}-k{DEMO['k']}"
+    return cache_root() / "dictionaries" / "demo-smollm2-{n_latents}-k{k}-{n_tokens}tok-{steps}steps".format(**DEMO)
 
 
 def ensure_demo_dictionary(subject=None, progress: bool = True) -> Path:

@@ -53,7 +53,7 @@ def test_text_losses_match_a_plain_forward_pass():
     model, tok = sp._load(CFG.model, None)
     prefix, text = "Animals:\n", "The dog barked at the horse."
     a = sp.text_losses(model, tok, prefix, [text, "Hi"], batch_size=2)[0]
-    p, t = tok(prefix, add_special_tokens=False).input_ids, tok(text, add_special_tokens=False).input_ids
+    p, t = tok(prefix).input_ids, tok(text, add_special_tokens=False).input_ids  # BOS as the tokenizer adds it
     ids = torch.tensor([p + t])
     lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
     ref = -lp[len(p) - 1 :].gather(-1, ids[0, len(p):, None]).mean()
