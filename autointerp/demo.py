@@ -16,7 +16,7 @@ from .models import cache_root
 log = logging.getLogger(__name__)
 
 DEMO_HOOKPOINT = "resid_post.15"
-DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 64_000, "seed": 0, "steps": 1500}
+DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 64_000, "seed": 0, "steps": 1000}
 
 
 def demo_dictionary_path() -> Path:

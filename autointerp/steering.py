@@ -13,14 +13,22 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .subject import Hookpoint, resolve_hookpoint
+
+
+def _add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] != delta.shape[0]:
+        raise ConfigError(f"steering: direction has width {delta.shape[0]} but the hookpoint's activations have "
+                          f"width {x.shape[-1]} (wrong hookpoint for this dictionary?)")
+    return x + delta.to(x.dtype)
 
 
 def _shift(value, delta: torch.Tensor):
     if isinstance(value, torch.Tensor):
-        return value + delta.to(value.dtype)
+        return _add(value, delta)
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return type(value)((value[0] + delta.to(value[0].dtype), *value[1:]))
+        return type(value)((_add(value[0], delta), *value[1:]))
     raise TypeError(f"steering: hookpoint gave {type(value).__name__}, expected a tensor or a tuple starting with one")
 
 

@@ -46,8 +46,9 @@ class TopKSAE(nn.Module):
         return torch.zeros(*x.shape[:-1], self.W_dec.shape[0]).scatter_(-1, idx, vals)
 
     def decode(self, vals: Tensor, idx: Tensor) -> Tensor:
-        # Sum of the selected decoder rows weighted by their codes (no dense [B, n] matrix needed).
-        return torch.einsum("bk,bkd->bd", vals, self.W_dec[idx]) + self.b_dec
+        # Dense codes @ W_dec: on CPU the matmul (and its backward) beats gathering [B, k, d] decoder rows ~2x.
+        codes = torch.zeros(vals.shape[0], self.W_dec.shape[0], dtype=vals.dtype, device=vals.device)
+        return codes.scatter(-1, idx, vals) @ self.W_dec + self.b_dec
 
 
 @dataclass
@@ -146,7 +147,8 @@ def _fit(x_all, y_all, n_latents, k, transcode, steps, lr, batch_size, auxk_alph
         if auxk_alpha > 0 and (num_dead := int(dead.sum())) > 0:
             k_aux = min(max(d_out // 2, 1), num_dead)
             aux_vals, aux_idx = torch.where(dead, pre, -torch.inf).topk(k_aux, dim=-1, sorted=False)  # dead only
-            e_hat = torch.einsum("bk,bkd->bd", aux_vals, sae.W_dec[aux_idx])
+            # dense codes @ W_dec: gathering [B, k_aux, d] decoder rows would move ~100x more memory per step
+            e_hat = torch.zeros_like(pre).scatter_(-1, aux_idx, aux_vals) @ sae.W_dec
             scale = min(num_dead / max(d_out // 2, 1), 1.0)
             loss = loss + auxk_alpha * scale * (e_hat - err.detach()).pow(2).sum() / total_var
 

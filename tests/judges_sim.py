@@ -114,7 +114,8 @@ def word_record(active_texts, negative_texts, keywords, *, latent=0, seed=0, lo=
 
     rng = np.random.default_rng(seed)
     vocab: dict[str, int] = {"": 0}
-    split = [[(" " if i else "") + w for i, w in enumerate(t.split())] for t in list(active_texts) + list(negative_texts)]
+    texts = list(active_texts) + list(negative_texts)
+    split = [[(" " if i else "") + w for i, w in enumerate(t.split())] for t in texts]
     ctx = max(len(s) for s in split)
     toks = np.zeros((len(split), ctx), np.int32)
     acts = np.zeros((len(split), ctx), np.float32)

@@ -66,6 +66,18 @@ def test_score_many_embeds_each_window_once(record, monkeypatch):
     assert res[0].metrics["auc"] > res[1].metrics["auc"]
 
 
+def test_explanation_examples_stay_out_of_the_test_set(record):
+    from autointerp.explainers import Explanation
+    from autointerp.sampling import Skipped
+
+    first = asyncio.run(emb.score(record, "animals", None, config=CFG))
+    used = tuple(w for w, q in zip(first.details["window_ids"], first.details["quantiles"]) if q >= 0)[:10]
+    res = asyncio.run(emb.score(record, Explanation(7, "animals", "default", "", "", 0, examples_used=used), None,
+                                config=CFG))
+    assert res.skipped is None and not set(used) & set(res.details["window_ids"])
+    assert asyncio.run(emb.score(record, Skipped("no explanation", 7), None, config=CFG)).skipped == "no explanation"
+
+
 def test_skips_without_enough_examples(record):
     tiny = word_record(_sentences(ANIMALS)[:3], _sentences(THINGS)[:3], ANIMALS)
     res = asyncio.run(emb.score(tiny, "animals", None, config=CFG))

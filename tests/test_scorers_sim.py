@@ -87,6 +87,7 @@ def test_parsers_are_tolerant():
     assert rows[1][0] == ("a", 3.0) and math.isnan(rows[1][1][1]) and rows[2] == [("c", 10.0)]
     rows = sim.parse_json('{"1": [["a", 1], ["b", 2]], "2": [["c", 3]')
     assert rows == {1: [("a", 1.0), ("b", 2.0)]}
+    assert sim.parse_json('{"Example 2": [["x", 4]]}') == {2: [("x", 4.0)]}
     pred, failed = sim.align([("a", 1.0), ("b", float("nan"))], 3)
     assert pred.tolist() == [1.0, 0.0, 0.0] and failed == 2
     assert sim.align(None, 4) == (None, 4)
@@ -98,4 +99,12 @@ def test_parsers_are_tolerant():
     ]]
     assert sim.parse_rows(text) == {1: [(" 5", 3.0), ("", 7.0), (" cat", 10.0)]}
     assert sim.parse_rows(text, lps) == {1: [(" 5", 2.0), ("", 7.0), (" cat", 10.0)]}
+    # digit-splitting tokenizers: "1" "0"; the token after "1" splits its mass between 1 and 10
+    lps = [TokenLogprob(t, -0.1, top) for t, top in [
+        ("## Example 1\n", {}), ("a", {}), ("\t", {}),
+        ("1", {"1": math.log(0.6), "0": math.log(0.4)}), ("0", {"0": math.log(0.5), "\n": math.log(0.5)}),
+        ("\n", {}), ("b", {}), ("\t", {}), ("3", {"3": 0.0}),
+    ]]
+    rows = sim.parse_rows("".join(t.token for t in lps), lps)[1]
+    assert rows[0][1] == pytest.approx(0.6 * (0.5 * 10 + 0.5 * 1)) and rows[1] == ("b", 3.0)
     assert sim.pearson(np.ones(5), np.arange(5)) == 0.0 and sim.pearson(np.arange(3), np.ones(3)) is None

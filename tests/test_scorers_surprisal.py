@@ -7,11 +7,15 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 from judges_sim import word_record
 from test_scorers_embedding import ANIMALS, THINGS, _sentences
 
 from autointerp.sampling import SamplingConfig
 from autointerp.scorers import surprisal as sp
+
+# the CPU is shared: with 2 OpenMP threads competing with other processes a forward pass is ~10x slower
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,6 @@ def test_text_losses_ignore_prefix_tokens():
 
 
 def test_text_losses_match_a_plain_forward_pass():
-    import torch
-
     model, tok = sp._load(CFG.model, None)
     prefix, text = "Animals:\n", "The dog barked at the horse."
     a = sp.text_losses(model, tok, prefix, [text, "Hi"], batch_size=2)[0]

@@ -15,14 +15,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from ..embedder import DEFAULT_EMBEDDER, embed
 from ..formatting import plain_text
+from ..metrics import roc_auc
 from ..records import Examples, LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped
 from .base import ScoreResult
-from .simulation import select_test_examples
+from .simulation import explanation_parts, select_test_examples
 
 NAME = "embedding"
 
@@ -31,7 +31,7 @@ NAME = "embedding"
 class EmbeddingConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # test set: 50 activating + 50 negatives
     # a NegativePool gives hard negatives and supplies the window embeddings (it must use the same embedder)
-    pool: NegativePool | None = None
+    pool: NegativePool | None = field(default=None, compare=False)
     embedder: str | None = None  # None: AUTOINTERP_EMBEDDER or the built-in MiniLM
     query_prefix: str = ""  # some embedders want e.g. "query: " before the explanation
 
@@ -79,7 +79,7 @@ def _pool_vectors(pool: NegativePool, record: LatentRecord, ex: Examples) -> np.
     return pool.matrix(ex.window_ids, lambda ids: _texts(record, ex.take([row[int(i)] for i in ids])))
 
 
-def _result(record, explanation, q_vec, w_vecs, labels, cfg, seed) -> ScoreResult:
+def _result(record, ex, q_vec, w_vecs, labels, cfg, seed) -> ScoreResult:
     res = ScoreResult(NAME, record.latent, {}, model=cfg.embedder or DEFAULT_EMBEDDER, seed=seed)
     y = (labels >= 0).astype(int)
     if len(y) == 0 or y.min() == y.max():
@@ -87,40 +87,46 @@ def _result(record, explanation, q_vec, w_vecs, labels, cfg, seed) -> ScoreResul
         return res
     sims = w_vecs @ q_vec
     res.metrics = {
-        "auc": float(roc_auc_score(y, sims)),
+        "auc": roc_auc(y, sims),
         "mean_sim_activating": float(sims[y == 1].mean()),
         "mean_sim_negative": float(sims[y == 0].mean()),
         "n_activating": float(y.sum()),
         "n_negative": float((1 - y).sum()),
     }
-    res.details = {"similarities": np.round(sims, 4).tolist(), "quantiles": labels.tolist()}
+    res.details = {"window_ids": ex.window_ids.tolist(), "similarities": np.round(sims, 4).tolist(),
+                   "quantiles": labels.tolist()}
     return res
 
 
 async def score(
     record: LatentRecord,
-    explanation: str,
+    explanation,
     client=None,
     *,
     config: EmbeddingConfig | None = None,
     seed: int = 0,
 ) -> ScoreResult:
+    if isinstance(explanation, Skipped):
+        return ScoreResult(NAME, record.latent, {}, seed=seed, skipped=explanation.reason)
     # the encoder is CPU/GPU bound: keep the event loop free for the LLM-bound scorers running beside it
     return (await asyncio.to_thread(score_many, [record], [explanation], config=config, seed=seed))[0]
 
 
 def score_many(
     records: list[LatentRecord],
-    explanations: list[str],
+    explanations: list,
     *,
     config: EmbeddingConfig | None = None,
     seed: int = 0,
     cache: WindowEmbeddings | None = None,
 ) -> list[ScoreResult]:
-    """Score many (record, explanation) pairs with one encoder pass over all their windows and explanations."""
+    """Score many (record, explanation) pairs with one encoder pass over all their windows and explanations.
+    Explanations are str or Explanation objects (whose example windows stay out of the test set)."""
     cfg = config or EmbeddingConfig()
     cache = cache or _CACHE
-    sets = [select_test_examples(r, cfg.sampling, seed, cfg.pool) for r in records]
+    parts = [explanation_parts(e) for e in explanations]
+    explanations = [t for t, _ in parts]
+    sets = [select_test_examples(r, cfg.sampling, seed, cfg.pool, used) for r, (_, used) in zip(records, parts)]
     texts, spans = [], []
     for r, picked in zip(records, sets):
         n = 0 if isinstance(picked, Skipped) else len(picked[0])
@@ -140,5 +146,5 @@ def score_many(
             vecs = _pool_vectors(cfg.pool, r, ex)
         else:
             vecs = W[a:b]
-        out.append(_result(r, explanations[i], Q[i], vecs, labels, cfg, seed))
+        out.append(_result(r, ex, Q[i], vecs, labels, cfg, seed))
     return out

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +26,11 @@ from ..formatting import escape_token, neutralise_markers
 from ..llm.base import LLMClient, SamplingParams, Usage
 from ..prompt_files import load_prompt
 from ..records import LatentRecord
+from ..sampling import Skipped
 from ..steering import activation_norm, steer
-from ..subject import resolve_hookpoint
+from ..subject import Hookpoint, resolve_hookpoint
 from .base import ScoreResult
+from .simulation import explanation_parts
 
 NAME = "intervention"
 
@@ -57,10 +60,10 @@ class SteeringTarget:
     model, so two latents must never be steered at once).
     """
 
-    def __init__(self, model, tokenizer, hookpoint: str, directions, *, norm: float | None = None):
+    def __init__(self, model, tokenizer, hookpoint: str | Hookpoint, directions, *, norm: float | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.hookpoint = resolve_hookpoint(model, hookpoint)
+        self.hookpoint = hookpoint if isinstance(hookpoint, Hookpoint) else resolve_hookpoint(model, hookpoint)
         self._directions = directions  # [n_latents, d] tensor, or a Dictionary (decoder_directions() read lazily)
         self._norm = norm
         self._clean: dict[tuple, tuple[list[str], torch.Tensor]] = {}
@@ -68,10 +71,14 @@ class SteeringTarget:
 
     @classmethod
     def from_subject(cls, subject, dictionary, hookpoint: str | None = None, **kw) -> "SteeringTarget":
-        """Steer where the dictionary writes. For a transcoder pass `hookpoint` (its output site, e.g. mlp_out.N)."""
-        hp = hookpoint or getattr(dictionary, "hookpoint", None)
-        if not hp:
+        """Steer where the dictionary's decoder writes: its hookpoint; for a transcoder (which reads the input of
+        its hookpoint module and predicts the output) the output of that module."""
+        name = hookpoint or getattr(dictionary, "hookpoint", None)
+        if not name:
             raise ConfigError("intervention: the dictionary names no hookpoint; pass hookpoint=")
+        hp = resolve_hookpoint(subject.model, name)
+        if getattr(dictionary, "transcoder", False) and hookpoint is None and hp.mode == "input":
+            hp = Hookpoint(f"{hp.module_path}:output", hp.module_path, "output", hp.module)
         return cls(subject.model, subject.tokenizer, hp, dictionary, **kw)
 
     @property
@@ -136,13 +143,25 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class InterventionConfig:
-    target: SteeringTarget | None = None
+    # either a ready SteeringTarget, or the subject model + dictionary (what interpret's scorer_context passes)
+    # from which one is built on first use and kept (it caches the clean completions across latents)
+    target: SteeringTarget | None = field(default=None, compare=False)
+    subject: Any = field(default=None, compare=False, repr=False)  # autointerp.subject.SubjectModel
+    dictionary: Any = field(default=None, compare=False, repr=False)
+    hookpoint: str | None = None  # default: the dictionary's (a transcoder's: its module's output)
     strengths: tuple[float, ...] = (0.5, 1.0, 2.0)  # multiples of the median activation norm at the hookpoint
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 16
     pairs_per_call: int = 12
     prompt: str = "intervention"
     judge_max_tokens: int = 8  # per pair
+
+    def get_target(self) -> SteeringTarget:
+        if self.target is None:
+            if self.subject is None or self.dictionary is None:
+                raise ConfigError("intervention scorer needs config.target, or config.subject and config.dictionary")
+            self.target = SteeringTarget.from_subject(self.subject, self.dictionary, self.hookpoint)
+        return self.target
 
 
 Config = InterventionConfig
@@ -181,19 +200,22 @@ def _steer_all(target: SteeringTarget, latent: int, cfg: InterventionConfig):
 
 async def score(
     record: LatentRecord,
-    explanation: str,
+    explanation,
     client: LLMClient | None,
     *,
     config: InterventionConfig | None = None,
     seed: int = 0,
 ) -> ScoreResult:
+    """`explanation`: a str, an Explanation or a Skipped. Only record.latent is used (the direction's row)."""
     cfg = config or InterventionConfig()
-    if cfg.target is None:
-        raise ConfigError("intervention scorer needs config.target (a SteeringTarget: subject model + directions)")
+    if isinstance(explanation, Skipped):
+        return ScoreResult(NAME, record.latent, {}, seed=seed, skipped=explanation.reason)
+    explanation, _ = explanation_parts(explanation)
+    target = cfg.get_target()
     if client is None:
         raise ConfigError("intervention scorer needs a judge LLM client")
     tpl = load_prompt(cfg.prompt, _VARS)
-    clean, runs = await asyncio.to_thread(_steer_all, cfg.target, record.latent, cfg)
+    clean, runs = await asyncio.to_thread(_steer_all, target, record.latent, cfg)
 
     rng = np.random.default_rng([seed, record.latent])
     items = []  # one per (strength > 0, prompt)
@@ -211,7 +233,8 @@ async def score(
     usage = Usage()
 
     async def judge(batch):
-        msgs = tpl.render(explanation=explanation, pairs=format_pairs([(it["prompt"], it["a"], it["b"]) for it in batch]))
+        pairs = format_pairs([(it["prompt"], it["a"], it["b"]) for it in batch])
+        msgs = tpl.render(explanation=explanation, pairs=pairs)
         params = SamplingParams(max_tokens=cfg.judge_max_tokens * len(batch) + 16, temperature=0.0, seed=seed)
         return batch, await client.complete(msgs, params)
 
@@ -247,8 +270,8 @@ async def score(
     if not vals:
         res.skipped = "judge gave no parsable answer" if to_judge else "no strengths > 0 to judge"
     res.details = {
-        "norm": cfg.target.norm,
-        "hookpoint": cfg.target.hookpoint.name,
+        "norm": target.norm,
+        "hookpoint": target.hookpoint.name,
         "clean": clean,
         "pairs": items,
         "kl_per_prompt": {f"{s:g}": np.round(runs[s][1], 5).tolist() for s in cfg.strengths},

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..formatting import escape_token, neutralise_markers
 from ..llm.base import ChatMessage, Completion, LLMClient, SamplingParams, TokenLogprob, Usage
+from ..metrics import pearson_r
 from ..prompt_files import load_prompt
 from ..records import Examples, LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped, sample_latent
@@ -36,11 +38,13 @@ NAME = "simulation"
 
 @dataclass
 class SimulationConfig:
-    # echoing every token is costly: a small test set, one activating window per decile plus a few negatives
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(n_test=10, n_negatives=5, min_test=2, min_negatives=1)
-    )
-    pool: NegativePool | None = None  # for hard negatives (see autointerp.sampling)
+    # the job's sampling config (its explainer-set fields keep the test set disjoint from what the explainer saw)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # echoing every token is costly: by default a smaller test set than the job's (one window per decile + a few
+    # negatives); None = the sampling config's own sizes
+    n_test: int | None = 10
+    n_negatives: int | None = 5
+    pool: NegativePool | None = field(default=None, compare=False)  # hard negatives (see autointerp.sampling)
     examples_per_call: int = 5
     mode: str = "auto"  # "auto" (logprob when the client supports it) | "logprob" | "json"
     top_logprobs: int = 15
@@ -60,12 +64,21 @@ _LONE = re.compile(r"^()\s*(-?\d+(?:\.\d+)?)\s*$")
 # ---------------------------------------------------------------- test examples
 
 
+def explanation_parts(explanation) -> tuple[str, tuple[int, ...]]:
+    """(text, window ids it was made from): an Explanation carries them, a plain str does not."""
+    if explanation is None or isinstance(explanation, str):
+        return explanation or "", ()
+    return explanation.text, tuple(getattr(explanation, "examples_used", ()) or ())
+
+
 def select_test_examples(
-    record: LatentRecord, sampling: SamplingConfig, seed: int, pool: NegativePool | None = None
+    record: LatentRecord, sampling: SamplingConfig, seed: int, pool: NegativePool | None = None,
+    exclude_ids: tuple[int, ...] = (),
 ) -> tuple[Examples, np.ndarray] | Skipped:
     """The latent's test set from `autointerp.sampling` (disjoint from the explainer set that the same sampling
-    config and seed give): activating windows then negatives. Labels: activation decile (0 = lowest), -1 = negative."""
-    s = sample_latent(record, sampling, seed, pool=pool)
+    config and seed give, and from `exclude_ids`): activating windows then negatives.
+    Labels: activation decile (0 = lowest), -1 = negative."""
+    s = sample_latent(record, sampling, seed, pool=pool, exclude_ids=exclude_ids)
     if isinstance(s, Skipped):
         return s
     parts = [p for p in (s.test, s.negatives) if len(p)]
@@ -92,16 +105,29 @@ def format_examples(token_lists: list[list[str]]) -> str:
 # ---------------------------------------------------------------- parsing
 
 
-def _number_ev(top: dict[str, float]) -> float | None:
-    """Expected value over the 0-10 number tokens among the top logprobs (renormalised), None if none is a number."""
-    num, den = 0.0, 0.0
+def _number_ev(logprobs: list[TokenLogprob], k: int) -> float | None:
+    """Expected value over the 0-10 number tokens among the top logprobs at token k (renormalised); None if none.
+
+    Tokenizers that split digits (Llama-2, Qwen, SmolLM) write 10 as "1" "0": when "1" is the token chosen at k,
+    the next token's distribution splits the "1" mass between 1 and 10. When another digit was chosen that split is
+    unknown and "1" counts as 1.
+    """
+    t = logprobs[k]
+    top = t.top or {t.token: t.logprob}
+    probs: dict[int, float] = {}
     for tok, lp in top.items():
         s = tok.strip()
         if s.isdigit() and 0 <= int(s) <= 10:
-            p = float(np.exp(lp))
-            num += p * int(s)
-            den += p
-    return num / den if den > 0 else None
+            probs[int(s)] = probs.get(int(s), 0.0) + float(np.exp(lp))
+    if not probs:
+        return None
+    if 10 not in probs and 1 in probs and t.token.strip() == "1" and k + 1 < len(logprobs):
+        nxt = logprobs[k + 1]
+        p0 = sum(float(np.exp(lp)) for tok, lp in (nxt.top or {nxt.token: nxt.logprob}).items() if tok.startswith("0"))
+        p0 = min(p0, 1.0)
+        probs[10], probs[1] = probs[1] * p0, probs[1] * (1 - p0)
+    den = sum(probs.values())
+    return sum(v * p for v, p in probs.items()) / den
 
 
 def parse_rows(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[int, list[tuple[str, float]]]:
@@ -132,8 +158,7 @@ def parse_rows(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[in
             if m:
                 value = min(max(float(m.group(2)), 0.0), 10.0)
                 if logprobs:
-                    k = bisect.bisect_right(starts, offset + m.start(2)) - 1
-                    ev = _number_ev(logprobs[k].top or {logprobs[k].token: logprobs[k].logprob})
+                    ev = _number_ev(logprobs, bisect.bisect_right(starts, offset + m.start(2)) - 1)
                     if ev is not None:
                         value = ev
                 current.append((m.group(1), value))
@@ -159,7 +184,7 @@ def parse_json(text: str) -> dict[int, list[tuple[str, float]]]:
     if not isinstance(obj, dict):
         # salvage example by example: '"k": [ ... ]' with a balanced bracket scan
         obj = {}
-        for m in re.finditer(r'"(\d+)"\s*:\s*\[', text):
+        for m in re.finditer(r'"(?:example\s*)?(\d+)"\s*:\s*\[', text, re.I):
             depth, i = 0, m.end() - 1
             for i in range(m.end() - 1, len(text)):
                 depth += {"[": 1, "]": -1}.get(text[i], 0)
@@ -171,7 +196,8 @@ def parse_json(text: str) -> dict[int, list[tuple[str, float]]]:
                 continue
     out: dict[int, list[tuple[str, float]]] = {}
     for key, rows in obj.items():
-        if not str(key).strip().isdigit() or not isinstance(rows, list):
+        num = re.search(r"\d+", str(key))  # "1", "Example 1", ...
+        if num is None or not isinstance(rows, list):
             continue
         parsed = []
         for row in rows:
@@ -185,7 +211,7 @@ def parse_json(text: str) -> dict[int, list[tuple[str, float]]]:
                 parsed.append((str(tok), min(max(float(val), 0.0), 10.0)))
             except (TypeError, ValueError):
                 parsed.append((str(tok), float("nan")))  # kept for alignment, counted as a failed token
-        out[int(str(key).strip())] = parsed
+        out[int(num.group())] = parsed
     return out
 
 
@@ -204,18 +230,24 @@ def align(rows: list[tuple[str, float]] | None, n_tokens: int) -> tuple[np.ndarr
 # ---------------------------------------------------------------- metrics
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Pearson r; 0.0 when predictions are constant (they carry no information), None when undefined otherwise."""
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    if len(x) < 2 or np.ptp(y) == 0:
-        return None
-    if np.ptp(x) == 0:
+def pearson(pred: np.ndarray, true: np.ndarray) -> float | None:
+    """Pearson r; 0.0 when the predictions are constant but the truth is not (a simulator that predicts nothing
+    explains nothing: None would drop the latent from the aggregates instead), None when the truth is constant."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    if len(pred) >= 2 and np.ptp(pred) == 0 and np.ptp(true) > 0:
         return 0.0
-    return float(np.corrcoef(x, y)[0, 1])
+    return pearson_r(pred, true)
 
 
 # ---------------------------------------------------------------- scorer
+
+
+def _capped(cfg: SimulationConfig) -> SamplingConfig:
+    s = cfg.sampling
+    n_test = s.n_test if cfg.n_test is None else min(s.n_test, cfg.n_test)
+    n_neg = s.n_negatives if cfg.n_negatives is None else min(s.n_negatives, cfg.n_negatives)
+    return dataclasses.replace(s, n_test=n_test, n_negatives=n_neg, min_test=min(s.min_test, n_test),
+                               min_negatives=min(s.min_negatives, n_neg))
 
 
 def _resolve_mode(cfg: SimulationConfig, client: LLMClient) -> str:
@@ -228,26 +260,33 @@ def _resolve_mode(cfg: SimulationConfig, client: LLMClient) -> str:
 
 async def score(
     record: LatentRecord,
-    explanation: str,
+    explanation,
     client: LLMClient | None,
     *,
     config: SimulationConfig | None = None,
     seed: int = 0,
 ) -> ScoreResult:
+    """`explanation`: a str, an Explanation (its example windows stay out of the test set) or a Skipped."""
     cfg = config or SimulationConfig()
     if client is None:
         raise ConfigError("simulation scorer needs an LLM client")
     mode = _resolve_mode(cfg, client)
     tpl = load_prompt(cfg.prompt if mode == "logprob" else cfg.prompt_json, _VARS)
-    result = ScoreResult(NAME, record.latent, {}, prompt_version=tpl.version, model=getattr(client, "model", ""), seed=seed)
-    picked = select_test_examples(record, cfg.sampling, seed, cfg.pool)
+    result = ScoreResult(NAME, record.latent, {}, prompt_version=tpl.version, model=getattr(client, "model", ""),
+                         seed=seed)
+    if isinstance(explanation, Skipped):
+        result.skipped = explanation.reason
+        return result
+    explanation, used = explanation_parts(explanation)
+    picked = select_test_examples(record, _capped(cfg), seed, cfg.pool, used)
     if isinstance(picked, Skipped):
         result.skipped = picked.reason
         return result
     ex, labels = picked
 
     token_lists = [record.token_strings(t) for t in ex.tokens]
-    batches = [list(range(i, min(i + cfg.examples_per_call, len(ex)))) for i in range(0, len(ex), cfg.examples_per_call)]
+    step = cfg.examples_per_call
+    batches = [list(range(i, min(i + step, len(ex)))) for i in range(0, len(ex), step)]
     max_tokens = cfg.max_tokens or cfg.examples_per_call * (ex.tokens.shape[1] * 6 + 12) + 32
     params = SamplingParams(
         max_tokens=max_tokens, temperature=0.0, seed=seed,
@@ -256,7 +295,8 @@ async def score(
     sem = asyncio.Semaphore(cfg.max_concurrency)
 
     async def run(batch: list[int]) -> tuple[list[int], Completion]:
-        msgs: list[ChatMessage] = tpl.render(explanation=explanation, examples=format_examples([token_lists[j] for j in batch]))
+        examples = format_examples([token_lists[j] for j in batch])
+        msgs: list[ChatMessage] = tpl.render(explanation=explanation, examples=examples)
         async with sem:
             return batch, await client.complete(msgs, params)
 
@@ -281,6 +321,7 @@ async def score(
     truth = ex.acts.astype(np.float64)
     metrics: dict[str, float | None] = {
         "n_examples": float(len(ex)),
+        "n_failed": float((~ok).sum()),  # examples with no parsable prediction (the aggregates' key)
         "n_failed_examples": float((~ok).sum()),
         "n_failed_tokens": float(n_failed_tokens),
     }

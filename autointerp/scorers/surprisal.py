@@ -19,15 +19,15 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from ..models import DEFAULT_MODEL, load_causal_lm
 from ..prompt_files import load_prompt
 from ..formatting import plain_text
+from ..metrics import roc_auc
 from ..records import LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped
 from .base import ScoreResult
-from .simulation import select_test_examples
+from .simulation import explanation_parts, select_test_examples
 
 NAME = "surprisal"
 
@@ -38,8 +38,8 @@ class SurprisalConfig:
     lm: tuple | None = None  # (model, tokenizer) already loaded: overrides `model`
     device: str | None = None
     neutral_explanation: str = "ordinary text on everyday topics"
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n_test=20, n_negatives=20))
-    pool: NegativePool | None = None  # for hard negatives (see autointerp.sampling)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pool: NegativePool | None = field(default=None, compare=False)  # hard negatives (see autointerp.sampling)
     batch_size: int = 16
     prompt: str = "surprisal"
 
@@ -101,11 +101,11 @@ def _prefix(tpl, explanation: str) -> str:
     return "\n\n".join(m.content for m in tpl.render(explanation=explanation)) + "\n"
 
 
-def _compute(record: LatentRecord, explanation: str, cfg: SurprisalConfig, seed: int):
+def _compute(record: LatentRecord, explanation: str, used: tuple[int, ...], cfg: SurprisalConfig, seed: int):
     tpl = load_prompt(cfg.prompt, {"explanation"})
-    picked = select_test_examples(record, cfg.sampling, seed, cfg.pool)
+    picked = select_test_examples(record, cfg.sampling, seed, cfg.pool, used)
     if isinstance(picked, Skipped):
-        return tpl.version, picked, None, None, None
+        return tpl.version, picked, None, None
     ex, labels = picked
     model, tok = cfg.lm if cfg.lm is not None else _load(cfg.model, cfg.device)
     texts = [plain_text(record.token_strings(t)) for t in ex.tokens]
@@ -121,19 +121,24 @@ def _compute(record: LatentRecord, explanation: str, cfg: SurprisalConfig, seed:
                 _neutral_cache.popitem(last=False)
         neutral = np.array([_neutral_cache[k] for k in keys])
         with_expl = text_losses(model, tok, _prefix(tpl, explanation), texts, cfg.batch_size)
-    return tpl.version, labels, texts, neutral, with_expl
+    return tpl.version, labels, neutral, with_expl
 
 
 async def score(
     record: LatentRecord,
-    explanation: str,
+    explanation,
     client=None,
     *,
     config: SurprisalConfig | None = None,
     seed: int = 0,
 ) -> ScoreResult:
+    """`explanation`: a str, an Explanation (its example windows stay out of the test set) or a Skipped.
+    `client` is unused (the scorer LM is local)."""
     cfg = config or SurprisalConfig()
-    version, labels, texts, neutral, with_expl = await asyncio.to_thread(_compute, record, explanation, cfg, seed)
+    if isinstance(explanation, Skipped):
+        return ScoreResult(NAME, record.latent, {}, seed=seed, skipped=explanation.reason)
+    text, used = explanation_parts(explanation)
+    version, labels, neutral, with_expl = await asyncio.to_thread(_compute, record, text, used, cfg, seed)
     model_name = cfg.model if cfg.lm is None else getattr(cfg.lm[0].config, "_name_or_path", "local")
     res = ScoreResult(NAME, record.latent, {}, prompt_version=version, model=model_name, seed=seed)
     if isinstance(labels, Skipped):
@@ -147,7 +152,7 @@ async def score(
         return res
     r, yy = red[ok], y[ok]
     res.metrics = {
-        "auc": float(roc_auc_score(yy, r)),
+        "auc": roc_auc(yy, r),
         "mean_reduction_activating": float(r[yy == 1].mean()),
         "mean_reduction_negative": float(r[yy == 0].mean()),
         "mean_reduction_diff": float(r[yy == 1].mean() - r[yy == 0].mean()),

@@ -1,0 +1,141 @@
+"""Steering and the intervention scorer with the real SmolLM2, a real direction (the ' wedding' token embedding minus
+the mean embedding) and scripted judges on the real test HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import numpy as np
+import pytest
+import torch
+from judges_sim import random_sentences, word_record
+from llm_server_fixture import start_llm_server
+
+from autointerp.errors import ConfigError
+from autointerp.llm.client import make_client
+from autointerp.models import load_causal_lm
+from autointerp.scorers import intervention as iv
+from autointerp.steering import steer
+
+torch.set_num_threads(1)  # shared CPU: 2 OpenMP threads competing with other processes are ~10x slower
+
+PROMPTS = iv.DEFAULT_PROMPTS[:4]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_causal_lm()
+
+
+@pytest.fixture(scope="module")
+def target(lm):
+    model, tok = lm
+    E = model.get_input_embeddings().weight.detach()
+    wedding = E[tok(" wedding", add_special_tokens=False).input_ids[0]] - E.mean(0)
+    other = torch.randn(E.shape[1], generator=torch.Generator().manual_seed(0))
+    return iv.SteeringTarget(model, tok, "resid_post.10", torch.stack([other, wedding]))
+
+
+@pytest.fixture(scope="module")
+def record():
+    # the scorer only needs the latent index (1 = the wedding direction); records come from the cache in a job
+    return word_record(random_sentences(10, ["a", "b"], 4, 0), random_sentences(5, ["c"], 4, 1), ["a"], latent=1)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, -1]
+
+
+def test_steer_hookpoints_agree_and_clean_up(lm):
+    model, tok = lm
+    ids = tok("The weather today is", return_tensors="pt").input_ids
+    clean = _logits(model, ids)
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    out = {}
+    # resid_post.5 == resid_pre.6 (same tensor) == mlp_out.5 (the MLP output is added to the residual)
+    for hp in ("resid_post.5", "resid_pre.6", "mlp_out.5", "model.layers.5", "attn_out.5"):
+        with steer(model, hp, v, 3.0):
+            out[hp] = _logits(model, ids)
+    assert torch.allclose(out["resid_post.5"], out["resid_pre.6"], atol=1e-4)
+    assert torch.allclose(out["resid_post.5"], out["mlp_out.5"], atol=1e-4)
+    assert torch.equal(out["resid_post.5"], out["model.layers.5"])
+    assert not torch.allclose(out["attn_out.5"], clean, atol=1e-3)  # tuple output: shifted too
+    assert not torch.allclose(out["resid_post.5"], clean, atol=1e-3)
+    with steer(model, "resid_post.5", v, 0.0):
+        assert torch.equal(_logits(model, ids), clean)
+    assert torch.equal(_logits(model, ids), clean)  # hooks removed on exit
+    with pytest.raises(ConfigError, match="width"):
+        with steer(model, "resid_post.5", torch.ones(7), 1.0):
+            _logits(model, ids)
+    assert torch.equal(_logits(model, ids), clean)  # removed after an error too
+
+
+def test_kl_grows_with_strength(target):
+    strengths = (0.0, 0.25, 0.5, 1.0, 2.0)
+    _, clean = target.run(list(PROMPTS), None, 0.0, 4)
+    kls = [iv.kl_divergence(target.run(list(PROMPTS), 1, s, 4)[1], clean).mean().item() for s in strengths]
+    assert kls[0] == 0.0
+    assert all(b > a for a, b in zip(kls, kls[1:])), kls
+    assert 50 < target.norm < 500  # median residual norm at layer 10 of SmolLM2
+
+
+def _client(srv):
+    return make_client("openai", model="judge", base_url=srv.base_url, api_key_env=None, cache_path=None)
+
+
+def _expected(pairs, judge):
+    credit = []
+    for p in pairs:
+        if p["identical"]:
+            credit.append(0.5)
+        else:
+            answer = judge(p)
+            credit.append(float(answer == p["steered"]))
+    return float(np.mean(credit))
+
+
+def test_scorer_accuracy_and_effect(target, record):
+    cfg = iv.InterventionConfig(target=target, strengths=(0.0, 0.5, 2.0), prompts=PROMPTS, max_new_tokens=8)
+    with start_llm_server(judge="judges_sim:pick_keyword") as srv:
+        res = asyncio.run(iv.score(record, "the word wedding", _client(srv), config=cfg, seed=3))
+        assert srv.stats()["requests"] == 1  # all 8 pairs in one call
+    with start_llm_server(judge="judges_sim:pick_a") as srv:
+        res_a = asyncio.run(iv.score(record, "the word wedding", _client(srv), config=cfg, seed=3))
+    m = res.metrics
+    assert m["kl_s0"] == 0.0 and 0 < m["kl_s0.5"] < m["kl_s2"]
+    assert m["n_pairs"] == 8 and m["n_failed"] == 0
+    pairs = res.details["pairs"]
+    assert all("wedding" in p["a" if p["steered"] == "A" else "b"] for p in pairs if p["strength"] == 2.0)
+    assert m["accuracy_s2"] == 1.0
+    # the accuracy is what the scripted judges' rules give on the pairs they were shown
+    has = lambda s: "wedding" in re.findall(r"[a-z]+", s.lower())  # noqa: E731
+    kw = lambda p: "B" if (not has(p["a"]) and has(p["b"])) else "A"  # noqa: E731
+    assert m["accuracy"] == pytest.approx(_expected(pairs, kw))
+    assert res_a.metrics["accuracy"] == pytest.approx(_expected(res_a.details["pairs"], lambda p: "A"))
+    # same seed, same latent: the same order of the pairs
+    assert [p["steered"] for p in res_a.details["pairs"]] == [p["steered"] for p in pairs]
+    assert res.usage.calls == 1 and res.prompt_version.startswith("intervention@")
+
+
+def test_target_from_subject_and_dictionary(lm, record):
+    from types import SimpleNamespace
+
+    from autointerp.dictionaries import NeuronDictionary
+    from autointerp.subject import SubjectModel
+
+    model, tok = lm
+    subject = SubjectModel(model, tok, "builtin:smollm2")
+    cfg = iv.InterventionConfig(subject=subject, dictionary=NeuronDictionary(576, hookpoint="resid_post.10"))
+    t = cfg.get_target()
+    assert cfg.get_target() is t and t.hookpoint.module_path == "model.layers.10"
+    assert torch.equal(t.direction(3), torch.eye(576)[3])
+    _, clean = t.run(["Hello"], None, 0.0, 1)
+    assert iv.kl_divergence(t.run(["Hello"], 3, 1.0, 1)[1], clean).item() > 0
+    # a transcoder reads its module's input and writes its output: steer the output
+    tc = SimpleNamespace(hookpoint="mlp_in.5", transcoder=True, decoder_directions=lambda: torch.eye(576))
+    t2 = iv.SteeringTarget.from_subject(subject, tc)
+    assert (t2.hookpoint.module_path, t2.hookpoint.mode) == ("model.layers.5.mlp", "output")
+    with pytest.raises(ConfigError, match="needs config.target"):
+        asyncio.run(iv.score(record, "x", None, config=iv.InterventionConfig()))
