@@ -101,13 +101,20 @@ class LatentCache:
         return Examples(rows, np.asarray(tokens)[order].astype(np.int32),
                         np.asarray(acts[keep], dtype=np.float32))
 
+    @cached_property
+    def _pool_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of the pool's CSR, built once: for each latent, the pool windows it fires in."""
+        indptr = np.asarray(self.array("pool_indptr"))
+        lat = np.asarray(self.array("pool_latents"))
+        window = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        order = np.argsort(lat, kind="stable")
+        starts = np.searchsorted(lat[order], np.arange(self.n_latents + 1))
+        return window[order], starts
+
     def negatives_for(self, latent: int, limit: int | None = None) -> Examples:
-        indptr = self.array("pool_indptr")
-        lat = self.array("pool_latents")
-        fires = np.zeros(len(indptr) - 1, dtype=bool)
-        hit = np.flatnonzero(np.asarray(lat) == latent)
-        if len(hit):
-            fires[np.searchsorted(indptr, hit, side="right") - 1] = True
+        windows, starts = self._pool_index
+        fires = np.zeros(len(self.array("pool_rows")), dtype=bool)
+        fires[windows[starts[latent]:starts[latent + 1]]] = True
         rows = np.asarray(self.array("pool_rows"))[~fires]
         if limit is not None:
             rows = rows[:limit]

@@ -67,6 +67,8 @@ def extract(
     overwrite: bool = typer.Option(False, help="Replace whatever the output folder holds."),
     progress: bool = typer.Option(True, help="Show a progress bar with tokens/s."),
     checkpoint_every: float = typer.Option(120.0, help="Seconds between resumable checkpoints."),
+    max_norm_ratio: float = typer.Option(5.0, help="Ignore positions whose activation norm exceeds this × the "
+                                                    "batch median (massive-activation outliers); 0 keeps all."),
 ):
     """Run the subject model over a corpus and collect every latent's contexts and statistics (resumable)."""
     from .extract import extract as run
@@ -77,7 +79,7 @@ def extract(
     caches = run(subject, dicts, list(hookpoint) if hookpoint else None, corpus, out, n_tokens=n_tokens,
                  ctx_len=ctx_len, batch_size=batch_size, seed=seed, top_k=top_k, n_sample=n_sample,
                  pool_size=pool_size, text_column=text_column, split=split, overwrite=overwrite, progress=progress,
-                 checkpoint_every_s=checkpoint_every)
+                 checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio)
     for c in caches:
         _print_summary(c)
 
@@ -94,7 +96,7 @@ def _print_summary(cache, n_show: int = 10, tokenizer=None) -> None:
     if len(alive):
         typer.echo(f"firing frequency of alive latents: median {np.median(freq[alive]):.2e}, "
                    f"max {freq[alive].max():.2e}")
-    order = alive[np.argsort(-s["act_max"][alive], kind="stable")][:n_show]
+    order = alive[:n_show]  # the same latents the demo then explains
     if tokenizer is not None:
         cache.attach_tokenizer(tokenizer)
     typer.echo(f"{'latent':>7} {'freq':>9} {'max':>8} {'mean':>8}  top context")
@@ -170,7 +172,8 @@ def train_sae(
 
     subject = load_subject(model, device=device)
     acts = collect_activations(subject, hookpoint, CorpusSpec(source=corpus, n_tokens=n_tokens, seed=seed))
-    result = train_topk_sae(acts, n_latents=n_latents, k=k, out_dir=out, hookpoint=hookpoint, seed=seed)
+    result = train_topk_sae(acts, n_latents=n_latents, k=k, out_dir=out, hookpoint=hookpoint, seed=seed,
+                            progress=True)
     typer.echo(f"wrote {out / hookpoint}: {result}")
 
 
@@ -232,9 +235,14 @@ def interpret(
                 await cl.aclose()
 
     summary = asyncio.run(go())
-    rows = [r for r in read_results(out) if r["type"] == "score" and r["latent"] in set(ids)
-            and r.get("dictionary_id") == c.dictionary_id]
-    results = [ScoreResult(r["scorer"], r["latent"], r.get("metrics") or {}, skipped=r.get("skipped")) for r in rows]
+    wanted = set(ids)
+    latest = {}  # this job's rows only, the last one per (latent, scorer)
+    for r in read_results(out):
+        if r["type"] == "score" and r["latent"] in wanted and r.get("dictionary_id") == c.dictionary_id \
+                and r.get("explainer") == explainer and r.get("seed") == seed:
+            latest[(r["latent"], r["scorer"])] = r
+    results = [ScoreResult(r["scorer"], r["latent"], r.get("metrics") or {}, skipped=r.get("skipped"))
+               for r in latest.values()]
     typer.echo(format_table(aggregate(results)))
     u = summary.usage
     typer.echo(f"\n{summary.latents_done} latents done, {summary.latents_already_done} already done, "
@@ -269,12 +277,16 @@ def _scorer_context(cache) -> dict:
 @app.command()
 @_friendly
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its cache."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its cache and results."),
     n_tokens: int = typer.Option(60_000, help="Tokens to extract over."),
+    n_latents: int = typer.Option(12, help="Latents to explain and score."),
 ):
-    """The offline demo: SmolLM2 + a locally trained SAE → extraction → per-latent summary."""
+    """The offline demo: SmolLM2 + a locally trained SAE → extraction → explanations scored by the local embedder."""
+    import asyncio
+
     from .demo import ensure_demo_dictionary
     from .extract import extract as run
+    from .interpret import InterpretConfig, interpret as run_interpret, parse_latents, read_results
     from .subject import load_subject
 
     typer.echo("[demo] loading SmolLM2-135M (first run dequantizes the packaged GGUF once, ~30 s)")
@@ -282,9 +294,22 @@ def demo(
     typer.echo("[demo] demo dictionary (trained once on this machine, then cached)")
     sae = ensure_demo_dictionary(subject)
     typer.echo(f"[demo] extracting {n_tokens} tokens at {sae.name}")
-    caches = run(subject, str(sae), None, "builtin", out, n_tokens=n_tokens)
-    for c in caches:
-        _print_summary(c, tokenizer=subject.tokenizer)
+    (cache,) = run(subject, str(sae), None, "builtin", out, n_tokens=n_tokens)
+    _print_summary(cache, tokenizer=subject.tokenizer)
+    # No LLM is needed for this part: the token-frequency baseline explains, the local MiniLM embedder scores.
+    # With an LLM: autointerp interpret <cache> --explainer-model local|openai:MODEL@URL --scorers detection,fuzzing
+    typer.echo(f"\n[demo] explaining {n_latents} latents (token-frequency baseline) and scoring them (embedding AUC)")
+    cache.attach_tokenizer(subject.tokenizer)
+    ids = parse_latents(None, cache, n_latents)
+    results = out / "results.jsonl"
+    cfg = InterpretConfig(explainer="token_frequency", scorers=("embedding",), hard_negatives=False)
+    asyncio.run(run_interpret(cache, ids, explainer_client=None, judge_client=None, config=cfg, out=results))
+    rows = [r for r in read_results(results) if r["type"] == "score" and r["latent"] in set(ids)]
+    typer.echo(f"{'latent':>7} {'AUC':>6}  explanation")
+    for r in sorted(rows, key=lambda r: -(r["metrics"].get("auc") or 0)):
+        auc = r["metrics"].get("auc")
+        typer.echo(f"{r['latent']:>7} {auc if auc is None else format(auc, '.3f'):>6}  {(r['explanation'] or '')[:90]}")
+    typer.echo(f"\n[demo] done: cache in {out}, results in {results}. Next: autointerp inspect {out} --latent N")
 
 
 def main() -> None:  # pragma: no cover

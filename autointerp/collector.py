@@ -87,8 +87,9 @@ class KeyedTopK:
         return int(rows.numel())
 
     def sorted_acts(self) -> torch.Tensor:
-        """acts in key order [n, K, T] (done once at the end)."""
-        return self.acts.gather(1, self.slots[:, :, None].expand(-1, -1, self.acts.shape[2]))
+        """acts in key order [n, K, T], on the CPU (done once at the end; no second copy on the GPU)."""
+        acts, slots = self.acts.cpu(), self.slots.cpu()
+        return acts.gather(1, slots[:, :, None].expand(-1, -1, acts.shape[2]))
 
     def state(self) -> dict:
         return {"keys": self.keys, "ids": self.ids, "slots": self.slots, "acts": self.acts}
@@ -102,6 +103,11 @@ class Collector:
     """Feed it batches of codes; it keeps everything the cache needs. `state()`/`load_state()` for resume."""
 
     def __init__(self, n_latents: int, ctx_len: int, config: CollectorConfig, device):
+        from .errors import ConfigError
+
+        if config.top_k < 1 or config.n_sample < 1 or config.pool_size < 0:
+            raise ConfigError(f"--top-k and --n-sample must be >= 1 and --pool-size >= 0 (got {config.top_k}, "
+                              f"{config.n_sample}, {config.pool_size})")
         self.cfg = config
         self.n = n_latents
         self.device = torch.device(device)
@@ -123,7 +129,7 @@ class Collector:
     @torch.no_grad()
     def update(self, codes: torch.Tensor, window_ids: torch.Tensor) -> None:
         """codes [B, T, n] (float), window_ids [B] int64 ascending (global window index)."""
-        codes = codes.float()
+        codes = codes.to(self.device).float()
         window_ids = window_ids.to(self.device)
         b, t, _ = codes.shape
         wmax = codes.amax(dim=1)  # [B, n] the window's max activation per latent

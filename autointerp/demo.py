@@ -16,11 +16,11 @@ from .models import cache_root
 log = logging.getLogger(__name__)
 
 DEMO_HOOKPOINT = "resid_post.15"
-DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 64_000, "seed": 0, "steps": 1000}
+DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 64_000, "seed": 0, "steps": 1000, "version": 4}
 
 
 def demo_dictionary_path() -> Path:
-    return cache_root() / "dictionaries" / "demo-smollm2-{n_latents}-k{k}-{n_tokens}tok-{steps}steps".format(**DEMO)
+    return cache_root() / "dictionaries" / "demo-smollm2-v{version}-{n_latents}-k{k}-{n_tokens}tok-{steps}steps".format(**DEMO)
 
 
 def ensure_demo_dictionary(subject=None, progress: bool = True) -> Path:
@@ -43,5 +43,5 @@ def ensure_demo_dictionary(subject=None, progress: bool = True) -> Path:
     spec = CorpusSpec(source="builtin", ctx_len=64, n_tokens=DEMO["n_tokens"], seed=1234)
     acts = collect_activations(subject, DEMO_HOOKPOINT, spec, progress=progress)
     train_topk_sae(acts, n_latents=DEMO["n_latents"], k=DEMO["k"], out_dir=root, hookpoint=DEMO_HOOKPOINT,
-                   seed=DEMO["seed"], steps=DEMO["steps"])
+                   seed=DEMO["seed"], steps=DEMO["steps"], progress=progress)
     return folder

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .cache import FORMAT_VERSION, LatentCache, hist_edges
+from .cache import ARRAYS, FORMAT_VERSION, LatentCache, hist_edges
 from .collector import Collector, CollectorConfig
 from .corpus import CorpusSpec, iter_windows
 from .errors import ConfigError
@@ -56,7 +56,7 @@ def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device)
     if spec == "neurons" or spec.startswith("topk-neurons"):
         if not hookpoint:
             raise ConfigError(f"--dictionary {spec}: raw neurons need --hookpoint (e.g. mlp_neurons.12)")
-        return load_dictionary(spec, d_in=subject.width(hookpoint), device=device)
+        return load_dictionary(spec, d_in=subject.width(hookpoint), hookpoint=hookpoint, device=device)
     return load_dictionary(spec, device=device)
 
 
@@ -82,6 +82,8 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
         if d.d_in != width:
             raise ConfigError(f"dictionary {getattr(d, 'source', spec)}: d_in={d.d_in} but hookpoint {hp} "
                               f"({hook.module_path}, {hook.mode}) has width {width}")
+        if hasattr(d, "to"):
+            d.to(device)  # a Dictionary passed in through the API may still be on the CPU
         targets.append(Target(d, hp, out))
     if len(targets) > 1:
         names = [f"{t.hookpoint}__{_slug(str(getattr(t.dictionary, 'id', 'dict')).split('/')[-1])}" for t in targets]
@@ -92,10 +94,13 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
     return targets
 
 
-def _identity(subject: SubjectModel, t: Target, corpus: CorpusSpec, cfg: CollectorConfig) -> dict:
+def _identity(subject: SubjectModel, t: Target, corpus: CorpusSpec, cfg: CollectorConfig,
+              max_norm_ratio: float) -> dict:
     d = t.dictionary
     return {
         "model": subject.spec,
+        "model_dtype": str(subject.dtype).replace("torch.", ""),
+        "ignored_positions": {"special_tokens": True, "max_norm_ratio": max_norm_ratio},
         "hookpoint": t.hookpoint,
         "dictionary": {"id": str(d.id), "format": d.format, "source": str(d.source), "n_latents": int(d.n_latents),
                        "d_in": int(d.d_in), "transcoder": bool(getattr(d, "transcoder", False))},
@@ -105,13 +110,16 @@ def _identity(subject: SubjectModel, t: Target, corpus: CorpusSpec, cfg: Collect
 
 
 def _same_run(a: dict, b: dict) -> bool:
-    keys = ("model", "hookpoint", "dictionary", "corpus", "collector")
+    keys = ("model", "model_dtype", "ignored_positions", "hookpoint", "dictionary", "corpus", "collector")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _describe(m: dict) -> str:
     return (f"model {m.get('model')}, hookpoint {m.get('hookpoint')}, dictionary {m.get('dictionary', {}).get('id')}, "
             f"corpus {m.get('corpus', {}).get('source')} n_tokens={m.get('corpus', {}).get('n_tokens')}")
+
+
+CACHE_FILES = {f"{a}.npy" for a in ARRAYS} | {"stats.npz", "manifest.json"}
 
 
 def _check_out_dir(t: Target, overwrite: bool) -> str:
@@ -127,7 +135,9 @@ def _check_out_dir(t: Target, overwrite: bool) -> str:
         if not _same_run(m, t.identity) and not overwrite:
             raise ConfigError(f"{t.out_dir}: holds a cache of another run ({_describe(m)}); "
                               "use another --out folder or --overwrite")
-    elif t.out_dir.exists() and not overwrite and any(p.is_file() for p in t.out_dir.iterdir()):
+    elif t.out_dir.exists() and not overwrite and any(
+            p.is_file() and p.name not in CACHE_FILES for p in t.out_dir.iterdir()):
+        # only files a cache is made of are tolerated: they are what a run killed mid-publish leaves behind
         raise ConfigError(f"{t.out_dir}: folder exists and is not a latent cache; use another --out or --overwrite")
     return "fresh"
 
@@ -142,18 +152,35 @@ class _Checkpoint:
         self.state_path = self.dir / "state.pt"
         self._fh = None
 
-    def load(self, identities: list[dict]) -> list[dict] | None:
+    def load(self, identities: list[dict]) -> dict | None:
         if not self.state_path.is_file():
             return None
         try:
-            st = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            st = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception:  # a torn state file: start over rather than trust it
             log.warning("checkpoint %s unreadable; restarting", self.state_path)
             return None
         if len(st["identities"]) != len(identities) or not all(
                 _same_run(a, b) for a, b in zip(st["identities"], identities)):
+            raise ConfigError(f"{self.dir}: holds an unfinished run of other inputs ({_describe(st['identities'][0])}); "
+                              "re-run that command to finish it, or pass --overwrite")
+        done = {int(c["n_windows"]) for c in st["states"]}
+        have = self.windows_path.stat().st_size // (4 * self.ctx_len) if self.windows_path.exists() else 0
+        if len(done) != 1 or have < done.pop():
+            log.warning("checkpoint %s inconsistent with %s; restarting", self.state_path, self.windows_path)
             return None
         return st
+
+    def lock(self) -> None:
+        """One writer per folder: a second process (e.g. a duplicate task delivery) fails at once."""
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / "lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{self.dir.parent}: another extraction is writing this folder") from None
 
     def open(self, n_windows_done: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -249,9 +276,11 @@ def extract(
     progress: bool = True,
     checkpoint_every_s: float = 120.0,
     max_batches: int | None = None,
+    max_norm_ratio: float = 5.0,
 ) -> list[LatentCache]:
     """Run the streaming extraction; returns the caches (one per target). `max_batches` stops early without
-    publishing (a clean interruption, used by tests and for chunked scheduling)."""
+    publishing (a clean interruption, used by tests and for chunked scheduling). Positions holding special tokens,
+    or whose activation norm is over `max_norm_ratio` × the batch median, are ignored (codes set to 0)."""
     out = Path(out)
     spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(
         source=corpus, ctx_len=ctx_len, n_tokens=n_tokens, seed=seed, text_column=text_column, split=split)
@@ -265,36 +294,39 @@ def extract(
     targets = _resolve_targets(subject, dictionaries, hookpoints, out, dev)
     cfg = CollectorConfig(top_k=top_k, n_sample=n_sample, pool_size=pool_size, seed=seed)
     for t in targets:
-        t.identity = _identity(subject, t, spec, cfg)
+        t.identity = _identity(subject, t, spec, cfg, max_norm_ratio)
     status = [_check_out_dir(t, overwrite) for t in targets]
     if all(s == "done" for s in status):
         log.info("%s: complete cache(s) already there; nothing to do", out)
         return [LatentCache(t.out_dir) for t in targets]
-    if overwrite:
+    if overwrite:  # remove only what a cache is made of: never unrelated files in the folder
         for t in targets:
-            for name in [p for p in (t.out_dir.iterdir() if t.out_dir.exists() else []) if p.is_file()]:
-                name.unlink()
+            for name in CACHE_FILES:
+                (t.out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
         shutil.rmtree(out / ".partial", ignore_errors=True)
 
     identities = [t.identity for t in targets]
     for t in targets:
         t.collector = Collector(t.dictionary.n_latents, spec.ctx_len, cfg, dev)
+    # read the first batch before creating anything on disk: an empty corpus or a missing column fails clean
+    batches_it = iter_windows(spec, subject.tokenizer, batch_size)
+    first = next(batches_it)
     ckpt = _Checkpoint(out, spec.ctx_len)
-    state = ckpt.load(identities)
+    ckpt.lock()
+    state = None if overwrite else ckpt.load(identities)
     done = 0
     if state is not None:
         for t, st in zip(targets, state["states"]):
             t.collector.load_state(st)
         done = targets[0].collector.n_windows
         log.info("resuming %s at window %d", out, done)
-    # read the first batch before creating anything on disk: an empty corpus or a missing column fails clean
-    batches_it = iter_windows(spec, subject.tokenizer, batch_size)
-    first = next(batches_it)
     ckpt.open(done)
     hooks = [subject.hookpoint(t.hookpoint) for t in targets]
     bar = tqdm(total=spec.n_windows * spec.ctx_len, initial=done * spec.ctx_len, unit="tok", unit_scale=True,
                disable=not progress, desc=f"extract {out.name}", dynamic_ncols=True)
     wid, batches, last_ckpt, interrupted = 0, 0, time.monotonic(), False
+    in_batch = False  # True while collectors and windows.bin may disagree: never checkpoint then
     try:
         for batch in itertools.chain([first], batches_it):
             if wid + len(batch) <= done:  # already collected before the interruption
@@ -303,15 +335,18 @@ def extract(
             if wid < done:
                 batch, wid = batch[done - wid:], done
             ids = torch.from_numpy(batch).long()
+            in_batch = True
             acts = subject.capture(ids, hooks)
+            special = subject.special_token_mask(ids).to(dev)
             window_ids = torch.arange(wid, wid + len(batch), device=dev)
             for t, h in zip(targets, hooks):
                 x = acts[h.name]
                 codes = t.dictionary.encode(x.to(torch.float32))
-                if spec.bos:
-                    codes[:, 0] = 0  # the BOS position's activations reflect the sequence start, not the text
+                # BOS/EOS/separators and massive-activation outliers: sequence artefacts, not text
+                codes[special | subject.outlier_mask(x, max_norm_ratio)] = 0
                 t.collector.update(codes, window_ids)
             ckpt.append(batch)
+            in_batch = False
             wid += len(batch)
             batches += 1
             bar.update(batch.size)
@@ -321,13 +356,14 @@ def extract(
             if max_batches is not None and batches >= max_batches:
                 interrupted = True
                 break
-    except KeyboardInterrupt:
+    except BaseException:
         interrupted = True
         raise
     finally:
         bar.close()
-        if interrupted:
+        if interrupted and not in_batch:
             ckpt.save(identities, [t.collector for t in targets])
+        if interrupted:  # interrupted mid-batch: the last periodic checkpoint stands
             ckpt.close()
     if interrupted:
         return []
@@ -336,6 +372,7 @@ def extract(
         "versions": {"autointerp": __version__, "torch": torch.__version__, "python": platform.python_version(),
                      "transformers": _version("transformers")},
         "device": str(dev),
+        "ignored_token_ids": sorted(int(i) for i in subject.tokenizer.all_special_ids),
     }
     windows = ckpt.windows()
     for t in targets:

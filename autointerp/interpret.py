@@ -77,7 +77,10 @@ def read_results(path: Path) -> list[dict]:
 class _ResultWriter:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.exists() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"
         self._fh = path.open("a", encoding="utf-8")
+        if torn:  # a crash mid-line: end it, so the next row is not glued onto the torn one
+            self._fh.write("\n")
         self._lock = asyncio.Lock()
 
     async def write(self, rows: list[dict]) -> None:
@@ -131,22 +134,31 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
     rows = read_results(out)
     done_expl: dict[int, dict] = {}
     done_scores: set[tuple[int, str]] = set()
+    expl_model = getattr(explainer_client, "model", "") or ""
+    judge_model = getattr(judge_client, "model", "") or ""
+    job = {"dictionary_id": cache.dictionary_id, "hookpoint": cache.manifest.get("hookpoint"),
+           "explainer": config.explainer, "explainer_model": expl_model, "seed": config.seed}
     for r in rows:
-        if r.get("dictionary_id") != cache.dictionary_id or r.get("explainer") != config.explainer \
-                or r.get("seed") != config.seed:
+        if any(r.get(k) != v for k, v in job.items()):
             continue
         if r["type"] == "explanation":
             done_expl[int(r["latent"])] = r
-        elif r["type"] == "score":
+        elif r["type"] == "score" and r.get("judge_model") == judge_model:
             done_scores.add((int(r["latent"]), r["scorer"]))
+    random_pool = None
+    if config.explainer == "random":  # the baseline draws from other explainers' texts for this dictionary
+        random_pool = {int(r["latent"]): r["text"] for r in rows if r["type"] == "explanation" and r.get("text")
+                       and r.get("dictionary_id") == cache.dictionary_id and r.get("explainer") != "random"}
+        if not random_pool:
+            raise ConfigError(f"explainer 'random' draws from other latents' explanations, and {out} holds none for "
+                              "this dictionary: run another explainer first")
 
     pool = None
     if config.hard_negatives:
         pool = NegativePool.from_examples(pool_examples(cache), cache._decode)
     scorers = [_scorer_config(n, config, pool, scorer_context or {}) for n in config.scorers]
-    expl_cfg = ExplainConfig(sampling=config.sampling, pool=pool)
-    base = {"dictionary_id": cache.dictionary_id, "explainer": config.explainer, "seed": config.seed,
-            "hookpoint": cache.manifest.get("hookpoint"), "model_subject": cache.manifest.get("model")}
+    expl_cfg = ExplainConfig(sampling=config.sampling, pool=pool, random_pool=random_pool)
+    base = {**job, "model_subject": cache.manifest.get("model")}
     writer = _ResultWriter(out)
     sem = asyncio.Semaphore(max(1, config.concurrency))
     bar = tqdm(total=len(latents), unit="latent", disable=not progress, desc="interpret", dynamic_ncols=True)
@@ -157,7 +169,7 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
             if stop.is_set():
                 return
             todo = [s for s in scorers if (latent, s[0].name) not in done_scores]
-            if latent in done_expl and not todo:
+            if latent in done_expl and (done_expl[latent].get("skipped") or not todo):
                 summary.latents_already_done += 1
                 bar.update(1)
                 return
@@ -172,8 +184,10 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
                     expl = await explain(record, explainer_client, kind=config.explainer, config=expl_cfg,
                                          seed=config.seed)
                     if isinstance(expl, Skipped):
+                        usage = expl.usage or Usage()
                         new_rows.append({**base, "type": "explanation", "latent": latent, "skipped": expl.reason,
-                                         "text": None, "created": _now()})
+                                         "text": None, "usage": usage.as_dict(), "created": _now()})
+                        summary.usage.add(usage)
                         summary.latents_skipped += 1
                         await writer.write(new_rows)
                         return
@@ -186,7 +200,7 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
                                                  for s, c in todo))
                 for res in results:
                     new_rows.append({**base, "type": "score", "latent": latent, "scorer": res.scorer,
-                                     "explanation": expl.text, "model": res.model,
+                                     "explanation": expl.text, "model": res.model, "judge_model": judge_model,
                                      "prompt_version": res.prompt_version, "metrics": res.metrics,
                                      "skipped": res.skipped, "usage": res.usage.as_dict(), "details": res.details,
                                      "created": _now()})
@@ -206,7 +220,13 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
             summary.latents_done += 1
 
     try:
-        await asyncio.gather(*(one(int(i)) for i in latents))
+        # a TaskGroup cancels the latents still in flight when one raises (a permanent LLM error stops the job
+        # without paying for, or half-writing, the rest)
+        async with asyncio.TaskGroup() as tg:
+            for i in latents:
+                tg.create_task(one(int(i)))
+    except* PermanentLLMError as eg:
+        raise eg.exceptions[0] from None
     finally:
         bar.close()
         writer.close()

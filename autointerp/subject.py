@@ -148,6 +148,23 @@ class SubjectModel:
     def name(self) -> str:
         return self.spec or getattr(self.model.config, "_name_or_path", type(self.model).__name__)
 
+    def special_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True at BOS/EOS/pad/other special tokens: their activations (attention-sink outliers with norms 100x the
+        text's) say nothing about the text, so the collector and the trainer ignore those positions."""
+        if not hasattr(self, "_special"):
+            ids = sorted({i for i in (self.tokenizer.all_special_ids or []) if i is not None})
+            self._special = torch.tensor(ids, dtype=torch.long)
+        return torch.isin(input_ids, self._special.to(input_ids.device))
+
+    @staticmethod
+    def outlier_mask(x: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
+        """True where a token's activation norm exceeds `max_norm_ratio` × the batch median: the "massive
+        activations" some tokens get (SmolLM2 layer 15: 25,000 vs a median of 170). 0 disables."""
+        if not max_norm_ratio:
+            return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        norms = x.float().norm(dim=-1)
+        return norms > max_norm_ratio * norms.median()
+
     def hookpoint(self, name: str) -> Hookpoint:
         return resolve_hookpoint(self.model, name)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from autointerp.errors import ConfigError
 
@@ -77,6 +78,7 @@ def train_topk_sae(
     dead_after_tokens: int | None = None,
     seed: int = 0,
     num_threads: int | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Train on acts [N, d_in] (a transcoder predicts targets [N, d_out] from them); `epochs` overrides `steps`.
 
@@ -102,7 +104,8 @@ def train_topk_sae(
     dead_after = dead_after_tokens or max(n, 20 * batch_size)  # default: silent for a whole pass over the data
 
     with _threads(num_threads):
-        sae = _fit(x_all, y_all, n_latents, k, transcode, steps, lr, batch_size, auxk_alpha, dead_after, seed)
+        sae = _fit(x_all, y_all, n_latents, k, transcode, steps, lr, batch_size, auxk_alpha, dead_after, seed,
+                   progress)
         fvu, dead_fraction = _evaluate(sae, x_all, y_all, batch_size)
     path = _save(sae, Path(out_dir) / hookpoint, d_in, n_latents, k, transcode)
     return TrainResult(path=path, fvu=fvu, dead_fraction=dead_fraction, steps=steps, model=sae)
@@ -119,7 +122,8 @@ def _threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _fit(x_all, y_all, n_latents, k, transcode, steps, lr, batch_size, auxk_alpha, dead_after, seed) -> TopKSAE:
+def _fit(x_all, y_all, n_latents, k, transcode, steps, lr, batch_size, auxk_alpha, dead_after, seed,
+         progress: bool = False) -> TopKSAE:
     n, d_in, d_out = x_all.shape[0], x_all.shape[1], y_all.shape[1]
     g = torch.Generator().manual_seed(seed)
     sae = TopKSAE(d_in, n_latents, k, d_out, transcode, g)
@@ -129,7 +133,8 @@ def _fit(x_all, y_all, n_latents, k, transcode, steps, lr, batch_size, auxk_alph
     since_fired = torch.zeros(n_latents, dtype=torch.long)
     order, pos = torch.randperm(n, generator=g), 0
 
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"train SAE {n_latents}x k={k}", unit="step", dynamic_ncols=True,
+                  disable=not progress):
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos : pos + batch_size]

@@ -60,7 +60,7 @@ def main() -> None:
             if mode != "forward":
                 codes = sae.encode(x.float())
                 if mode.endswith("collect"):
-                    codes[:, 0] = 0
+                    codes[subject.special_token_mask(ids).to(dev)] = 0
                     coll.update(codes, torch.arange(wid, wid + len(ids), device=dev))
                     wid += len(ids)
             sync()

@@ -31,8 +31,10 @@ def _brute_force(subject, dictionary, spec: CorpusSpec):
     wins, codes = [], []
     for batch in iter_windows(spec, subject.tokenizer, 8):
         x = subject.capture(torch.from_numpy(batch).long(), [hook])[hook.name]
+        ids = torch.from_numpy(batch).long()
         c = dictionary.encode(x.float())
-        c[:, 0] = 0  # extraction zeroes the BOS position
+        norms = x.float().norm(dim=-1)
+        c[torch.isin(ids, torch.tensor(subject.tokenizer.all_special_ids)) | (norms > 5 * norms.median())] = 0
         wins.append(batch)
         codes.append(c)
     return np.concatenate(wins), torch.cat(codes)
@@ -226,3 +228,11 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "error: --n-tokens: must be > 0 (got 0)"
     assert not (tmp_path / "x").exists()
+
+
+def test_unfinished_run_of_other_inputs_is_refused(subject, tmp_path):
+    out = tmp_path / "u"
+    extract(subject, DICT, HOOK, "builtin", out, max_batches=1, **SMALL)
+    with pytest.raises(ConfigError, match="unfinished run of other inputs"):
+        extract(subject, "topk-neurons:4", HOOK, "builtin", out, **SMALL)
+    assert (out / ".partial" / "state.pt").is_file()  # nothing of the unfinished run was thrown away

@@ -105,3 +105,26 @@ def test_cli_interpret(cache, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "autointerp.cli", "interpret", str(cache.path), "--scorers", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown scorer 'nope'; valid scorers: detection" in bad.stderr
+
+
+def test_resume_after_torn_line_and_skipped_latents(cache, tmp_path):
+    out = tmp_path / "r.jsonl"
+    latents = [int(i) for i in cache.alive_latents()[:3]]
+    never = SamplingConfig(min_explain=10_000)  # every latent is skipped, with the reason recorded
+    with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
+        async def go(lat, sampling):
+            async with _client(srv) as client:
+                return await interpret(cache, lat, explainer_client=client, judge_client=client, out=out,
+                                       progress=False, config=InterpretConfig(sampling=sampling, hard_negatives=False))
+        s = asyncio.run(go(latents[:2], never))
+        assert s.latents_skipped == 2 and srv.stats()["requests"] == 0
+        skipped = [r for r in read_results(out) if r.get("skipped")]
+        assert len(skipped) == 2 and "10000" in skipped[0]["skipped"] or "few" in skipped[0]["skipped"]
+        s = asyncio.run(go(latents[:2], never))  # a skipped latent is done: no crash, nothing new
+        assert s.latents_already_done == 2
+        with out.open("a") as f:
+            f.write('{"type": "explanation", "lat')  # a crash mid-write
+        s = asyncio.run(go(latents[2:], SMALL_SAMPLING))
+        assert s.latents_done + s.latents_skipped == 1
+    rows = read_results(out)
+    assert any(r["latent"] == latents[2] and r["type"] == "explanation" for r in rows)
