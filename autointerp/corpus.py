@@ -21,6 +21,7 @@ import random
 import sys
 import sysconfig
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -66,10 +67,11 @@ def _stdlib_files() -> list[Path]:
     return out
 
 
-def _builtin_documents(kind: str) -> list[str]:
+@lru_cache(maxsize=2)
+def _builtin_documents(kind: str) -> tuple[str, ...]:
     """`builtin` (prose, ~0.5M tokens): pydoc topics + stdlib docstrings; `builtin:code` (~10M tokens): stdlib sources."""
     if kind == "code":
-        return [p.read_text(encoding="utf-8", errors="replace") for p in _stdlib_files()]
+        return tuple(p.read_text(encoding="utf-8", errors="replace") for p in _stdlib_files())
     if kind != "docs":
         raise ConfigError(f"corpus builtin:{kind}: unknown built-in corpus (expected builtin or builtin:code)")
     import pydoc_data.topics as topics
@@ -86,7 +88,7 @@ def _builtin_documents(kind: str) -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 40:
                     docs.append(doc)
-    return docs
+    return tuple(docs)  # immutable: callers shuffle their own copy
 
 
 def _read_jsonl(path: Path, column: str) -> list[str]:
@@ -149,7 +151,7 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
         yield from _hf_documents(spec)
         return
     if spec.source == "builtin" or spec.source.startswith("builtin:"):
-        docs = _builtin_documents(spec.source.split(":", 1)[1] if ":" in spec.source else "docs")
+        docs = list(_builtin_documents(spec.source.split(":", 1)[1] if ":" in spec.source else "docs"))
     else:
         path = Path(spec.source).expanduser()
         if not path.exists():
