@@ -176,9 +176,9 @@ class LinearDictionary(Dictionary):
             out = torch.tanh(F.relu(pre))
         elif act == "jumprelu":
             out = F.relu(pre) * (pre > t["threshold"])
-        elif act == "relu_topk":
-            out = _scatter_topk(F.relu(pre), self.k)
-        elif act == "topk_relu":
+        elif act in ("relu_topk", "topk_relu"):
+            # topk(relu(pre)) == relu(topk(pre)) as dense codes: where fewer than k are positive, both write zeros.
+            # Skipping the full-width relu saves a pass over [tokens, n_latents] (~3% of a 16k SAE's extraction).
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)
             out = torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
         else:  # groupmax: k contiguous groups of n/k latents, keep each group's max at its position
