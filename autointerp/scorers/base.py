@@ -19,3 +19,10 @@ class ScoreResult:
     model: str = ""  # judge / scorer model
     seed: int = 0
     skipped: str | None = None  # reason, when the latent could not be scored (never a silent 0)
+
+
+def explanation_parts(explanation) -> tuple[str, tuple[int, ...]]:
+    """(text, window ids it was made from): an Explanation carries them (kept out of every test set), a str not."""
+    if explanation is None or isinstance(explanation, str):
+        return explanation or "", ()
+    return explanation.text, tuple(getattr(explanation, "examples_used", ()) or ())

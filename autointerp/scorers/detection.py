@@ -24,7 +24,7 @@ from ..llm.base import LLMClient
 from ..records import LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped, rng_for, sample_latent
 from ._classify import Item, classify, outcome_metrics
-from .base import ScoreResult
+from .base import ScoreResult, explanation_parts
 
 NAME = "detection"
 
@@ -42,12 +42,6 @@ class DetectionConfig:
 
 Config = DetectionConfig
 
-
-def explanation_parts(explanation) -> tuple[str, tuple[int, ...]]:
-    """Text and the window ids it was made from (an Explanation object carries them; a plain str does not)."""
-    if explanation is None or isinstance(explanation, str):
-        return explanation or "", ()
-    return explanation.text, tuple(getattr(explanation, "examples_used", ()) or ())
 
 
 def skipped_result(name: str, record: LatentRecord, s: Skipped, seed: int) -> ScoreResult:

@@ -22,7 +22,8 @@ from ..metrics import roc_auc
 from ..records import Examples, LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped
 from .base import ScoreResult
-from .simulation import explanation_parts, select_test_examples
+from .base import explanation_parts
+from .simulation import select_test_examples
 
 NAME = "embedding"
 

@@ -19,7 +19,8 @@ from ..records import LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped, rng_for, sample_latent
 from ._classify import Item, classify, outcome_metrics
 from .base import ScoreResult
-from .detection import explanation_parts, skipped_result
+from .base import explanation_parts
+from .detection import skipped_result
 
 NAME = "fuzzing"
 

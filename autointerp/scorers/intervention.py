@@ -30,7 +30,7 @@ from ..sampling import Skipped
 from ..steering import activation_norm, steer
 from ..subject import Hookpoint, resolve_hookpoint
 from .base import ScoreResult
-from .simulation import explanation_parts
+from .base import explanation_parts
 
 NAME = "intervention"
 

@@ -19,7 +19,8 @@ from ..prompt_files import load_prompt
 from ..records import LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped, rng_for, sample_latent
 from .base import ScoreResult
-from .detection import explanation_parts, skipped_result
+from .base import explanation_parts
+from .detection import skipped_result
 
 NAME = "intruder"
 _ANSWER = re.compile(r"\[\s*ANSWER\s*\]\s*:?\s*\**\s*(?:example\s*)?#?(\d+)", re.I)

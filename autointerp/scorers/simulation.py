@@ -31,7 +31,7 @@ from ..metrics import pearson_r
 from ..prompt_files import load_prompt
 from ..records import Examples, LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped, sample_latent
-from .base import ScoreResult
+from .base import ScoreResult, explanation_parts
 
 NAME = "simulation"
 
@@ -63,12 +63,6 @@ _LONE = re.compile(r"^()\s*(-?\d+(?:\.\d+)?)\s*$")
 
 # ---------------------------------------------------------------- test examples
 
-
-def explanation_parts(explanation) -> tuple[str, tuple[int, ...]]:
-    """(text, window ids it was made from): an Explanation carries them, a plain str does not."""
-    if explanation is None or isinstance(explanation, str):
-        return explanation or "", ()
-    return explanation.text, tuple(getattr(explanation, "examples_used", ()) or ())
 
 
 def select_test_examples(
