@@ -150,7 +150,10 @@ def test_end_to_end_with_the_real_local_model(cache, tmp_path):
     assert expl["text"] and expl["model"] and expl["usage"]["completion_tokens"] > 0
     det = [r for r in rows if r["type"] == "score"][0]
     assert det["skipped"] is None
-    m = det["metrics"]
-    assert m["n_failed"] + m["n"] == 20  # every example either judged or counted as failed
-    if m["n"]:
+    m, examples = det["metrics"], det["details"]["examples"]
+    assert m["n"] == len(examples) > 0
+    assert m["n_failed"] == sum(e["pred"] is None for e in examples)  # every unparsed example is counted
+    if m["n_failed"] < m["n"]:
         assert 0.0 <= m["balanced_accuracy"] <= 1.0
+    else:  # nothing parsed: no metric may pretend to be a score
+        assert m.get("balanced_accuracy") is None and m.get("accuracy") is None
