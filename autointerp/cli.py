@@ -161,6 +161,7 @@ def train_sae(
     n_latents: int = typer.Option(2048, help="Dictionary size."),
     k: int = typer.Option(32, help="Active latents per token (TopK)."),
     out: Path = typer.Option(Path("runs/sae"), help="Output folder (sparsify format: <out>/<hookpoint>/)."),
+    steps: int = typer.Option(1000, help="Optimizer steps (batches of 256 activations)."),
     seed: int = typer.Option(0, help="Seed."),
     device: Optional[str] = typer.Option(None, help="Device."),
 ):
@@ -173,8 +174,8 @@ def train_sae(
     subject = load_subject(model, device=device)
     acts = collect_activations(subject, hookpoint, CorpusSpec(source=corpus, n_tokens=n_tokens, seed=seed))
     result = train_topk_sae(acts, n_latents=n_latents, k=k, out_dir=out, hookpoint=hookpoint, seed=seed,
-                            progress=True)
-    typer.echo(f"wrote {out / hookpoint}: {result}")
+                            steps=steps, progress=True)
+    typer.echo(f"wrote {result.path}: FVU {result.fvu:.3f}, dead {result.dead_fraction:.1%}, {result.steps} steps")
 
 
 @app.command()
