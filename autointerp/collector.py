@@ -80,7 +80,10 @@ class KeyedTopK:
         slots[r_in, j_in] = free
         lat = rows[r_in]
         bidx = order[r_in, j_in] - k
-        self.acts[lat, free] = codes[bidx, :, lat].to(self.acts.dtype)
+        # codes[bidx, :, lat] as one flat gather: advanced indexing around a slice takes a slow path (10x)
+        b_, t_, n_ = codes.shape
+        flat = (bidx * (t_ * n_) + lat)[:, None] + torch.arange(t_, device=codes.device)[None, :] * n_
+        self.acts[lat, free] = codes.reshape(-1)[flat].to(self.acts.dtype)
         self.keys[rows] = cat_keys.gather(1, order)
         self.ids[rows] = cat_ids.gather(1, order)
         self.slots[rows] = slots
@@ -127,19 +130,31 @@ class Collector:
         self.n_windows = 0
 
     @torch.no_grad()
-    def update(self, codes: torch.Tensor, window_ids: torch.Tensor) -> None:
-        """codes [B, T, n] (float), window_ids [B] int64 ascending (global window index)."""
+    def update(self, codes: torch.Tensor, window_ids: torch.Tensor,
+               sparse: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """codes [B, T, n] (float), window_ids [B] int64 ascending (global window index). `sparse` = (values,
+        indices) [B, T, k] of a top-k encoder, the same nonzeros as `codes`: statistics then read k entries per
+        token instead of scanning all n latents (the scan was most of the collector's cost)."""
         codes = codes.to(self.device).float()
         window_ids = window_ids.to(self.device)
         b, t, _ = codes.shape
-        wmax = codes.amax(dim=1)  # [B, n] the window's max activation per latent
+        if sparse is not None:  # the window's max per latent from k entries per token, not a scan of all n
+            sv, si = sparse[0].to(self.device).float(), sparse[1].to(self.device)
+            wmax = torch.zeros(b, self.n, device=self.device).scatter_reduce_(
+                1, si.reshape(b, -1), sv.reshape(b, -1), reduce="amax")
+        else:
+            wmax = codes.amax(dim=1)  # [B, n] the window's max activation per latent
         active = wmax > 0
         self.top.update(torch.where(active, wmax, float("-inf")), window_ids, codes)
         rnd = hash_uniform(window_ids, self._lat_ids, self.cfg.seed)
         self.sample.update(torch.where(active, rnd, float("-inf")), window_ids, codes)
         # statistics over firing tokens only
-        bi, ti, li = torch.nonzero(codes > 0, as_tuple=True)
-        vals = codes[bi, ti, li]
+        if sparse is not None:
+            nz = sv > 0
+            li, vals = si[nz], sv[nz].float()
+        else:
+            bi, ti, li = torch.nonzero(codes > 0, as_tuple=True)
+            vals = codes[bi, ti, li]
         self.n_active += torch.bincount(li, minlength=self.n)
         self.act_sum.index_add_(0, li, vals.double())
         self.act_max = torch.maximum(self.act_max, wmax.amax(0))

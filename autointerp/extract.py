@@ -341,10 +341,13 @@ def extract(
             window_ids = torch.arange(wid, wid + len(batch), device=dev)
             for t, h in zip(targets, hooks):
                 x = acts[h.name]
-                codes = t.dictionary.encode(x.to(torch.float32))
+                codes, vals, idx = t.dictionary.encode_sparse(x.to(torch.float32))
                 # BOS/EOS/separators and massive-activation outliers: sequence artefacts, not text
-                codes[special | subject.outlier_mask(x, max_norm_ratio)] = 0
-                t.collector.update(codes, window_ids)
+                ignore = special | subject.outlier_mask(x, max_norm_ratio)
+                codes[ignore] = 0
+                if vals is not None:
+                    vals[ignore] = 0
+                t.collector.update(codes, window_ids, None if vals is None else (vals, idx))
             ckpt.append(batch)
             in_batch = False
             wid += len(batch)

@@ -58,10 +58,12 @@ def main() -> None:
             t = time.perf_counter()
             x = subject.capture(ids, [hook])[hook.name]
             if mode != "forward":
-                codes = sae.encode(x.float())
+                codes, vals, idx = sae.encode_sparse(x.float())
                 if mode.endswith("collect"):
-                    codes[subject.special_token_mask(ids).to(dev)] = 0
-                    coll.update(codes, torch.arange(wid, wid + len(ids), device=dev))
+                    ignore = subject.special_token_mask(ids).to(dev) | subject.outlier_mask(x, 5.0)
+                    codes[ignore] = 0
+                    vals[ignore] = 0
+                    coll.update(codes, torch.arange(wid, wid + len(ids), device=dev), (vals, idx))
                     wid += len(ids)
             sync()
             if measured:

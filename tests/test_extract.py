@@ -236,3 +236,28 @@ def test_unfinished_run_of_other_inputs_is_refused(subject, tmp_path):
     with pytest.raises(ConfigError, match="unfinished run of other inputs"):
         extract(subject, "topk-neurons:4", HOOK, "builtin", out, **SMALL)
     assert (out / ".partial" / "state.pt").is_file()  # nothing of the unfinished run was thrown away
+
+
+def test_sparse_fast_path_equals_dense_scan():
+    """A top-k encoder hands the collector its k nonzeros per token; the result equals scanning dense codes."""
+    from autointerp.dictionaries import LinearDictionary
+
+    g = torch.Generator().manual_seed(1)
+    n, d, k = 300, 24, 5
+    w = torch.randn(n, d, generator=g)
+    sae = LinearDictionary(format="sparsify", source="t", id="t", hookpoint=None, transcoder=False, W_enc=w,
+                           b_enc=torch.randn(n, generator=g) - 1, W_dec=w.clone(), b_dec=torch.randn(d, generator=g),
+                           activation="relu_topk", k=k, subtract_b_dec=True)
+    a = Collector(n, 8, CollectorConfig(top_k=4, n_sample=3, pool_size=5), "cpu")
+    b = Collector(n, 8, CollectorConfig(top_k=4, n_sample=3, pool_size=5), "cpu")
+    for s in range(0, 60, 6):
+        x = torch.randn(6, 8, d, generator=g)
+        codes, vals, idx = sae.encode_sparse(x)
+        torch.testing.assert_close(codes, sae.encode(x))
+        assert (vals >= 0).all() and int((codes > 0).sum()) == int((vals > 0).sum())
+        a.update(codes.clone(), torch.arange(s, s + 6))
+        b.update(codes.clone(), torch.arange(s, s + 6), (vals, idx))
+    for name in ("n_active", "act_max", "hist"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name))
+    torch.testing.assert_close(a.act_sum, b.act_sum)
+    torch.testing.assert_close(a.top.sorted_acts(), b.top.sorted_acts())
