@@ -44,6 +44,66 @@ def hash_uniform(window_ids: torch.Tensor, latents: torch.Tensor, seed: int) -> 
     return (x.to(torch.float64) + 0.5).div_(2.0**32).to(torch.float32)
 
 
+class DenseCodes:
+    """Codes as one dense [B, T, n] tensor (any activation rule)."""
+
+    def __init__(self, codes: torch.Tensor):
+        self.codes = codes
+        self.shape = codes.shape
+
+    def window_max(self) -> torch.Tensor:
+        """[B, n]: each window's max activation per latent."""
+        return self.codes.amax(dim=1)
+
+    def nonzeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent, value) of every firing token."""
+        bi, ti, li = torch.nonzero(self.codes > 0, as_tuple=True)
+        return li, self.codes[bi, ti, li]
+
+    def rows(self, b: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+        """[m, T]: latent lat[i]'s per-token activations in window b[i]."""
+        # codes[b, :, lat] as one flat gather: advanced indexing around a slice takes a slow path (10x)
+        _, t, n = self.codes.shape
+        flat = (b * (t * n) + lat)[:, None] + torch.arange(t, device=b.device)[None, :] * n
+        return self.codes.reshape(-1)[flat]
+
+
+class SparseCodes:
+    """A top-k encoder's codes as (values, indices) [B, T, k], never expanded to [B, T, n]: every operation costs
+    O(B·T·k), so a 1M-latent dictionary costs the collector no more than a 16k one, and no dense [B, T, n] buffer
+    is written (on CPU that buffer's memset alone was ~3% of the forward pass for 16k latents)."""
+
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor, n_latents: int):
+        self.values, self.indices, self.n = values.float(), indices, n_latents
+        self.shape = (*values.shape[:2], n_latents)
+
+    def window_max(self) -> torch.Tensor:
+        b = self.values.shape[0]
+        return torch.zeros(b, self.n, device=self.values.device).scatter_reduce_(
+            1, self.indices.reshape(b, -1), self.values.reshape(b, -1), reduce="amax")
+
+    def nonzeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        nz = self.values > 0
+        return self.indices[nz], self.values[nz]
+
+    def rows(self, b: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+        # Look every stored entry (window, token, latent) up among the wanted (window, latent) pairs: a sorted
+        # search over m keys, O(B·T·k·log m), instead of materialising the dense codes.
+        bsz, t, k = self.indices.shape
+        dev = self.indices.device
+        out = torch.zeros(lat.numel(), t, device=dev)
+        if lat.numel() == 0:
+            return out
+        want = b * self.n + lat  # unique: one entering window per (window, latent)
+        sorted_want, order = torch.sort(want)
+        have = (torch.arange(bsz, device=dev)[:, None, None] * self.n + self.indices).reshape(-1)
+        pos = torch.searchsorted(sorted_want, have).clamp_(max=want.numel() - 1)
+        hit = sorted_want[pos] == have
+        tok = torch.arange(t, device=dev)[None, :, None].expand(bsz, t, k).reshape(-1)
+        out[order[pos[hit]], tok[hit]] = self.values.reshape(-1)[hit]  # top-k indices are unique per token
+        return out
+
+
 class KeyedTopK:
     """For every latent, the K windows with the highest key, with the latent's per-token activations in them.
 
@@ -58,8 +118,8 @@ class KeyedTopK:
         self.slots = torch.arange(k, device=device).repeat(n, 1)
         self.acts = torch.zeros((n, k, ctx), dtype=act_dtype, device=device)
 
-    def update(self, new_keys: torch.Tensor, window_ids: torch.Tensor, codes: torch.Tensor) -> int:
-        """new_keys [B, n] (-inf = not eligible), window_ids [B] ascending, codes [B, T, n]. Returns rows changed."""
+    def update(self, new_keys: torch.Tensor, window_ids: torch.Tensor, codes: DenseCodes | SparseCodes) -> int:
+        """new_keys [B, n] (-inf = not eligible), window_ids [B] ascending, codes of [B, T, n]. Returns rows changed."""
         k = self.k
         thresh = self.keys[:, -1]
         rows = torch.nonzero((new_keys > thresh).any(0)).squeeze(1)
@@ -80,10 +140,7 @@ class KeyedTopK:
         slots[r_in, j_in] = free
         lat = rows[r_in]
         bidx = order[r_in, j_in] - k
-        # codes[bidx, :, lat] as one flat gather: advanced indexing around a slice takes a slow path (10x)
-        b_, t_, n_ = codes.shape
-        flat = (bidx * (t_ * n_) + lat)[:, None] + torch.arange(t_, device=codes.device)[None, :] * n_
-        self.acts[lat, free] = codes.reshape(-1)[flat].to(self.acts.dtype)
+        self.acts[lat, free] = codes.rows(bidx, lat).to(self.acts.dtype)
         self.keys[rows] = cat_keys.gather(1, order)
         self.ids[rows] = cat_ids.gather(1, order)
         self.slots[rows] = slots
@@ -130,31 +187,19 @@ class Collector:
         self.n_windows = 0
 
     @torch.no_grad()
-    def update(self, codes: torch.Tensor, window_ids: torch.Tensor,
-               sparse: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """codes [B, T, n] (float), window_ids [B] int64 ascending (global window index). `sparse` = (values,
-        indices) [B, T, k] of a top-k encoder, the same nonzeros as `codes`: statistics then read k entries per
-        token instead of scanning all n latents (the scan was most of the collector's cost)."""
-        codes = codes.to(self.device).float()
+    def update(self, codes: torch.Tensor | DenseCodes | SparseCodes, window_ids: torch.Tensor) -> None:
+        """codes of [B, T, n]: a dense float tensor, or SparseCodes from a top-k encoder (the same values, read
+        from k entries per token instead of a scan of all n latents); window_ids [B] int64 ascending."""
+        if isinstance(codes, torch.Tensor):
+            codes = DenseCodes(codes.to(self.device).float())
         window_ids = window_ids.to(self.device)
         b, t, _ = codes.shape
-        if sparse is not None:  # the window's max per latent from k entries per token, not a scan of all n
-            sv, si = sparse[0].to(self.device).float(), sparse[1].to(self.device)
-            wmax = torch.zeros(b, self.n, device=self.device).scatter_reduce_(
-                1, si.reshape(b, -1), sv.reshape(b, -1), reduce="amax")
-        else:
-            wmax = codes.amax(dim=1)  # [B, n] the window's max activation per latent
+        wmax = codes.window_max()  # [B, n]
         active = wmax > 0
         self.top.update(torch.where(active, wmax, float("-inf")), window_ids, codes)
         rnd = hash_uniform(window_ids, self._lat_ids, self.cfg.seed)
         self.sample.update(torch.where(active, rnd, float("-inf")), window_ids, codes)
-        # statistics over firing tokens only
-        if sparse is not None:
-            nz = sv > 0
-            li, vals = si[nz], sv[nz].float()
-        else:
-            bi, ti, li = torch.nonzero(codes > 0, as_tuple=True)
-            vals = codes[bi, ti, li]
+        li, vals = codes.nonzeros()  # statistics over firing tokens only
         self.n_active += torch.bincount(li, minlength=self.n)
         self.act_sum.index_add_(0, li, vals.double())
         self.act_max = torch.maximum(self.act_max, wmax.amax(0))

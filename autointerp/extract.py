@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .cache import ARRAYS, FORMAT_VERSION, LatentCache, hist_edges
-from .collector import Collector, CollectorConfig
+from .collector import Collector, CollectorConfig, SparseCodes
 from .corpus import CorpusSpec, iter_windows
 from .errors import ConfigError
 from .subject import SubjectModel, load_subject, translate_hookpoint
@@ -341,13 +341,9 @@ def extract(
             window_ids = torch.arange(wid, wid + len(batch), device=dev)
             for t, h in zip(targets, hooks):
                 x = acts[h.name]
-                codes, vals, idx = t.dictionary.encode_sparse(x.to(torch.float32))
                 # BOS/EOS/separators and massive-activation outliers: sequence artefacts, not text
                 ignore = special | subject.outlier_mask(x, max_norm_ratio)
-                codes[ignore] = 0
-                if vals is not None:
-                    vals[ignore] = 0
-                t.collector.update(codes, window_ids, None if vals is None else (vals, idx))
+                t.collector.update(encode_for_collector(t.dictionary, x, ignore), window_ids)
             ckpt.append(batch)
             in_batch = False
             wid += len(batch)
@@ -385,6 +381,19 @@ def extract(
         shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
     shutil.rmtree(out / ".partial", ignore_errors=True)
     return [LatentCache(t.out_dir) for t in targets]
+
+
+def encode_for_collector(dictionary, x: torch.Tensor, ignore: torch.Tensor):
+    """The dictionary's codes of x with the `ignore` positions zeroed: SparseCodes for top-k encoders (no dense
+    [B, T, n_latents] tensor), a dense tensor otherwise."""
+    sparse = dictionary.encode_topk(x.to(torch.float32))
+    if sparse is None:
+        codes = dictionary.encode(x.to(torch.float32))
+        codes[ignore] = 0
+        return codes
+    vals, idx = sparse
+    vals[ignore] = 0
+    return SparseCodes(vals, idx, dictionary.n_latents)
 
 
 def _version(pkg: str) -> str | None:

@@ -18,6 +18,7 @@ import torch
 from autointerp.collector import Collector, CollectorConfig
 from autointerp.corpus import CorpusSpec, iter_windows
 from autointerp.dictionaries import LinearDictionary
+from autointerp.extract import encode_for_collector
 from autointerp.subject import load_subject
 
 
@@ -58,12 +59,10 @@ def main() -> None:
             t = time.perf_counter()
             x = subject.capture(ids, [hook])[hook.name]
             if mode != "forward":
-                codes, vals, idx = sae.encode_sparse(x.float())
+                ignore = subject.special_token_mask(ids).to(dev) | subject.outlier_mask(x, 5.0)
+                codes = encode_for_collector(sae, x, ignore)  # what extract() does: sparse codes for top-k SAEs
                 if mode.endswith("collect"):
-                    ignore = subject.special_token_mask(ids).to(dev) | subject.outlier_mask(x, 5.0)
-                    codes[ignore] = 0
-                    vals[ignore] = 0
-                    coll.update(codes, torch.arange(wid, wid + len(ids), device=dev), (vals, idx))
+                    coll.update(codes, torch.arange(wid, wid + len(ids), device=dev))
                     wid += len(ids)
             sync()
             if measured:

@@ -238,26 +238,34 @@ def test_unfinished_run_of_other_inputs_is_refused(subject, tmp_path):
     assert (out / ".partial" / "state.pt").is_file()  # nothing of the unfinished run was thrown away
 
 
-def test_sparse_fast_path_equals_dense_scan():
-    """A top-k encoder hands the collector its k nonzeros per token; the result equals scanning dense codes."""
+def test_sparse_codes_equal_dense_codes():
+    """A top-k encoder hands the collector k (value, index) pairs per token; every buffer and statistic equals the
+    one collected from the dense codes, ignored positions included."""
+    from autointerp.collector import SparseCodes
     from autointerp.dictionaries import LinearDictionary
+    from autointerp.extract import encode_for_collector
 
     g = torch.Generator().manual_seed(1)
-    n, d, k = 300, 24, 5
+    n, d, k, T = 300, 24, 5, 8
     w = torch.randn(n, d, generator=g)
     sae = LinearDictionary(format="sparsify", source="t", id="t", hookpoint=None, transcoder=False, W_enc=w,
                            b_enc=torch.randn(n, generator=g) - 1, W_dec=w.clone(), b_dec=torch.randn(d, generator=g),
                            activation="relu_topk", k=k, subtract_b_dec=True)
-    a = Collector(n, 8, CollectorConfig(top_k=4, n_sample=3, pool_size=5), "cpu")
-    b = Collector(n, 8, CollectorConfig(top_k=4, n_sample=3, pool_size=5), "cpu")
+    cfg = CollectorConfig(top_k=4, n_sample=3, pool_size=5)
+    a, b = Collector(n, T, cfg, "cpu"), Collector(n, T, cfg, "cpu")
     for s in range(0, 60, 6):
-        x = torch.randn(6, 8, d, generator=g)
-        codes, vals, idx = sae.encode_sparse(x)
-        torch.testing.assert_close(codes, sae.encode(x))
-        assert (vals >= 0).all() and int((codes > 0).sum()) == int((vals > 0).sum())
-        a.update(codes.clone(), torch.arange(s, s + 6))
-        b.update(codes.clone(), torch.arange(s, s + 6), (vals, idx))
-    for name in ("n_active", "act_max", "hist"):
+        x = torch.randn(6, T, d, generator=g)
+        ignore = torch.rand(6, T, generator=g) < 0.2
+        sparse = encode_for_collector(sae, x, ignore)
+        assert isinstance(sparse, SparseCodes)
+        dense = sae.encode(x)
+        dense[ignore] = 0
+        assert int((dense > 0).sum()) == int((sparse.values > 0).sum()) > 0
+        a.update(dense, torch.arange(s, s + 6))
+        b.update(sparse, torch.arange(s, s + 6))
+    for name in ("n_active", "act_max", "hist", "act_sum", "pool_ids"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name))
-    torch.testing.assert_close(a.act_sum, b.act_sum)
-    torch.testing.assert_close(a.top.sorted_acts(), b.top.sorted_acts())
+    for buf in ("top", "sample"):
+        torch.testing.assert_close(getattr(a, buf).ids, getattr(b, buf).ids)
+        torch.testing.assert_close(getattr(a, buf).sorted_acts(), getattr(b, buf).sorted_acts())
+    assert a.pool_codes.keys() == b.pool_codes.keys()

@@ -45,10 +45,11 @@ class Dictionary:
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(dense codes, values [..., k], indices [..., k]): the last two only for top-k encoders, so the collector
-        can read each token's nonzeros from k entries instead of scanning all n latents; else (codes, None, None)."""
-        return self.encode(x), None, None
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """For top-k encoders: (values, indices) [..., k], the same codes as `encode` without the dense
+        [..., n_latents] tensor (the collector reads k entries per token instead of scanning all n). None for
+        encoders with no fixed number of nonzeros per token."""
+        return None
 
     def decoder_directions(self) -> Tensor:
         raise NotImplementedError
@@ -150,11 +151,21 @@ class LinearDictionary(Dictionary):
         """Encoder rows [n_latents, d_in] (useful for diagnostics)."""
         return self._t["W_enc"]
 
+    @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        return self.encode_sparse(x)[0]
+        if self.activation in ("relu_topk", "topk_relu"):
+            vals, idx = self.encode_topk(x)
+            return torch.zeros((*x.shape[:-1], self.n_latents), device=vals.device).scatter_(-1, idx, vals)
+        return self._encode(x)
 
     @torch.no_grad()
-    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self.activation not in ("relu_topk", "topk_relu"):
+            return None
+        return self._encode(x)
+
+    def _encode(self, x: Tensor):
+        """Dense codes; for the top-k rules (values, indices) instead."""
         self._check_input(x)
         t = self._t
         x = x.to(device=self.device, dtype=self.dtype)
@@ -172,7 +183,7 @@ class LinearDictionary(Dictionary):
             # x @ (W e^r) == (x @ W) * e^r column-wise: one matmul serves both paths.
             proj = F.linear(x, t["W_enc"])
             gate = (proj + t["b_gate"]) > 0
-            return (gate * F.relu(proj * t["mag_scale"] + t["b_mag"])).float(), None, None
+            return (gate * F.relu(proj * t["mag_scale"] + t["b_mag"])).float()
 
         pre = F.linear(x, t["W_enc"], t["b_enc"])
         if t["dec_norm"] is not None:
@@ -188,13 +199,12 @@ class LinearDictionary(Dictionary):
             # topk(relu(pre)) == relu(topk(pre)) as dense codes: where fewer than k are positive, both write zeros.
             # Skipping the full-width relu saves a pass over [tokens, n_latents] (~3% of a 16k SAE's extraction).
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-            vals = F.relu(vals)
-            return torch.zeros_like(pre).scatter_(-1, idx, vals).float(), vals.float(), idx
+            return F.relu(vals).float(), idx
         else:  # groupmax: k contiguous groups of n/k latents, keep each group's max at its position
             groups = F.relu(pre).unflatten(-1, (self.k, -1))
             vals, idx = groups.max(dim=-1, keepdim=True)
             out = torch.zeros_like(groups).scatter_(-1, idx, vals).flatten(-2)
-        return out.float(), None, None
+        return out.float()
 
 
 def _scatter_topk(v: Tensor, k: int) -> Tensor:
