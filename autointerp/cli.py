@@ -1,4 +1,5 @@
-"""`autointerp …` — the command line. Every command has --help; bad input exits 2 with one line naming the problem."""
+"""`autointerp …` — the command line. Every command has --help; bad input exits 2 with one line naming the problem,
+and so does an LLM server that refuses the job (bad credentials, unknown model); other LLM failures exit 1."""
 
 from __future__ import annotations
 
@@ -13,24 +14,57 @@ from typing import List, Optional
 import typer
 
 from .errors import AutointerpError
+from .llm.base import LLMError, PermanentLLMError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Automatically explain and score the latents of sparse autoencoders and transcoders.")
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())  # server messages may hold newlines
+
+
 def _friendly(fn):
-    """Turn AutointerpError into a one-line message and exit code 2 (no traceback for bad input)."""
+    """Bad input and LLM errors become a one-line message and a non-zero exit code, never a traceback:
+    AutointerpError and PermanentLLMError (bad credentials, unknown model: the user's to fix) exit 2, other
+    LLMErrors 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=os.environ.get("AUTOINTERP_LOG", "WARNING"), format="%(levelname)s %(message)s")
         try:
             return fn(*args, **kwargs)
-        except AutointerpError as e:
-            typer.echo(f"error: {e}", err=True)
+        except (AutointerpError, PermanentLLMError) as e:
+            typer.echo(f"error: {_one_line(e)}", err=True)
             raise typer.Exit(2)
+        except LLMError as e:
+            typer.echo(f"error: {_one_line(e)}", err=True)
+            raise typer.Exit(1)
 
     return wrapper
+
+
+def _parse_scorer_options(items: list[str], batch_size: int | None, scorers: list[str]) -> dict:
+    """`scorer.field=value` strings (value as JSON when it parses, else a plain string) and --batch-size (the
+    detection and fuzzing batch) -> InterpretConfig.scorer_options."""
+    from .errors import ConfigError
+
+    out: dict[str, dict] = {}
+    if batch_size is not None:
+        for n in ("detection", "fuzzing"):
+            if n in scorers:
+                out.setdefault(n, {})["batch_size"] = batch_size
+    for item in items:
+        key, eq, raw = item.partition("=")
+        name, dot, fld = key.strip().partition(".")
+        if not (eq and dot and name and fld):
+            raise ConfigError(f"--scorer-option {item!r}: expected SCORER.FIELD=VALUE, e.g. detection.batch_size=10")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(name, {})[fld] = value
+    return out
 
 
 def _resolve_dictionary(spec: str, subject):
@@ -197,13 +231,23 @@ def interpret(
     llm_concurrency: int = typer.Option(16, help="Requests in flight per LLM endpoint."),
     prices: Optional[Path] = typer.Option(None, help="Price table (JSON/TOML: model -> $ per 1M prompt/completion tokens)."),
     hard_negatives: bool = typer.Option(True, help="Embed the random pool once to pick hard negatives."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Examples per judge call for detection and fuzzing "
+                                             "(default 20: keeps explain + detection + fuzzing within 10 calls per "
+                                             "latent; the reference method uses 10)."),
+    scorer_option: Optional[List[str]] = typer.Option(None, "--scorer-option", "-o",
+                                                      help="SCORER.FIELD=VALUE (repeatable), a field of the scorer's "
+                                                           "Config; VALUE is JSON or a string, e.g. "
+                                                           "intervention.strengths=[0.5,1], simulation.mode=json."),
+    prompt_dir: Optional[Path] = typer.Option(None, help="Folder of prompt templates (<name>.md) replacing the "
+                                                          "packaged ones for the explainer and every scorer."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Explain and score latents of a cache (resumable: re-running skips what is done)."""
     import asyncio
 
     from .cache import LatentCache
-    from .interpret import InterpretConfig, interpret as run, parse_latents, read_results
+    from .errors import ConfigError
+    from .interpret import InterpretConfig, check_scorer_options, interpret as run, parse_latents, read_results
     from .llm import client_from_spec
     from .metrics import aggregate, format_table
     from .scorers import get_scorer
@@ -212,6 +256,9 @@ def interpret(
     names = [n.strip() for n in scorers.split(",") if n.strip()]
     for n in names:
         get_scorer(n)  # unknown names fail before any work
+    options = check_scorer_options(names, _parse_scorer_options(list(scorer_option or []), batch_size, names))
+    if prompt_dir is not None and not prompt_dir.is_dir():
+        raise ConfigError(f"--prompt-dir {prompt_dir}: not a folder")
     c = LatentCache(cache)
     tok = _tokenizer_for(c)
     c.attach_tokenizer(tok)
@@ -222,7 +269,7 @@ def interpret(
     judge_client = explainer_client if not judge_model or judge_model == explainer_model else \
         client_from_spec(judge_model, **kw)
     cfg = InterpretConfig(explainer=explainer, scorers=names, seed=seed, concurrency=concurrency,
-                          hard_negatives=hard_negatives)
+                          hard_negatives=hard_negatives, scorer_options=options, prompt_dir=prompt_dir)
     context = {}
     if {"intervention", "surprisal"} & set(names):
         context = _scorer_context(c)
@@ -263,7 +310,10 @@ def _tokenizer_for(cache):
 
 
 def _scorer_context(cache) -> dict:
-    """The subject model and dictionary, for scorers that run the model (intervention, surprisal)."""
+    """What the scorers that run a model need, keyed by their Config field names (interpret copies each into the
+    Configs that have that field): intervention steers the subject model with the dictionary's decoder at the
+    cache's hookpoint (a transcoder: at its module's output, see SteeringTarget.from_subject); surprisal reads
+    with the subject model already loaded (`lm`) rather than loading its default LM a second time."""
     from .dictionaries import load_dictionary
     from .subject import load_subject
 
@@ -271,8 +321,8 @@ def _scorer_context(cache) -> dict:
     d = cache.manifest["dictionary"]
     dictionary = load_dictionary(d["source"], d_in=d["d_in"]) if d["format"] in ("neurons", "topk-neurons") \
         else load_dictionary(d["source"])
-    return {"subject": subject, "model": subject.model, "tokenizer": subject.tokenizer, "dictionary": dictionary,
-            "hookpoint": cache.manifest["hookpoint"]}
+    return {"subject": subject, "dictionary": dictionary, "hookpoint": cache.manifest["hookpoint"],
+            "lm": (subject.model, subject.tokenizer)}
 
 
 @app.command()

@@ -86,6 +86,14 @@ _VARS = {"default": {"examples"}, "activations": {"examples"}, "cot": {"examples
          "contrastive": {"examples", "negatives"}}
 
 
+def templates(kind: str, config: ExplainConfig = ExplainConfig()) -> list:
+    """The prompt template an explainer kind uses, loaded (so checked) now; none for the baselines."""
+    check_kind(kind)
+    if kind not in LLM_EXPLAINERS:
+        return []
+    return [load_prompt(_prompt_name(kind), _VARS[kind], config.prompt_dir)]
+
+
 def build_messages(record: LatentRecord, sample: LatentSample, kind: str, config: ExplainConfig):
     """(messages, prompt_version, window ids used) for an LLM explainer kind."""
     tpl = load_prompt(_prompt_name(kind), _VARS[kind], config.prompt_dir)

@@ -6,8 +6,14 @@ latent, explainer/scorer, model, prompt version, sampling seed, LLM usage and co
 fsynced per latent, so a crash loses at most the latents in flight; re-running the same command skips every
 (latent, stage) already in the file and pays nothing twice (the LLM response cache covers the rest).
 
-A permanent LLM error (bad credentials, unknown model) stops the job at once and records nothing as a score;
-a transient one that outlives its retries leaves that latent unrecorded, so the next run retries it.
+Usage rows: with each latent's rows goes a `latent_usage` row, the LLM usage (calls, tokens, cost) of everything
+this run did for that latent (explanation + every scorer, total and per stage); a run that wrote rows ends with a
+`job` row holding the run's total, its counts and how it ended.
+
+Every prompt template the job will use is loaded (and so checked) before the first LLM call: a broken template is
+one ConfigError and nothing is written. A permanent LLM error (bad credentials, unknown model) stops the job at once
+and records nothing as a score; a transient one that outlives its retries leaves that latent unrecorded, so the
+next run retries it.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
 from .cache import LatentCache
-from .errors import ConfigError
+from .errors import AutointerpError, ConfigError
 from .explainers import EXPLAINERS, ExplainConfig, Explanation, check_kind, explain
+from .explainers import templates as explainer_templates
 from .llm.base import LLMError, PermanentLLMError, Usage
 from .records import Examples
 from .sampling import NegativePool, SamplingConfig, Skipped
@@ -44,6 +51,7 @@ class InterpretConfig:
     hard_negatives: bool = True  # embed the cache's random pool once for "hard" negatives
     concurrency: int = 8  # latents in flight
     scorer_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per scorer Config overrides
+    prompt_dir: Path | None = None  # templates of the explainer and every scorer (None: the packaged prompts/)
 
 
 @dataclass
@@ -75,22 +83,38 @@ def read_results(path: Path) -> list[dict]:
 
 
 class _ResultWriter:
+    """Appends rows, fsynced. The file is opened on the first write: a job that writes nothing creates nothing."""
+
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torn = path.exists() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"
-        self._fh = path.open("a", encoding="utf-8")
-        if torn:  # a crash mid-line: end it, so the next row is not glued onto the torn one
-            self._fh.write("\n")
+        self.path = path
+        self._fh = None
         self._lock = asyncio.Lock()
+        self.rows_written = 0
+
+    def _open(self):
+        if self._fh is None:
+            path = self.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torn = path.exists() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"
+            self._fh = path.open("a", encoding="utf-8")
+            if torn:  # a crash mid-line: end it, so the next row is not glued onto the torn one
+                self._fh.write("\n")
+        return self._fh
+
+    def write_now(self, rows: list[dict]) -> None:
+        fh = self._open()
+        fh.write("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+        fh.flush()
+        os.fsync(fh.fileno())
+        self.rows_written += len(rows)
 
     async def write(self, rows: list[dict]) -> None:
         async with self._lock:
-            self._fh.write("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            self.write_now(rows)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _json_default(o):
@@ -111,16 +135,102 @@ def pool_examples(cache: LatentCache) -> Examples:
     return Examples(np.sort(rows), tokens, np.zeros(tokens.shape, np.float32))
 
 
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _option_value(scorer: str, f: dataclasses.Field, value: Any) -> Any:
+    """`value` checked against the kind of the field's default (bool, int, float, str, tuple); lists become
+    tuples, a dict updates a dataclass default (e.g. sampling), a string names a Path field's folder. Other fields
+    (default None or an object) take the value as is."""
+    default = _default(f)
+    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+        try:
+            return dataclasses.replace(default, **value)
+        except TypeError as e:
+            raise ConfigError(f"scorer option {scorer}.{f.name}: {e}") from None
+    if isinstance(value, str) and "Path" in str(f.type):
+        return Path(value)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        return value
+    if not ok:
+        raise ConfigError(f"scorer option {scorer}.{f.name}: expected {type(default).__name__} like {default!r}, "
+                          f"got {value!r}")
+    return value
+
+
+def check_scorer_options(scorers: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> dict:
+    """{scorer: {field: value}} with every value checked. An option for a scorer not in `scorers`, an unknown field
+    or a value of the wrong kind fails with one line naming it."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, opts in options.items():
+        if name not in scorers:
+            raise ConfigError(f"scorer option for {name!r}, which is not among the scorers ({', '.join(scorers)})")
+        fields = {f.name: f for f in dataclasses.fields(get_scorer(name).Config)}
+        unknown = set(opts) - set(fields)
+        if unknown:
+            raise ConfigError(f"scorer {name}: unknown option(s) {', '.join(sorted(unknown))} "
+                              f"(valid: {', '.join(sorted(fields))})")
+        out[name] = {k: _option_value(name, fields[k], v) for k, v in opts.items()}
+    return out
+
+
 def _scorer_config(name: str, cfg: InterpretConfig, pool: NegativePool | None, extra: dict[str, Any]):
+    """The scorer's Config: the job's sampling, pool and prompt_dir, then the scorer_context objects (by field
+    name), then the scorer_options (which win)."""
     scorer = get_scorer(name)
     fields = {f.name for f in dataclasses.fields(scorer.Config)}
-    kw = {k: v for k, v in {"sampling": cfg.sampling, "pool": pool, **extra}.items() if k in fields}
-    kw.update({k: v for k, v in cfg.scorer_options.get(name, {}).items() if k in fields})
-    unknown = set(cfg.scorer_options.get(name, {})) - fields
-    if unknown:
-        raise ConfigError(f"scorer {name}: unknown option(s) {', '.join(sorted(unknown))} "
-                          f"(valid: {', '.join(sorted(fields))})")
+    base: dict[str, Any] = {"sampling": cfg.sampling, "pool": pool}
+    if cfg.prompt_dir is not None:
+        base["prompt_dir"] = Path(cfg.prompt_dir)
+    kw = {k: v for k, v in {**base, **extra}.items() if k in fields}
+    kw.update(check_scorer_options(cfg.scorers, {name: cfg.scorer_options.get(name, {})})[name])
     return scorer, scorer.Config(**kw)
+
+
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    """What a failed TaskGroup raises: the first error that stops a job (permanent LLM error, bad input), else the
+    first of any kind; the others are logged."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(eg)
+    first = next((e for e in leaves if isinstance(e, (PermanentLLMError, AutointerpError))), leaves[0])
+    for e in leaves:
+        if e is not first:
+            log.warning("also failed: %s: %s", type(e).__name__, e)
+    return first
+
+
+def _usage_row(base: dict, latent: int, judge_model: str, stages: dict[str, Usage]) -> dict:
+    """A latent's LLM usage in this run: the total over its stages, and each stage's part."""
+    total = Usage()
+    for u in stages.values():
+        total.add(u)
+    return {**base, "type": "latent_usage", "latent": latent, "judge_model": judge_model, "usage": total.as_dict(),
+            "stages": {k: u.as_dict() for k, u in stages.items()}, "created": _now()}
 
 
 async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_client, judge_client,
@@ -129,7 +239,9 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
     """Explain then score every latent in `latents`; appends rows to `out`. `scorer_context` passes objects some
     scorers need (e.g. subject model and dictionary for intervention) into their Config by field name."""
     check_kind(config.explainer)
+    check_scorer_options(config.scorers, config.scorer_options)
     out = Path(out)
+    started = _now()
     summary = InterpretSummary()
     rows = read_results(out)
     done_expl: dict[int, dict] = {}
@@ -153,11 +265,17 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
             raise ConfigError(f"explainer 'random' draws from other latents' explanations, and {out} holds none for "
                               "this dictionary: run another explainer first")
 
+    # options and every template first: a mistake there fails before the (slow) pool embedding and any LLM call
+    expl_cfg = ExplainConfig(sampling=config.sampling, random_pool=random_pool,
+                             prompt_dir=None if config.prompt_dir is None else Path(config.prompt_dir))
+    explainer_templates(config.explainer, expl_cfg)
+    for scorer, cfg in [_scorer_config(n, config, None, scorer_context or {}) for n in config.scorers]:
+        scorer.preflight(cfg, judge_client)
     pool = None
     if config.hard_negatives:
         pool = NegativePool.from_examples(pool_examples(cache), cache._decode)
     scorers = [_scorer_config(n, config, pool, scorer_context or {}) for n in config.scorers]
-    expl_cfg = ExplainConfig(sampling=config.sampling, pool=pool, random_pool=random_pool)
+    expl_cfg = dataclasses.replace(expl_cfg, pool=pool)
     base = {**job, "model_subject": cache.manifest.get("model")}
     writer = _ResultWriter(out)
     sem = asyncio.Semaphore(max(1, config.concurrency))
@@ -175,6 +293,7 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
                 return
             record = cache.record(latent)
             new_rows: list[dict] = []
+            stages: dict[str, Usage] = {}  # what this run spent on the latent, per stage
             try:
                 if latent in done_expl:
                     r = done_expl[latent]
@@ -187,6 +306,7 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
                         usage = expl.usage or Usage()
                         new_rows.append({**base, "type": "explanation", "latent": latent, "skipped": expl.reason,
                                          "text": None, "usage": usage.as_dict(), "created": _now()})
+                        new_rows.append(_usage_row(base, latent, judge_model, {"explanation": usage}))
                         summary.usage.add(usage)
                         summary.latents_skipped += 1
                         await writer.write(new_rows)
@@ -196,6 +316,7 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
                                      "usage": expl.usage.as_dict(), "examples_used": list(expl.examples_used),
                                      "parsed": expl.parsed, "created": _now()})
                     summary.usage.add(expl.usage)
+                    stages["explanation"] = expl.usage
                 results = await asyncio.gather(*(s.score(record, expl, judge_client, config=c, seed=config.seed)
                                                  for s, c in todo))
                 for res in results:
@@ -205,6 +326,8 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
                                      "skipped": res.skipped, "usage": res.usage.as_dict(), "details": res.details,
                                      "created": _now()})
                     summary.usage.add(res.usage)
+                    stages[res.scorer] = res.usage
+                new_rows.append(_usage_row(base, latent, judge_model, stages))
             except PermanentLLMError as e:
                 stop.set()
                 summary.errors.append(f"latent {latent}: {e}")
@@ -219,17 +342,34 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
             await writer.write(new_rows)
             summary.latents_done += 1
 
+    error: BaseException | None = None
     try:
         # a TaskGroup cancels the latents still in flight when one raises (a permanent LLM error stops the job
         # without paying for, or half-writing, the rest)
         async with asyncio.TaskGroup() as tg:
             for i in latents:
                 tg.create_task(one(int(i)))
-    except* PermanentLLMError as eg:
-        raise eg.exceptions[0] from None
+    except BaseExceptionGroup as eg:
+        error = _first_error(eg)
+        raise error from None  # one clear error for the caller (the CLI prints one line), not a group
+    except BaseException as e:  # Ctrl-C, cancellation
+        error = e
+        raise
     finally:
         bar.close()
-        writer.close()
+        try:
+            if writer.rows_written:  # a run that wrote rows ends with its totals
+                writer.write_now([{**base, "type": "job", "latent": None, "judge_model": judge_model,
+                                   "scorers": list(config.scorers),
+                                   "latents": len(latents), "latents_done": summary.latents_done,
+                                   "latents_skipped": summary.latents_skipped,
+                                   "latents_failed": summary.latents_failed,
+                                   "latents_already_done": summary.latents_already_done,
+                                   "usage": summary.usage.as_dict(), "errors": summary.errors[:20],
+                                   "stopped_by": None if error is None else f"{type(error).__name__}: {error}",
+                                   "started": started, "created": _now()}])
+        finally:
+            writer.close()
     return summary
 
 
@@ -255,4 +395,5 @@ def parse_latents(spec: str | None, cache: LatentCache, n: int | None) -> list[i
     return out
 
 
-__all__ = ["InterpretConfig", "InterpretSummary", "interpret", "read_results", "parse_latents", "EXPLAINERS"]
+__all__ = ["InterpretConfig", "InterpretSummary", "interpret", "read_results", "parse_latents", "check_scorer_options",
+           "EXPLAINERS"]

@@ -8,6 +8,8 @@ outputs that are tuples (decoder layers, attention) get the first element shifte
 
 from __future__ import annotations
 
+import threading
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -15,6 +17,21 @@ from torch import nn
 
 from .errors import ConfigError
 from .subject import Hookpoint, resolve_hookpoint
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The one lock of a model shared by several scorers (intervention steers it, surprisal reads with it): hooks
+    are global to the model, so a forward pass run while another thread steers would be steered too, and a fast
+    tokenizer used from two threads at once fails ("Already borrowed"). Hold it around every use of the model."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 def _add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from autointerp.explainers import (
     parse_explanation,
     random_explanation,
 )
+from autointerp.explainers import templates as explainer_templates
 from autointerp.formatting import highlight_mask, render_tokens
 from autointerp.llm import make_client
 from autointerp.prompt_files import load_prompt, prompts_dir
@@ -173,3 +174,8 @@ def test_template_with_missing_variable_fails_at_load(tmp_path, world):
         build_messages(rec, s, "contrastive", ExplainConfig(prompt_dir=tmp_path))
     with pytest.raises(ConfigError, match="unknown variable"):
         load_prompt("explain_default", set(), tmp_path)
+    # what interpret() calls before a job: the kind's template, none for the baselines
+    with pytest.raises(ConfigError, match=r"explain_contrastive.md: missing variable"):
+        explainer_templates("contrastive", ExplainConfig(prompt_dir=tmp_path))
+    assert [t.name for t in explainer_templates("default", ExplainConfig(prompt_dir=tmp_path))] == ["explain_default"]
+    assert explainer_templates("random") == explainer_templates("token_frequency") == []

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from autointerp import cli
+from autointerp.errors import ConfigError
 from autointerp.extract import extract
 from autointerp.interpret import InterpretConfig, interpret, read_results
-from autointerp.llm import PermanentLLMError, make_client
+from autointerp.llm import PermanentLLMError, Usage, make_client
+from autointerp.prompt_files import load_prompt, prompts_dir
 from autointerp.sampling import SamplingConfig
 from llm_server_fixture import start_llm_server
 
@@ -28,18 +33,25 @@ def cache(subject, tmp_path_factory):
     return c
 
 
-def _client(srv, **kw):
-    return make_client("openai", model="judge", base_url=srv.base_url, api_key_env=None, cache_path=None,
+def _client(srv, model="judge", **kw):
+    return make_client("openai", model=model, base_url=srv.base_url, api_key_env=None, cache_path=None,
                        max_retries=1, backoff_base=0.01, **kw)
 
 
-def _run(cache, latents, srv, out, **cfg):
+def _run(cache, latents, srv, out, model="judge", **cfg):
     async def go():
-        async with _client(srv) as client:
+        async with _client(srv, model) as client:
             return await interpret(cache, latents, explainer_client=client, judge_client=client, out=out,
                                    progress=False, config=InterpretConfig(sampling=SMALL_SAMPLING,
                                                                           hard_negatives=False, **cfg))
     return asyncio.run(go())
+
+
+def _total(usages) -> dict:
+    u = Usage()
+    for d in usages:
+        u.add(Usage.from_dict(d))
+    return u.as_dict()
 
 
 def test_rows_carry_provenance_and_rerun_pays_nothing(cache, tmp_path):
@@ -63,14 +75,27 @@ def test_rows_carry_provenance_and_rerun_pays_nothing(cache, tmp_path):
             assert r["prompt_version"].split("@")[0] in ("detection", "fuzzing")
             assert r["skipped"] or 0.0 <= r["metrics"]["balanced_accuracy"] <= 1.0
         assert calls == s.usage.calls > 0
+        # per latent: one usage row = its explanation + every score; the job row = the run's total
+        per_latent = [r for r in rows if r["type"] == "latent_usage"]
+        assert sorted(r["latent"] for r in per_latent) == sorted(latents)
+        for u in per_latent:
+            mine = [r["usage"] for r in rows if r["type"] in ("explanation", "score") and r["latent"] == u["latent"]]
+            assert u["usage"] == _total(mine) and set(u["stages"]) <= {"explanation", "detection", "fuzzing"}
+        assert sum(u["usage"]["calls"] for u in per_latent) == calls
+        (job,) = [r for r in rows if r["type"] == "job"]
+        assert rows[-1] is job and job["usage"] == s.usage.as_dict() == _total(u["usage"] for u in per_latent)
+        assert job["latents"] == 4 and job["latents_done"] == s.latents_done and job["stopped_by"] is None
         # re-running the same job: nothing new is called or written
         s2 = _run(cache, latents, srv, out)
         assert srv.stats()["requests"] == calls
         assert s2.latents_already_done == s.latents_done and len(read_results(out)) == len(rows)
         # a new scorer on the same job reuses the stored explanations: only the new scorer's calls
-        _run(cache, latents, srv, out, scorers=("detection", "fuzzing", "intruder"))
+        s3 = _run(cache, latents, srv, out, scorers=("detection", "fuzzing", "intruder"))
         new = [r for r in read_results(out) if r["type"] == "score" and r["scorer"] == "intruder"]
         assert len(new) == len(expl)
+        # this run's usage rows hold the intruder calls only
+        jobs = [r for r in read_results(out) if r["type"] == "job"]
+        assert len(jobs) == 2 and jobs[-1]["usage"]["calls"] == s3.usage.calls == sum(r["usage"]["calls"] for r in new)
         assert len([r for r in read_results(out) if r["type"] == "explanation"]) == len([r for r in rows if r["type"] == "explanation"])
 
 
@@ -157,3 +182,164 @@ def test_end_to_end_with_the_real_local_model(cache, tmp_path):
         assert 0.0 <= m["balanced_accuracy"] <= 1.0
     else:  # nothing parsed: no metric may pretend to be a score
         assert m.get("balanced_accuracy") is None and m.get("accuracy") is None
+
+
+def _prompt_copy(tmp_path, edit: dict[str, tuple[str, str]]):
+    """A copy of the packaged prompts with `name: (old, new)` replacements."""
+    d = tmp_path / "prompts"
+    shutil.copytree(prompts_dir(), d)
+    for name, (old, new) in edit.items():
+        text = (d / f"{name}.md").read_text()
+        assert old in text
+        (d / f"{name}.md").write_text(text.replace(old, new))
+    return d
+
+
+def test_broken_template_fails_before_any_request(cache, tmp_path):
+    """A template missing a variable stops the job before its first LLM call, as one ConfigError, writing nothing."""
+    bad = _prompt_copy(tmp_path, {"fuzzing": ("Explanation: ${explanation}", "Explanation:")})
+    out = tmp_path / "r.jsonl"
+    latents = [int(i) for i in cache.alive_latents()[:3]]
+    with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
+        with pytest.raises(ConfigError, match=r"fuzzing.md: missing variable\(s\) \$\{explanation\}"):
+            _run(cache, latents, srv, out, prompt_dir=bad)
+        # the explainer's template is checked too
+        bad_expl = _prompt_copy(tmp_path / "e", {"explain_default": ("${examples}", "")})
+        with pytest.raises(ConfigError, match="explain_default.md"):
+            _run(cache, latents, srv, out, prompt_dir=bad_expl)
+        assert srv.stats()["requests"] == 0
+        # the CLI prints it as one line and exits 2
+        r = CliRunner().invoke(cli.app, ["interpret", str(cache.path), "--n-latents", "2", "--explainer-model",
+                                         f"openai:judge@{srv.base_url}", "--scorers", "detection,fuzzing",
+                                         "--out", str(out), "--no-progress", "--no-hard-negatives",
+                                         "--prompt-dir", str(bad)], env={"OPENAI_API_KEY": "x"})
+        assert r.exit_code == 2 and srv.stats()["requests"] == 0
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: prompt ") and "fuzzing.md" in r.stderr
+    assert not out.exists()
+
+
+def test_unknown_model_stops_the_job_with_one_error(cache, tmp_path):
+    out = tmp_path / "r.jsonl"
+    latents = [int(i) for i in cache.alive_latents()[:6]]
+    with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
+        with pytest.raises(PermanentLLMError, match="'nope' not found"):
+            _run(cache, latents, srv, out, model="nope", concurrency=2)
+        assert srv.stats()["by_status"] == {"404": srv.stats()["requests"]} and srv.stats()["requests"] <= 2
+        assert not out.exists()  # no score, no explanation, not even an empty file
+        # the CLI: one line naming the model and the server, exit code 2, no traceback
+        r = CliRunner().invoke(cli.app, ["interpret", str(cache.path), "--n-latents", "3", "--explainer-model",
+                                         f"openai:nope@{srv.base_url}", "--scorers", "detection",
+                                         "--out", str(out), "--no-progress", "--no-hard-negatives"],
+                               env={"OPENAI_API_KEY": "x"})
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: model 'nope' not found at " + srv.base_url)
+    assert "Traceback" not in r.output
+    rows = read_results(out)  # latents skipped before any LLM call are recorded; nothing the LLM touched is
+    assert not [r for r in rows if r["type"] == "score" or r.get("text")]
+    assert [r["stopped_by"] for r in rows if r["type"] == "job"] == [f"PermanentLLMError: {r.stderr[7:].strip()}"]
+
+
+def test_cli_scorer_options(cache, tmp_path):
+    from autointerp.sampling import Skipped, sample_latent
+
+    out = tmp_path / "r.jsonl"
+    # a latent the CLI's default sampling does not skip
+    latent = next(int(i) for i in cache.alive_latents()
+                  if not isinstance(sample_latent(cache.record(int(i)), SamplingConfig(), 0), Skipped))
+    base = ["interpret", str(cache.path), "--latents", str(latent), "--no-progress",
+            "--no-hard-negatives", "--out", str(out)]
+    runner = CliRunner()
+    with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
+        model = ["--explainer-model", f"openai:judge@{srv.base_url}"]
+        bad = [(["-o", "detection.batchsize=5"], "scorer detection: unknown option(s) batchsize"),
+               (["-o", "detection.batch_size=five"], "scorer option detection.batch_size: expected int"),
+               (["-o", "fuzzing.batch_size=5"], "scorer option for 'fuzzing', which is not among the scorers"),
+               (["-o", "detection"], "expected SCORER.FIELD=VALUE")]
+        for args, msg in bad:
+            r = runner.invoke(cli.app, base + model + ["--scorers", "detection"] + args, env={"OPENAI_API_KEY": "x"})
+            assert r.exit_code == 2 and r.stderr.startswith("error: ") and msg in r.stderr, r.output
+            assert r.stderr.count("\n") == 1
+        assert srv.stats()["requests"] == 0 and not out.exists()
+        # --batch-size reaches detection and fuzzing; -o any Config field
+        r = runner.invoke(cli.app, base + model + ["--scorers", "detection,fuzzing,intruder", "--batch-size", "7",
+                                                   "-o", "intruder.n_trials=2"], env={"OPENAI_API_KEY": "x"})
+        assert r.exit_code == 0, r.output
+    scores = {r["scorer"]: r for r in read_results(out) if r["type"] == "score"}
+    assert set(scores) == {"detection", "fuzzing", "intruder"}
+    for name in ("detection", "fuzzing"):
+        if not scores[name]["skipped"]:
+            n = scores[name]["metrics"]["n"]
+            assert scores[name]["details"]["n_calls"] == -(-n // 7), name
+    assert scores["detection"]["skipped"] is None  # the batch size was really exercised
+    if not scores["intruder"]["skipped"]:
+        assert scores["intruder"]["details"]["n_calls"] == 2
+
+
+def test_surprisal_and_intervention_in_a_job(cache, tmp_path):
+    """The models these scorers run reach them through the CLI's scorer context (the subject model for surprisal, a
+    steering target at the cache's hookpoint for intervention), and both read templates from the job's prompt dir."""
+    import torch
+
+    torch.set_num_threads(1)  # shared CPU
+    prompts = _prompt_copy(tmp_path, {"surprisal": ("The feature is described", "The feature is explained"),
+                                      "intervention": ("We are studying", "We study")})
+    context = cli._scorer_context(cache)
+    out = tmp_path / "r.jsonl"
+    latent = int(cache.alive_latents()[0])
+    opts = {"intervention": {"strengths": (1.0,), "prompts": ("I think that", "My favorite"), "max_new_tokens": 4}}
+    with start_llm_server(judge="judges:rule_judge") as expl_srv, \
+            start_llm_server(judge="judges_sim:pick_a") as judge_srv:
+        async def go():
+            async with _client(expl_srv) as ec, _client(judge_srv) as jc:
+                return await interpret(cache, [latent], explainer_client=ec, judge_client=jc, out=out,
+                                       progress=False, scorer_context=context,
+                                       config=InterpretConfig(sampling=SMALL_SAMPLING, hard_negatives=False,
+                                                              scorers=("surprisal", "intervention"),
+                                                              scorer_options=opts, prompt_dir=prompts))
+        s = asyncio.run(go())
+        assert judge_srv.stats()["requests"] <= 1 and expl_srv.stats()["requests"] == 1
+    assert s.latents_done == 1 and s.latents_failed == 0
+    rows = {r.get("scorer", r["type"]): r for r in read_results(out)}
+    sp, iv = rows["surprisal"], rows["intervention"]
+    assert sp["skipped"] is None and 0.0 <= sp["metrics"]["auc"] <= 1.0 and sp["metrics"]["n_activating"] > 0
+    assert sp["prompt_version"] == load_prompt("surprisal", {"explanation"}, prompts).version
+    assert sp["prompt_version"] != load_prompt("surprisal", {"explanation"}).version
+    assert iv["prompt_version"] == load_prompt("intervention", {"explanation", "pairs"}, prompts).version
+    assert iv["details"]["hookpoint"] == iv["details"]["read_hookpoint"] == cache.manifest["hookpoint"]
+    m = iv["metrics"]
+    assert m["n_pairs"] == 2 and (m["accuracy"] is None) == (m["effect_size"] is None)
+    if m["accuracy"] is not None:
+        assert m["effect_size"] == pytest.approx(m["accuracy"] - 0.5)
+    assert m["activation_clean"] is not None  # the cache's dictionary encodes the completions
+    assert rows["latent_usage"]["usage"]["calls"] == rows["explanation"]["usage"]["calls"] + iv["usage"]["calls"]
+
+
+def test_an_error_mid_job_is_raised_as_itself(cache, subject, tmp_path):
+    """A bad-input error inside the latents' TaskGroup reaches the caller as that error, not an ExceptionGroup
+    (the CLI prints one line for it). Here: a steering target whose directions do not cover the latents."""
+    import torch
+
+    from autointerp.sampling import Skipped, sample_latent
+    from autointerp.scorers.intervention import SteeringTarget
+
+    latents = [int(i) for i in cache.alive_latents() if i > 0
+               and not isinstance(sample_latent(cache.record(int(i)), SMALL_SAMPLING, 0), Skipped)][:2]
+    target = SteeringTarget(subject.model, subject.tokenizer, "mlp_neurons.2", torch.zeros(1, 1536), norm=1.0)
+    opts = {"intervention": {"strengths": (1.0,), "prompts": ("Hi",), "max_new_tokens": 1}}
+    out = tmp_path / "r.jsonl"
+    with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
+        async def go():
+            async with _client(srv) as client:
+                return await interpret(cache, latents, explainer_client=client, judge_client=client, out=out,
+                                       progress=False, scorer_context={"target": target},
+                                       config=InterpretConfig(sampling=SMALL_SAMPLING, hard_negatives=False,
+                                                              scorers=("intervention",), scorer_options=opts))
+        with pytest.raises(ConfigError, match=r"intervention: latent \d+ out of range \(0..0\)") as ei:
+            asyncio.run(go())
+    assert type(ei.value) is ConfigError
+    assert not [r for r in read_results(out) if r["type"] in ("score", "explanation", "latent_usage")]
+    # without a target or a subject model the job does not start at all
+    with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
+        with pytest.raises(ConfigError, match="intervention scorer needs config.target"):
+            _run(cache, latents, srv, tmp_path / "r2.jsonl", scorers=("intervention",))
+        assert srv.stats()["requests"] == 0

@@ -114,6 +114,12 @@ def test_scorer_accuracy_and_effect(target, record):
     kw = lambda p: "B" if (not has(p["a"]) and has(p["b"])) else "A"  # noqa: E731
     assert m["accuracy"] == pytest.approx(_expected(pairs, kw))
     assert res_a.metrics["accuracy"] == pytest.approx(_expected(res_a.details["pairs"], lambda p: "A"))
+    # effect size: the advantage over a coin flip, overall and per strength
+    assert m["effect_size"] == pytest.approx(m["accuracy"] - 0.5) and m["effect_size_s2"] == 0.5
+    assert res_a.metrics["effect_size"] == pytest.approx(res_a.metrics["accuracy"] - 0.5)
+    assert "effect_size_s0" not in m
+    # bare directions, no encoder: no activation change, and it says so
+    assert m["activation_change"] is None and m["activation_change_s2"] is None
     # same seed, same latent: the same order of the pairs
     assert [p["steered"] for p in res_a.details["pairs"]] == [p["steered"] for p in pairs]
     assert res.usage.calls == 1 and res.prompt_version.startswith("intervention@")
@@ -133,9 +139,61 @@ def test_target_from_subject_and_dictionary(lm, record):
     assert torch.equal(t.direction(3), torch.eye(576)[3])
     _, clean = t.run(["Hello"], None, 0.0, 1)
     assert iv.kl_divergence(t.run(["Hello"], 3, 1.0, 1)[1], clean).item() > 0
-    # a transcoder reads its module's input and writes its output: steer the output
+    # a transcoder reads its module's input and writes its output: steer the output, whichever side names it
+    # and whether the hookpoint comes from the dictionary or is passed (the CLI passes the cache's)
     tc = SimpleNamespace(hookpoint="mlp_in.5", transcoder=True, decoder_directions=lambda: torch.eye(576))
-    t2 = iv.SteeringTarget.from_subject(subject, tc)
-    assert (t2.hookpoint.module_path, t2.hookpoint.mode) == ("model.layers.5.mlp", "output")
+    for passed in (None, "mlp_in.5", "model.layers.5.mlp:input", "mlp_out.5", "layers.5.mlp"):
+        t2 = iv.SteeringTarget.from_subject(subject, tc, passed)
+        assert (t2.hookpoint.module_path, t2.hookpoint.mode) == ("model.layers.5.mlp", "output"), passed
+        assert (t2.read_hookpoint.module_path, t2.read_hookpoint.mode) == ("model.layers.5.mlp", "input"), passed
+    # the steering really lands on the MLP's output: the same logits as adding the vector to mlp_out.5
+    ids = tok("The weather today is", return_tensors="pt").input_ids
+    with steer(model, t2.hookpoint, t2.direction(7), 30.0):
+        got = _logits(model, ids)
+    with steer(model, "mlp_out.5", torch.eye(576)[7], 30.0):
+        want = _logits(model, ids)
+    with steer(model, "mlp_in.5", torch.eye(576)[7], 30.0):
+        at_input = _logits(model, ids)
+    assert torch.equal(got, want) and not torch.allclose(got, at_input, atol=1e-3)
+    # an SAE (not a transcoder) is steered where it reads, even at a module's input
+    sae = SimpleNamespace(hookpoint="mlp_in.5", transcoder=False, decoder_directions=lambda: torch.eye(576))
+    t3 = iv.SteeringTarget.from_subject(subject, sae, "mlp_in.5")
+    assert (t3.hookpoint.mode, t3.read_hookpoint.mode) == ("input", "input")
     with pytest.raises(ConfigError, match="needs config.target"):
         asyncio.run(iv.score(record, "x", None, config=iv.InterventionConfig()))
+
+
+def test_activation_change_reads_the_latent_on_steered_text(lm, record):
+    """With a dictionary encoder, the scorer reports how much more the latent fires on steered completions than on
+    clean ones, read unsteered at the dictionary's hookpoint: checked here against a plain forward pass."""
+    from autointerp.dictionaries.base import LinearDictionary
+
+    model, tok = lm
+    E = model.get_input_embeddings().weight.detach()
+    wedding = E[tok(" wedding", add_special_tokens=False).input_ids[0]] - E.mean(0)
+    other = torch.randn(E.shape[1], generator=torch.Generator().manual_seed(0))
+    W = torch.nn.functional.normalize(torch.stack([other, wedding]), dim=-1)
+    d = LinearDictionary(format="test", source="test", id="test:wedding", hookpoint="resid_post.10",
+                         transcoder=False, W_enc=W, b_enc=torch.zeros(2), W_dec=W, b_dec=torch.zeros(576),
+                         activation="relu")
+    target = iv.SteeringTarget(model, tok, "resid_post.10", d)
+    cfg = iv.InterventionConfig(target=target, strengths=(0.0, 2.0), prompts=PROMPTS, max_new_tokens=8)
+    with start_llm_server(judge="judges_sim:pick_keyword") as srv:
+        res = asyncio.run(iv.score(record, "the word wedding", _client(srv), config=cfg, seed=3))
+    m, acts = res.metrics, res.details["activation_per_prompt"]
+
+    def latent_max(prompt, completion):  # independent: hidden_states[11] is the output of layer 10
+        p, c = tok(prompt).input_ids, tok(completion, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([p + c]), output_hidden_states=True).hidden_states[11][0, len(p):]
+        return float(torch.relu(h @ W[1]).max())
+
+    steered = {pr["prompt"]: pr["a" if pr["steered"] == "A" else "b"] for pr in res.details["pairs"]}
+    want_clean = [latent_max(p, c) for p, c in zip(PROMPTS, res.details["clean"])]
+    want_steered = [latent_max(p, steered[p]) for p in PROMPTS]
+    assert acts["clean"] == pytest.approx(want_clean, abs=1e-3) and acts["2"] == pytest.approx(want_steered, abs=1e-3)
+    assert acts["0"] == acts["clean"] and "activation_change_s0" not in m  # strength 0 is the clean run
+    assert m["activation_change_s2"] == pytest.approx(np.mean(want_steered) - np.mean(want_clean), abs=1e-3)
+    assert m["activation_change"] == m["activation_change_s2"] > 0  # steered text is about weddings
+    assert m["activation_clean"] == pytest.approx(np.mean(want_clean), abs=1e-3)
+    assert res.details["read_hookpoint"] == "resid_post.10"

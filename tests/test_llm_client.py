@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 
 import pytest
@@ -24,7 +25,7 @@ from autointerp.llm import (
     usage_scope,
 )
 from autointerp.llm.cache import resolve_cache_path
-from autointerp.llm.openai_backend import parse_retry_after
+from autointerp.llm.openai_backend import OpenAIBackend, parse_retry_after
 
 MSG = [ChatMessage("system", "You are terse."), ChatMessage("user", "Say something.")]
 
@@ -114,6 +115,51 @@ def test_random_429s_with_seeded_server_eventually_succeed():
 
 async def _gather(c, n, params=None):
     return await asyncio.gather(*[c.complete([ChatMessage("user", f"q{i}")], params) for i in range(n)])
+
+
+def _backend(seed, **kw):
+    opts = dict(model="m", base_url="http://127.0.0.1:9/v1", api_key_env=None, backoff_base=1.0, backoff_max=8.0,
+                max_retry_after=5.0, rng=random.Random(seed))
+    return OpenAIBackend(**{**opts, **kw})
+
+
+def test_backoff_grows_exponentially_with_full_jitter_and_caps():
+    b = _backend(0)
+    n = 400
+    delays = {a: [b.backoff_delay(a) for _ in range(n)] for a in range(7)}
+    for a, ds in delays.items():
+        bound = min(8.0, 1.0 * 2**a)  # base * 2^attempt, capped by backoff_max
+        assert all(0.0 <= d <= bound for d in ds), a
+        assert max(ds) > 0.9 * bound and min(ds) < 0.1 * bound  # full jitter: the whole range is used
+        assert len(set(ds)) == n  # jittered: no two equal
+        assert sum(ds) / n == pytest.approx(bound / 2, rel=0.15)  # uniform on [0, bound]
+    means = [sum(delays[a]) / n for a in range(4)]
+    assert all(1.6 < b2 / b1 < 2.4 for b1, b2 in zip(means, means[1:]))  # doubles per attempt until the cap
+    # the same seed gives the same schedule; another seed another one
+    assert [_backend(1).backoff_delay(3) for _ in range(3)] == [_backend(1).backoff_delay(3) for _ in range(3)]
+    assert _backend(1).backoff_delay(3) != _backend(2).backoff_delay(3)
+
+
+def test_backoff_honours_retry_after_up_to_max_retry_after():
+    b = _backend(0)
+    for a in range(3):  # jitter bound 1, 2, 4 s; the server asks for 3 s
+        assert all(3.0 <= b.backoff_delay(a, 3.0) <= max(3.0, 2.0**a) for _ in range(50))
+    assert all(b.backoff_delay(0, 3600.0) == 5.0 for _ in range(20))  # capped by max_retry_after
+    assert b.backoff_delay(0, 0.0) <= 1.0  # "retry at once" leaves the jitter
+
+
+def test_backoff_schedule_is_what_complete_sleeps(caplog):
+    """The waits between real retries are the seeded schedule (read from the retry log lines)."""
+    with start_llm_server(fail_first=3, fail_status=503) as srv:
+        b = OpenAIBackend(model="m", base_url=srv.base_url, api_key_env=None, max_retries=3, backoff_base=0.02,
+                          backoff_max=0.05, rng=random.Random(7))
+        with caplog.at_level("INFO", logger="autointerp.llm.openai_backend"):
+            run(b.complete(MSG))
+        assert srv.stats()["by_status"] == {"503": 3, "200": 1}
+    slept = [r.args[-1] for r in caplog.records if "retry" in r.msg]
+    ref = OpenAIBackend(model="m", base_url=srv.base_url, api_key_env=None, backoff_base=0.02, backoff_max=0.05,
+                        rng=random.Random(7))
+    assert slept == [ref.backoff_delay(a) for a in range(3)]
 
 
 def test_no_retry_on_400():
@@ -259,6 +305,27 @@ def test_cache_keys_and_failures(tmp_path):
         run(c.complete(MSG, unseeded))
         assert srv.stats()["requests"] == 7
     assert len(c.cache) == 4
+
+
+def test_cache_key_includes_endpoint_and_extra_body(tmp_path):
+    """One model name on two servers, or with other extra request fields, never shares answers."""
+    path = tmp_path / "cache.sqlite"
+    with start_llm_server(judge=echo_judge) as a, start_llm_server(judge=echo_judge) as b:
+        first = run(client(a, cache_path=path).complete(MSG))
+        assert run(client(a, cache_path=path).complete(MSG)).cached  # same server: a hit
+        other = run(client(b, cache_path=path).complete(MSG))
+        assert not other.cached and b.stats()["requests"] == 1
+        guided = run(client(a, cache_path=path, extra_body={"guided_choice": ["x"]}).complete(MSG))
+        assert not guided.cached and a.stats()["requests"] == 2
+        assert run(client(a, cache_path=path, extra_body={"guided_choice": ["x"]}).complete(MSG)).cached
+        assert a.stats()["requests"] == 2 and first.text == other.text
+    from autointerp.llm import cache_key
+
+    k = cache_key("m", MSG, SamplingParams())
+    assert k != cache_key("m", MSG, SamplingParams(), endpoint="http://a/v1")
+    assert cache_key("m", MSG, SamplingParams(), endpoint="http://a/v1") != \
+        cache_key("m", MSG, SamplingParams(), endpoint="http://b/v1")
+    assert cache_key("m", MSG, SamplingParams(), extra_body={"x": 1}) != cache_key("m", MSG, SamplingParams())
 
 
 def test_cache_path_resolution(monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 import asyncio
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -119,15 +120,21 @@ def test_registry():
 
 
 def test_oracle_high_random_at_chance(world, pool, srv):
+    """Oracle explanations score high; the `random` explainer baseline (another latent's explanation, drawn by the
+    explainer itself, two seeds) scores at chance."""
+    oracles = {lat: oracle_explanation(lat) for lat in range(N_LAT)}
     for name in ("detection", "fuzzing"):
         oracle, rand = [], []
         for lat in range(N_LAT):
             rec = world.record(lat)
-            r = run_score(name, rec, oracle_explanation(lat), srv, pool=pool)
+            r = run_score(name, rec, oracles[lat], srv, pool=pool)
             assert r.metrics["n_failed"] == 0 and r.metrics["n"] == (100 if name == "detection" else 50)
             oracle.append(r.metrics["balanced_accuracy"])
-            other = oracle_explanation((lat + 1 + lat % 3) % N_LAT)
-            rand.append(run_score(name, rec, other, srv, pool=pool).metrics["balanced_accuracy"])
+            for seed in (0, 1):
+                baseline = asyncio.run(explain(rec, None, kind="random", config=ExplainConfig(random_pool=oracles),
+                                               seed=seed))
+                assert baseline.kind == "random" and baseline.text != oracles[lat]
+                rand.append(run_score(name, rec, baseline, srv, pool=pool).metrics["balanced_accuracy"])
         assert min(oracle) >= 0.9, (name, oracle)
         assert abs(np.mean(rand) - 0.5) <= 0.1, (name, rand)
 
@@ -165,6 +172,20 @@ def test_calls_per_latent_at_most_10(world, pool, srv):
     # the explanation's own windows are never tested
     tested = {x["window_id"] for x in d.details["examples"]} | {x["window_id"] for x in f.details["examples"]}
     assert not tested & set(e.examples_used)
+
+
+def test_batches_of_one_latent_go_out_concurrently(world, pool):
+    """Detection's 5 batches for one latent are in flight together, not one after another."""
+    latency = 0.4
+    with start_llm_server(judge="judges:rule_judge", latency_ms=latency * 1000) as s:
+        t0 = time.monotonic()
+        r = run_score("detection", world.record(2), oracle_explanation(2), s, pool=pool)
+        elapsed = time.monotonic() - t0
+        st = s.stats()
+    assert r.details["n_calls"] == st["requests"] == 5
+    assert st["max_in_flight"] == 5
+    assert elapsed < 3 * latency  # serial batches would take 5 x latency
+    assert r.metrics["balanced_accuracy"] >= 0.9
 
 
 def test_explanation_windows_excluded_even_with_other_sampling(world, srv):

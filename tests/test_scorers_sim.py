@@ -108,3 +108,27 @@ def test_parsers_are_tolerant():
     rows = sim.parse_rows("".join(t.token for t in lps), lps)[1]
     assert rows[0][1] == pytest.approx(0.6 * (0.5 * 10 + 0.5 * 1)) and rows[1] == ("b", 3.0)
     assert sim.pearson(np.ones(5), np.arange(5)) == 0.0 and sim.pearson(np.arange(3), np.ones(3)) is None
+
+
+def test_prompt_dir_is_used_and_checked(record, tmp_path):
+    """A custom prompt folder reaches the simulation prompt (as it does for every scorer), and `preflight` checks
+    each template the mode may use before any call."""
+    from autointerp.errors import ConfigError
+    from autointerp.prompt_files import load_prompt, prompts_dir
+
+    d = tmp_path / "prompts"
+    d.mkdir()
+    text = (prompts_dir() / "simulation.md").read_text()
+    (d / "simulation.md").write_text(text.replace("### user", "### user\nCUSTOM PROMPT\n", 1))
+    custom = load_prompt("simulation", {"explanation", "examples"}, d)
+    with start_llm_server(judge="judges_sim:simulator") as srv:
+        client = _client(srv)
+        # "auto" may switch to the JSON prompt mid-job, so it needs both; the folder has no simulation_json.md
+        with pytest.raises(ConfigError, match="simulation_json.md not found"):
+            sim.preflight(sim.SimulationConfig(prompt_dir=d), client)
+        assert [t.version for t in sim.preflight(sim.SimulationConfig(prompt_dir=d, mode="logprob"), client)] == \
+            [custom.version]
+        res = _score(record, ORACLE, client, prompt_dir=d, mode="logprob")
+        assert srv.stats()["requests"] == 3
+    assert res.prompt_version == custom.version != load_prompt("simulation", {"explanation", "examples"}).version
+    assert res.metrics["pearson_r"] > 0.9

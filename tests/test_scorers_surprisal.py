@@ -60,3 +60,13 @@ def test_text_losses_match_a_plain_forward_pass():
     lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
     ref = -lp[len(p) - 1 :].gather(-1, ids[0, len(p):, None]).mean()
     assert a == pytest.approx(float(ref), abs=1e-4)
+
+
+def test_config_rejects_a_model_object_as_spec():
+    """A loaded model goes in `lm`; in `model` (a spec string) it fails at once with one clear line."""
+    from autointerp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="surprisal: model must be a model spec string, got Linear"):
+        sp.SurprisalConfig(model=torch.nn.Linear(1, 1))
+    with pytest.raises(ConfigError, match="lm must be a"):
+        sp.SurprisalConfig(lm=torch.nn.Linear(1, 1))

@@ -1,4 +1,7 @@
-"""Response cache: successful completions keyed by sha256(model, messages, sampling params), in SQLite.
+"""Response cache: successful completions keyed by sha256(endpoint, model, extra request fields, messages, sampling
+params), in SQLite. The endpoint (base URL) is part of the key because one model name on two servers (two vLLM
+deployments, a proxy and the upstream) need not be the same model; extra_body (vLLM's guided decoding, a reasoning
+switch, …) changes what comes back.
 
 One file shared by every process on the machine (WAL mode + busy timeout make concurrent writers safe).
 Default path `~/.cache/autointerp/llm_cache.sqlite`; the env var AUTOINTERP_LLM_CACHE overrides it, and
@@ -22,7 +25,7 @@ from .base import ChatMessage, Completion, SamplingParams, TokenLogprob, Usage
 DEFAULT_CACHE_PATH = Path("~/.cache/autointerp/llm_cache.sqlite")
 CACHE_ENV = "AUTOINTERP_LLM_CACHE"
 _OFF = {"", "0", "off", "none", "false", "no"}
-_KEY_VERSION = 1  # bump when the key or the stored value layout changes
+_KEY_VERSION = 2  # bump when the key or the stored value layout changes (2: endpoint and extra_body)
 
 DEFAULT = "default"  # sentinel for make_client(cache_path=...)
 
@@ -39,14 +42,19 @@ def resolve_cache_path(cache_path: str | Path | None = DEFAULT) -> Path | None:
     return Path(cache_path).expanduser()
 
 
-def cache_key(model: str, messages: list[ChatMessage], params: SamplingParams) -> str:
+def cache_key(model: str, messages: list[ChatMessage], params: SamplingParams, *, endpoint: str | None = None,
+              extra_body: dict | None = None) -> str:
+    """`endpoint`: where the model is served (the base URL; None for in-process backends); `extra_body`: request
+    fields beyond the sampling params."""
     payload = {
         "v": _KEY_VERSION,
+        "endpoint": endpoint,
         "model": model,
+        "extra_body": extra_body or {},
         "messages": [[m.role, m.content] for m in messages],
         "params": params.as_dict(),
     }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 

@@ -112,7 +112,8 @@ class MeteredClient:
         params = params or SamplingParams()
         key = None
         if self.cache is not None and cacheable(params):
-            key = cache_key(self.model, messages, params)
+            key = cache_key(self.model, messages, params, endpoint=getattr(self.backend, "base_url", None),
+                            extra_body=getattr(self.backend, "extra_body", None))
             hit = self.cache.get(key)
             if hit is not None:
                 self._account(hit.usage)
@@ -163,7 +164,7 @@ def make_client(
     """Build a client. cache_path: DEFAULT ($AUTOINTERP_LLM_CACHE or ~/.cache/autointerp/llm_cache.sqlite),
     None (no cache) or a path. prices: a PriceTable, a dict, or a JSON/TOML file overriding the defaults.
     backend_opts go to the backend (openai: backoff_base, backoff_max, max_retry_after, supports_logprobs,
-    extra_body; local: device, dtype)."""
+    extra_body, rng; local: device, dtype)."""
     if backend == "openai":
         from .openai_backend import OpenAIBackend
 

@@ -2,7 +2,9 @@
 
 The retry policy is ours (the openai package runs with max_retries=0):
   retried  - 429 (honouring Retry-After / retry-after-ms), 408, 5xx, timeouts, connection errors, malformed
-             bodies (bad JSON, no choices); exponential backoff with full jitter between attempts.
+             bodies (bad JSON, no choices); exponential backoff with full jitter between attempts
+             (`backoff_delay`). 408 "Request Timeout" is retried on purpose although it is a 4xx: the server
+             gave up waiting (an overloaded proxy, a slow upload), the request itself is fine - a timeout like ours.
   at once  - 401/403 -> PermanentLLMError "bad credentials ..."; 404 or "model not found" -> PermanentLLMError
              naming the model and base URL; 429 insufficient_quota -> PermanentLLMError; other 4xx ->
              PermanentLLMError, except a prompt longer than the context window -> LLMError (that item fails,
@@ -140,6 +142,7 @@ class OpenAIBackend:
         max_retry_after: float = 300.0,
         supports_logprobs: bool | None = None,
         extra_body: dict | None = None,
+        rng: random.Random | None = None,
     ):
         if not model:
             raise PermanentLLMError("openai backend: no model given")
@@ -166,7 +169,7 @@ class OpenAIBackend:
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
             weakref.WeakKeyDictionary()
         )
-        self._rng = random.Random()
+        self._rng = rng or random.Random()  # the jitter's source (pass a seeded one for a reproducible schedule)
 
     # ---- public -------------------------------------------------------------------------------------------
 
@@ -200,7 +203,7 @@ class OpenAIBackend:
                 last = e
                 if attempt + 1 == attempts:
                     break
-                delay = self._backoff(attempt, e.retry_after)
+                delay = self.backoff_delay(attempt, e.retry_after)
                 log.info("%s %s: %s; retry %d/%d in %.2fs", self.base_url, self.model, e, attempt + 1,
                          self.max_retries, delay)
                 await asyncio.sleep(delay)  # outside the semaphore: others may use the slot meanwhile
@@ -225,8 +228,11 @@ class OpenAIBackend:
             self._clients[loop] = client
         return client
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        delay = self._rng.uniform(0.0, min(self.backoff_max, self.backoff_base * 2**attempt))  # full jitter
+    def backoff_delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after failed attempt `attempt` (0-based): uniform in [0, min(backoff_max,
+        backoff_base * 2**attempt)] ("full jitter": clients that failed together do not retry together), and at
+        least what the server asked for in Retry-After, capped at max_retry_after."""
+        delay = self._rng.uniform(0.0, min(self.backoff_max, self.backoff_base * 2**attempt))
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_retry_after))
         return delay

@@ -4,6 +4,11 @@
     Config: a dataclass (defaults usable as is)
     async def score(record: LatentRecord, explanation: str | Explanation, client: LLMClient | None, *,
                     config: Config, seed: int) -> ScoreResult
+    def preflight(config: Config, client: LLMClient | None) -> list[PromptTemplate]   (optional)
+
+`preflight` checks what can be checked before a job's first LLM call: it loads (so checks) every prompt template
+`score` will use and returns them, and fails on a config `score` could not run with (a scorer without it needs
+neither templates nor checks).
 
 Modules are imported on first use, so a scorer with heavy dependencies (torch models, embedders) costs nothing
 until asked for. Adding a scorer = adding its module and its name to SCORERS.
@@ -26,6 +31,7 @@ class Scorer:
     name: str
     score: Callable[..., Any]  # the async score function
     Config: type
+    preflight: Callable[..., list] = lambda config, client=None: []
 
     def config(self, **kw):
         return self.Config(**kw)
@@ -40,4 +46,4 @@ def get_scorer(name: str) -> Scorer:
         if e.name == f"{__name__}.{name}":
             raise ConfigError(f"scorer {name!r} is registered but its module is not available") from e
         raise
-    return Scorer(name, mod.score, mod.Config)
+    return Scorer(name, mod.score, mod.Config, getattr(mod, "preflight", Scorer.preflight))

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..formatting import render_tokens
 from ..llm.base import LLMClient
+from ..prompt_files import load_prompt
 from ..records import LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped, rng_for, sample_latent
-from ._classify import Item, classify, outcome_metrics
+from ._classify import PROMPT_VARS, Item, classify, outcome_metrics
 from .base import ScoreResult, explanation_parts
 
 NAME = "detection"
@@ -42,6 +44,11 @@ class DetectionConfig:
 
 Config = DetectionConfig
 
+
+def preflight(config: DetectionConfig, client: LLMClient | None) -> list:
+    if client is None:
+        raise ConfigError("detection scorer needs a judge LLM client")
+    return [load_prompt(config.prompt, PROMPT_VARS, config.prompt_dir)]
 
 
 def skipped_result(name: str, record: LatentRecord, s: Skipped, seed: int) -> ScoreResult:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..formatting import highlight_mask, render_tokens
 from ..llm.base import LLMClient
+from ..prompt_files import load_prompt
 from ..records import LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped, rng_for, sample_latent
-from ._classify import Item, classify, outcome_metrics
+from ._classify import PROMPT_VARS, Item, classify, outcome_metrics
 from .base import ScoreResult
 from .base import explanation_parts
 from .detection import skipped_result
@@ -38,6 +40,12 @@ class FuzzingConfig:
 
 
 Config = FuzzingConfig
+
+
+def preflight(config: FuzzingConfig, client: LLMClient | None) -> list:
+    if client is None:
+        raise ConfigError("fuzzing scorer needs a judge LLM client")
+    return [load_prompt(config.prompt, PROMPT_VARS, config.prompt_dir)]
 
 
 def wrong_mask(acts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray | None:

@@ -3,10 +3,21 @@
 The subject model is steered at the dictionary's hookpoint along the latent's unit decoder direction, at several
 strengths given as multiples of the median activation norm at that hookpoint, on short neutral prompts, with greedy
 completions. For each (prompt, strength > 0) the judge sees the steered and the clean completion in shuffled order and
-picks the one the explanation predicts. Metrics: judge accuracy (overall and per strength) and the effect size:
-KL(steered || clean) of the next-token distribution at the end of the prompt, averaged over prompts, per strength.
+picks the one the explanation predicts. Pairs whose two completions are identical are not sent to the judge and
+count as half right (a coin flip).
 
-Pairs whose two completions are identical are not sent to the judge and count as half right (a coin flip).
+Metrics (overall: over every pair / every strength > 0; `_s{strength}`: one strength):
+- `accuracy`: the judge's share of right picks.
+- `effect_size` = accuracy - 0.5, the judge's advantage over chance (a two-way choice): what the explanation tells
+  about the steering's effect beyond guessing; 0 = nothing (or steering changed nothing), 0.5 = every pick right,
+  below 0 = the explanation points the wrong way.
+- `activation_change`: does steering along the latent write text the latent itself fires on? For each prompt, the
+  latent's max activation over the completion's tokens, read by the dictionary at its own (read) hookpoint while
+  the model runs unsteered on prompt + completion; steered minus clean, averaged over prompts (`activation_clean`:
+  the clean level). In activation units; None when the target has no dictionary encoder (bare directions).
+- `kl_s*`, `kl_mean`: KL(steered || clean) of the next-token distribution at the end of the prompt, averaged over
+  prompts: how much steering moves the model at all.
+
 Runs where the subject model lives (the GPU queue); the model work happens in a worker thread, one latent at a time.
 """
 
@@ -14,8 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +38,8 @@ from ..llm.base import LLMClient, SamplingParams, Usage
 from ..prompt_files import load_prompt
 from ..records import LatentRecord
 from ..sampling import Skipped
-from ..steering import activation_norm, steer
-from ..subject import Hookpoint, resolve_hookpoint
+from ..steering import activation_norm, model_lock, steer
+from ..subject import Hookpoint, SubjectModel, resolve_hookpoint, translate_hookpoint
 from .base import ScoreResult
 from .base import explanation_parts
 
@@ -60,26 +71,39 @@ class SteeringTarget:
     model, so two latents must never be steered at once).
     """
 
-    def __init__(self, model, tokenizer, hookpoint: str | Hookpoint, directions, *, norm: float | None = None):
+    def __init__(self, model, tokenizer, hookpoint: str | Hookpoint, directions, *, norm: float | None = None,
+                 read_hookpoint: str | Hookpoint | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.hookpoint = hookpoint if isinstance(hookpoint, Hookpoint) else resolve_hookpoint(model, hookpoint)
         self._directions = directions  # [n_latents, d] tensor, or a Dictionary (decoder_directions() read lazily)
+        # with a Dictionary, where it reads (default: where it is steered) for the activation-change measure
+        self.dictionary = None if isinstance(directions, torch.Tensor) else directions
+        if read_hookpoint is None or isinstance(read_hookpoint, Hookpoint):
+            self.read_hookpoint = read_hookpoint or self.hookpoint
+        else:
+            self.read_hookpoint = resolve_hookpoint(model, read_hookpoint)
         self._norm = norm
         self._clean: dict[tuple, tuple[list[str], torch.Tensor]] = {}
-        self.lock = threading.RLock()
+        self._clean_reads: dict[tuple, list[torch.Tensor | None]] = {}
+        self.lock = model_lock(model)  # shared with every other user of this model (e.g. surprisal)
 
     @classmethod
     def from_subject(cls, subject, dictionary, hookpoint: str | None = None, **kw) -> "SteeringTarget":
-        """Steer where the dictionary's decoder writes: its hookpoint; for a transcoder (which reads the input of
-        its hookpoint module and predicts the output) the output of that module."""
+        """Steer where the dictionary's decoder writes. `hookpoint` is where the dictionary reads (a cache's
+        hookpoint; default: the dictionary's own). An SAE writes where it reads. A transcoder reads the input of
+        its module (`mlp_in.N`, `…mlp:input`) and predicts that module's output, so it is steered at the output
+        of the same module, whichever of the two names the read side."""
         name = hookpoint or getattr(dictionary, "hookpoint", None)
         if not name:
             raise ConfigError("intervention: the dictionary names no hookpoint; pass hookpoint=")
-        hp = resolve_hookpoint(subject.model, name)
-        if getattr(dictionary, "transcoder", False) and hookpoint is None and hp.mode == "input":
-            hp = Hookpoint(f"{hp.module_path}:output", hp.module_path, "output", hp.module)
-        return cls(subject.model, subject.tokenizer, hp, dictionary, **kw)
+        hp = read = resolve_hookpoint(subject.model, translate_hookpoint(name))
+        if getattr(dictionary, "transcoder", False):
+            if hp.mode == "input":
+                hp = Hookpoint(f"{hp.module_path}:output", hp.module_path, "output", hp.module)
+            else:
+                read = Hookpoint(f"{hp.module_path}:input", hp.module_path, "input", hp.module)
+        return cls(subject.model, subject.tokenizer, hp, dictionary, read_hookpoint=read, **kw)
 
     @property
     def device(self) -> torch.device:
@@ -123,6 +147,38 @@ class SteeringTarget:
         first = torch.log_softmax(out.logits[0].float(), dim=-1)  # raw logits of the first generated token
         return texts, first.cpu()
 
+    @torch.no_grad()
+    def _reads(self, prompts: list[str], completions: list[str]) -> list[torch.Tensor | None]:
+        """Per prompt, the unsteered activations at the read hookpoint over the completion's tokens ([n, d]; None
+        for an empty completion). Prompt and completion are tokenized apart, as generate() saw them."""
+        sm = SubjectModel(self.model, self.tokenizer)
+        out: list[torch.Tensor | None] = []
+        for p, c in zip(prompts, completions):
+            p_ids = self.tokenizer(p).input_ids
+            c_ids = self.tokenizer(c, add_special_tokens=False).input_ids
+            if not c_ids:
+                out.append(None)
+                continue
+            x = sm.capture(torch.tensor([p_ids + c_ids]), [self.read_hookpoint])[self.read_hookpoint.name]
+            out.append(x[0, len(p_ids):].detach())
+        return out
+
+    def latent_activation(self, latent: int, prompts: list[str], completions: list[str],
+                          clean_key: tuple | None = None) -> np.ndarray | None:
+        """[n_prompts] the latent's max activation over each completion's tokens (nan for an empty one), read by the
+        dictionary unsteered; None when there is no dictionary encoder. `clean_key` caches the reads (clean runs
+        are the same for every latent)."""
+        if self.dictionary is None or not hasattr(self.dictionary, "encode"):
+            return None
+        with self.lock:
+            if clean_key is not None and clean_key in self._clean_reads:
+                reads = self._clean_reads[clean_key]
+            else:
+                reads = self._reads(prompts, completions)
+                if clean_key is not None:
+                    self._clean_reads[clean_key] = reads
+        return np.array([np.nan if x is None else float(self.dictionary.encode(x)[:, latent].max()) for x in reads])
+
     def run(self, prompts: list[str], latent: int | None, strength: float, max_new_tokens: int):
         """(completions, next-token logprobs [n_prompts, vocab]); latent None or strength 0 = clean (cached)."""
         key = (tuple(prompts), max_new_tokens)
@@ -134,6 +190,13 @@ class SteeringTarget:
             alpha = strength * self.norm
             with steer(self.model, self.hookpoint, self.direction(latent), alpha):
                 return self._generate(prompts, max_new_tokens)
+
+
+CHANCE = 0.5  # the judge picks one of two completions
+
+
+def _rounded(a: np.ndarray) -> list:
+    return [None if not np.isfinite(v) else round(float(v), 5) for v in a]
 
 
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -148,25 +211,36 @@ class InterventionConfig:
     target: SteeringTarget | None = field(default=None, compare=False)
     subject: Any = field(default=None, compare=False, repr=False)  # autointerp.subject.SubjectModel
     dictionary: Any = field(default=None, compare=False, repr=False)
-    hookpoint: str | None = None  # default: the dictionary's (a transcoder's: its module's output)
+    hookpoint: str | None = None  # where the dictionary reads (default: its own); a transcoder steers at the output
     strengths: tuple[float, ...] = (0.5, 1.0, 2.0)  # multiples of the median activation norm at the hookpoint
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 16
     pairs_per_call: int = 12
     prompt: str = "intervention"
+    prompt_dir: Path | None = None  # None: the packaged prompts/
     judge_max_tokens: int = 8  # per pair
 
     def get_target(self) -> SteeringTarget:
         if self.target is None:
             if self.subject is None or self.dictionary is None:
-                raise ConfigError("intervention scorer needs config.target, or config.subject and config.dictionary")
+                raise ConfigError(_NO_TARGET)
             self.target = SteeringTarget.from_subject(self.subject, self.dictionary, self.hookpoint)
         return self.target
 
 
 Config = InterventionConfig
+_NO_TARGET = ("intervention scorer needs config.target, or config.subject and config.dictionary "
+              "(the CLI passes the cache's model and dictionary)")
 _VARS = {"explanation", "pairs"}
 _ANSWER = re.compile(r"^\W*(?:pair\s*)?(\d+)\s*[:.)\-]?\s*\(?\s*([AB])\b", re.I | re.M)
+
+
+def preflight(config: InterventionConfig, client: LLMClient | None) -> list:
+    if client is None:
+        raise ConfigError("intervention scorer needs a judge LLM client")
+    if config.target is None and (config.subject is None or config.dictionary is None):
+        raise ConfigError(_NO_TARGET)
+    return [load_prompt(config.prompt, _VARS, config.prompt_dir)]
 
 
 def _show(text: str) -> str:
@@ -189,13 +263,16 @@ def parse_answers(text: str, n: int) -> dict[int, str]:
 
 
 def _steer_all(target: SteeringTarget, latent: int, cfg: InterventionConfig):
+    """(clean completions, clean activations or None, {strength: (completions, KL per prompt, activations or None)})"""
     prompts = list(cfg.prompts)
     clean_text, clean_lp = target.run(prompts, None, 0.0, cfg.max_new_tokens)
+    clean_act = target.latent_activation(latent, prompts, clean_text, clean_key=(tuple(prompts), cfg.max_new_tokens))
     runs = {}
     for s in cfg.strengths:
         texts, lp = target.run(prompts, latent, s, cfg.max_new_tokens)
-        runs[s] = (texts, kl_divergence(lp, clean_lp).numpy())
-    return clean_text, runs
+        act = clean_act if s == 0 or clean_act is None else target.latent_activation(latent, prompts, texts)
+        runs[s] = (texts, kl_divergence(lp, clean_lp).numpy(), act)
+    return clean_text, clean_act, runs
 
 
 async def score(
@@ -214,8 +291,8 @@ async def score(
     target = cfg.get_target()
     if client is None:
         raise ConfigError("intervention scorer needs a judge LLM client")
-    tpl = load_prompt(cfg.prompt, _VARS)
-    clean, runs = await asyncio.to_thread(_steer_all, target, record.latent, cfg)
+    tpl = load_prompt(cfg.prompt, _VARS, cfg.prompt_dir)
+    clean, clean_act, runs = await asyncio.to_thread(_steer_all, target, record.latent, cfg)
 
     rng = np.random.default_rng([seed, record.latent])
     items = []  # one per (strength > 0, prompt)
@@ -253,14 +330,26 @@ async def score(
     scored = [(it["strength"], credit(it)) for it in items]
     vals = [c for _, c in scored if c is not None]
     metrics["accuracy"] = float(np.mean(vals)) if vals else None
+    metrics["effect_size"] = None if metrics["accuracy"] is None else metrics["accuracy"] - CHANCE
+
+    def act_change(s) -> float | None:  # mean over prompts where both completions have tokens
+        d = runs[s][2] - clean_act
+        return float(np.nanmean(d)) if np.isfinite(d).any() else None
+
+    has_act = clean_act is not None
+    metrics["activation_clean"] = float(np.nanmean(clean_act)) if has_act and np.isfinite(clean_act).any() else None
     for s in cfg.strengths:
         key = f"{s:g}"
         metrics[f"kl_s{key}"] = float(runs[s][1].mean())
         if s != 0:
             v = [c for st, c in scored if st == s and c is not None]
             metrics[f"accuracy_s{key}"] = float(np.mean(v)) if v else None
+            metrics[f"effect_size_s{key}"] = float(np.mean(v)) - CHANCE if v else None
+            metrics[f"activation_change_s{key}"] = act_change(s) if has_act else None
     nonzero = [s for s in cfg.strengths if s != 0]
     metrics["kl_mean"] = float(np.mean([runs[s][1].mean() for s in nonzero])) if nonzero else 0.0
+    changes = [c for c in (act_change(s) for s in nonzero) if c is not None] if has_act else []
+    metrics["activation_change"] = float(np.mean(changes)) if changes else None
     metrics["n_pairs"] = float(len(items))
     metrics["n_identical"] = float(sum(it["identical"] for it in items))
     metrics["n_failed"] = float(sum(it["answer"] is None and not it["identical"] for it in items))
@@ -275,5 +364,8 @@ async def score(
         "clean": clean,
         "pairs": items,
         "kl_per_prompt": {f"{s:g}": np.round(runs[s][1], 5).tolist() for s in cfg.strengths},
+        "read_hookpoint": target.read_hookpoint.name,
+        "activation_per_prompt": None if not has_act else {
+            "clean": _rounded(clean_act), **{f"{s:g}": _rounded(runs[s][2]) for s in cfg.strengths}},
     }
     return res

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..formatting import highlight_mask, numbered, render_tokens
 from ..llm.base import LLMClient, SamplingParams, Usage
 from ..prompt_files import load_prompt
@@ -41,6 +42,13 @@ class IntruderConfig:
 
 
 Config = IntruderConfig
+_VARS = {"examples"}
+
+
+def preflight(config: IntruderConfig, client: LLMClient | None) -> list:
+    if client is None:
+        raise ConfigError("intruder scorer needs a judge LLM client")
+    return [load_prompt(config.prompt, _VARS, config.prompt_dir)]
 
 
 def parse_intruder(text: str, n: int) -> int | None:
@@ -68,7 +76,7 @@ async def score(
     if len(sample.test) < k or not len(sample.negatives):
         return ScoreResult(NAME, record.latent, {}, seed=seed, skipped=f"fewer than {k} test windows")
     rng = rng_for(seed, record.latent, NAME)
-    tpl = load_prompt(config.prompt, {"examples"}, config.prompt_dir)
+    tpl = load_prompt(config.prompt, _VARS, config.prompt_dir)
 
     def show(tokens, acts):
         mask = highlight_mask(acts, config.threshold * sample.max_act) if config.highlight else None

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class SimulationConfig:
     max_tokens: int | None = None  # default: enough to echo a whole batch
     prompt: str = "simulation"
     prompt_json: str = "simulation_json"
+    prompt_dir: Path | None = None  # None: the packaged prompts/
     max_concurrency: int = 4
 
 
@@ -252,6 +254,18 @@ def _resolve_mode(cfg: SimulationConfig, client: LLMClient) -> str:
     return cfg.mode
 
 
+def preflight(config: SimulationConfig, client: LLMClient | None) -> list:
+    """The template(s) score() may use, loaded. "auto" checks both: the mode can change once the client learns
+    that its server sends no logprobs."""
+    if client is None:
+        raise ConfigError("simulation scorer needs an LLM client")
+    if config.mode == "auto":
+        names = [config.prompt, config.prompt_json]
+    else:
+        names = [config.prompt if _resolve_mode(config, client) == "logprob" else config.prompt_json]
+    return [load_prompt(n, _VARS, config.prompt_dir) for n in names]
+
+
 async def score(
     record: LatentRecord,
     explanation,
@@ -265,7 +279,7 @@ async def score(
     if client is None:
         raise ConfigError("simulation scorer needs an LLM client")
     mode = _resolve_mode(cfg, client)
-    tpl = load_prompt(cfg.prompt if mode == "logprob" else cfg.prompt_json, _VARS)
+    tpl = load_prompt(cfg.prompt if mode == "logprob" else cfg.prompt_json, _VARS, cfg.prompt_dir)
     result = ScoreResult(NAME, record.latent, {}, prompt_version=tpl.version, model=getattr(client, "model", ""),
                          seed=seed)
     if isinstance(explanation, Skipped):

@@ -16,16 +16,19 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..models import DEFAULT_MODEL, load_causal_lm
 from ..prompt_files import load_prompt
 from ..formatting import plain_text
 from ..metrics import roc_auc
 from ..records import LatentRecord
 from ..sampling import NegativePool, SamplingConfig, Skipped
+from ..steering import model_lock
 from .base import ScoreResult
 from .base import explanation_parts
 from .simulation import select_test_examples
@@ -43,10 +46,28 @@ class SurprisalConfig:
     pool: NegativePool | None = field(default=None, compare=False)  # hard negatives (see autointerp.sampling)
     batch_size: int = 16
     prompt: str = "surprisal"
+    prompt_dir: Path | None = None  # None: the packaged prompts/
+
+    def __post_init__(self):
+        # a loaded model belongs in `lm`; a module here would only fail later, inside a worker thread
+        if not isinstance(self.model, str):
+            raise ConfigError(f"surprisal: model must be a model spec string, got {type(self.model).__name__} "
+                              "(pass a loaded model as lm=(model, tokenizer))")
+        if self.lm is not None and (not isinstance(self.lm, (tuple, list)) or len(self.lm) != 2):
+            raise ConfigError("surprisal: lm must be a (model, tokenizer) pair")
 
 
 Config = SurprisalConfig
+_VARS = {"explanation"}
+
+
+def preflight(config: SurprisalConfig, client=None) -> list:
+    return [load_prompt(config.prompt, _VARS, config.prompt_dir)]
+
+
 _lock = threading.Lock()  # one forward pass at a time: the LM is shared and CPU/GPU bound
+# and a model passed in `lm` (e.g. the subject model) may be steered by the intervention scorer meanwhile: its
+# model_lock keeps those hooks out of our forward passes
 _neutral_cache: OrderedDict[tuple, float] = OrderedDict()
 _NEUTRAL_MAX = 100_000
 
@@ -103,7 +124,7 @@ def _prefix(tpl, explanation: str) -> str:
 
 
 def _compute(record: LatentRecord, explanation: str, used: tuple[int, ...], cfg: SurprisalConfig, seed: int):
-    tpl = load_prompt(cfg.prompt, {"explanation"})
+    tpl = load_prompt(cfg.prompt, _VARS, cfg.prompt_dir)
     picked = select_test_examples(record, cfg.sampling, seed, cfg.pool, used)
     if isinstance(picked, Skipped):
         return tpl.version, picked, None, None
@@ -113,7 +134,7 @@ def _compute(record: LatentRecord, explanation: str, used: tuple[int, ...], cfg:
     neutral_prefix = _prefix(tpl, cfg.neutral_explanation)
     model_id = cfg.model if cfg.lm is None else id(model)
     keys = [(model_id, neutral_prefix, t) for t in texts]
-    with _lock:
+    with _lock, model_lock(model):
         todo = [i for i, k in enumerate(keys) if k not in _neutral_cache]
         if todo:
             for i, v in zip(todo, text_losses(model, tok, neutral_prefix, [texts[i] for i in todo], cfg.batch_size)):
