@@ -314,13 +314,11 @@ def _scorer_context(cache) -> dict:
     Configs that have that field): intervention steers the subject model with the dictionary's decoder at the
     cache's hookpoint (a transcoder: at its module's output, see SteeringTarget.from_subject); surprisal reads
     with the subject model already loaded (`lm`) rather than loading its default LM a second time."""
-    from .dictionaries import load_dictionary
+    from .dictionaries import load_cached_dictionary
     from .subject import load_subject
 
     subject = load_subject(cache.manifest["model"])
-    d = cache.manifest["dictionary"]
-    dictionary = load_dictionary(d["source"], d_in=d["d_in"]) if d["format"] in ("neurons", "topk-neurons") \
-        else load_dictionary(d["source"])
+    dictionary = load_cached_dictionary(cache.manifest["dictionary"])
     return {"subject": subject, "dictionary": dictionary, "hookpoint": cache.manifest["hookpoint"],
             "lm": (subject.model, subject.tokenizer)}
 

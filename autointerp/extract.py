@@ -60,6 +60,26 @@ def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device)
     return load_dictionary(spec, device=device)
 
 
+def _members(spec, hookpoint: str | None, subject: SubjectModel, device) -> list[tuple]:
+    """A local parent folder holding several dictionaries (a sparsify set: one subfolder per hookpoint) expands to
+    its members, each at its own hookpoint; with a hookpoint given, to the member at that hookpoint (matched by
+    subfolder name or by what the name means, e.g. layers.12 = resid_post.12). Anything else is one target."""
+    from .dictionaries.loader import MARKERS, load_dictionary_set
+
+    p = Path(spec).expanduser() if isinstance(spec, str) else None
+    if p is None or not p.is_dir() or any((p / m).is_file() for m in MARKERS.values()) or \
+            sum(1 for c in p.iterdir() if c.is_dir() and any((c / m).is_file() for m in MARKERS.values())) < 2:
+        return [(spec, hookpoint)]
+    members = load_dictionary_set(spec, device=device)
+    if hookpoint is None:
+        return [(d, None) for d in members.values()]
+    want = translate_hookpoint(hookpoint)
+    pick = [d for key, d in members.items() if hookpoint == key or want == translate_hookpoint(key)]
+    if len(pick) != 1:
+        raise ConfigError(f"--dictionary {spec}: no member at hookpoint {hookpoint} (members: {', '.join(members)})")
+    return [(pick[0], want)]
+
+
 def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list[str | None], out: Path,
                      device) -> list[Target]:
     if len(hookpoints) == 1 and len(dictionaries) > 1:
@@ -68,7 +88,7 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
         raise ConfigError(f"--hookpoint: give one, or one per dictionary ({len(dictionaries)} dictionaries, "
                           f"{len(hookpoints)} hookpoints)")
     targets = []
-    for spec, hp in zip(dictionaries, hookpoints):
+    for spec, hp in [m for spec, hp in zip(dictionaries, hookpoints) for m in _members(spec, hp, subject, device)]:
         d = _load_dictionary(spec, subject, hp, device)
         if hp is None:
             if not getattr(d, "hookpoint", None):

@@ -269,3 +269,30 @@ def test_sparse_codes_equal_dense_codes():
         torch.testing.assert_close(getattr(a, buf).ids, getattr(b, buf).ids)
         torch.testing.assert_close(getattr(a, buf).sorted_acts(), getattr(b, buf).sorted_acts())
     assert a.pool_codes.keys() == b.pool_codes.keys()
+
+
+def test_cached_dictionary_reloads_the_set_member_it_was_made_with(subject, tmp_path):
+    """A cache made from one member of a sparsify set (parent folder + hookpoint selector) records the exact
+    checkpoint: the scorers that need the dictionary again (intervention) reload that member, not the set."""
+    from dict_fixtures import write_sparsify
+
+    from autointerp.dictionaries import load_cached_dictionary, load_dictionary
+
+    parent = tmp_path / "sae"
+    w1 = write_sparsify(parent / "layers.1", d_in=576, n=32, k=4, seed=1)
+    write_sparsify(parent / "layers.2", d_in=576, n=32, k=4, seed=2)
+    (cache,) = extract(subject, str(parent), "layers.1", "builtin", tmp_path / "c", **SMALL)
+    entry = cache.manifest["dictionary"]
+    assert entry["source"] == str(parent)
+    with pytest.raises(ConfigError):
+        load_dictionary(entry["source"])  # the parent alone is ambiguous
+    d = load_cached_dictionary(entry)
+    np.testing.assert_allclose(d.decoder_directions().numpy(), w1["W_dec"], rtol=1e-6)
+    write_sparsify(parent / "layers.1", d_in=576, n=64, k=4, seed=1)  # replaced by another checkpoint
+    with pytest.raises(ConfigError, match="changed since the cache was made"):
+        load_cached_dictionary(entry)
+    # no hookpoint: every member of the set, each at its own, in one pass
+    both = extract(subject, str(parent), None, "builtin", tmp_path / "all", **SMALL)
+    assert sorted(c.manifest["hookpoint"] for c in both) == ["resid_post.1", "resid_post.2"]
+    with pytest.raises(ConfigError, match="no member at hookpoint resid_post.3"):
+        extract(subject, str(parent), "resid_post.3", "builtin", tmp_path / "none", **SMALL)

@@ -8,7 +8,7 @@
 """
 
 from .base import Dictionary, LinearDictionary, NeuronDictionary
-from .loader import FORMATS, MARKERS, load_dictionary, load_dictionary_set
+from .loader import FORMATS, MARKERS, load_cached_dictionary, load_dictionary, load_dictionary_set
 
 __all__ = [
     "FORMATS",
@@ -16,6 +16,7 @@ __all__ = [
     "Dictionary",
     "LinearDictionary",
     "NeuronDictionary",
+    "load_cached_dictionary",
     "load_dictionary",
     "load_dictionary_set",
 ]

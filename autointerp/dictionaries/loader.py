@@ -249,3 +249,19 @@ def load_dictionary_set(
 
 
 __all__ = ["FORMATS", "MARKERS", "load_dictionary", "load_dictionary_set"]
+
+
+def load_cached_dictionary(entry: dict, device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32
+                           ) -> Dictionary:
+    """Reload the dictionary a LatentCache was made with, from its manifest entry (`manifest["dictionary"]`).
+
+    The entry's `id` names the exact checkpoint (`<format>:<folder or hub ref with subpath>`), so one member of a
+    sparsify set reloads as itself; `source` (what the user typed, maybe the set's parent folder) would not."""
+    fmt, where = str(entry["id"]).split(":", 1)
+    if fmt in ("neurons", "topk-neurons"):
+        return load_dictionary(entry["source"], d_in=int(entry["d_in"]), device=device, dtype=dtype)
+    d = load_dictionary(where, format=fmt, device=device, dtype=dtype)
+    if d.n_latents != int(entry["n_latents"]) or d.d_in != int(entry["d_in"]):
+        raise ConfigError(f"{where}: the checkpoint changed since the cache was made (now {d.n_latents} latents × "
+                          f"d_in {d.d_in}, the cache says {entry['n_latents']} × {entry['d_in']})")
+    return d
