@@ -98,6 +98,9 @@ def extract(
     seed: int = typer.Option(0, help="Corpus shuffle and sampling seed."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: CUDA when present)."),
     dtype: Optional[str] = typer.Option(None, help="Model dtype: float32, bfloat16, float16 (default: bf16 on GPU)."),
+    encode_dtype: Optional[str] = typer.Option(None, help="Dictionary weights and encode matmul: float32 (default, "
+                                               "codes exactly as the source library) or bfloat16 (faster, codes "
+                                               "within bf16 rounding)."),
     overwrite: bool = typer.Option(False, help="Replace whatever the output folder holds."),
     progress: bool = typer.Option(True, help="Show a progress bar with tokens/s."),
     checkpoint_every: float = typer.Option(120.0, help="Seconds between resumable checkpoints."),
@@ -113,7 +116,7 @@ def extract(
     caches = run(subject, dicts, list(hookpoint) if hookpoint else None, corpus, out, n_tokens=n_tokens,
                  ctx_len=ctx_len, batch_size=batch_size, seed=seed, top_k=top_k, n_sample=n_sample,
                  pool_size=pool_size, text_column=text_column, split=split, overwrite=overwrite, progress=progress,
-                 checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio)
+                 checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio, encode_dtype=encode_dtype)
     for c in caches:
         _print_summary(c)
 

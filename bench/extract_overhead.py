@@ -40,12 +40,14 @@ def main() -> None:
     ap.add_argument("--ctx-len", type=int, default=64)
     ap.add_argument("--device", default=None)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--encode-dtype", default="float32", help="the dictionary's dtype (extract --encode-dtype)")
     args = ap.parse_args()
 
     subject = load_subject("builtin:smollm2", device=args.device)
     dev = subject.device
     hook = subject.hookpoint(args.hookpoint)
     sae = random_topk_sae(subject.width(args.hookpoint), args.latents, args.k, dev)
+    sae.to(dtype=getattr(torch, args.encode_dtype))
     coll = Collector(args.latents, args.ctx_len, CollectorConfig(), dev)
     spec = CorpusSpec(n_tokens=(args.batches + args.warmup) * args.batch_size * args.ctx_len, ctx_len=args.ctx_len)
     batches = [torch.from_numpy(b).long() for b in iter_windows(spec, subject.tokenizer, args.batch_size)]
@@ -70,7 +72,7 @@ def main() -> None:
     n_tok = sum(b.numel() for b in batches[args.warmup:])
     base = times["forward"]
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {device_name}; model SmolLM2-135M to {args.hookpoint}; dictionary {args.latents} latents, k={args.k}; "
+    print(f"device: {device_name}; model SmolLM2-135M to {args.hookpoint}; dictionary {args.latents} latents, k={args.k}, {args.encode_dtype}; "
           f"{n_tok} tokens in batches of {args.batch_size}x{args.ctx_len}")
     print(f"{'mode':<24} {'tokens/s':>10} {'time vs forward':>16}")
     for mode, t in times.items():

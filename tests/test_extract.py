@@ -296,3 +296,23 @@ def test_cached_dictionary_reloads_the_set_member_it_was_made_with(subject, tmp_
     assert sorted(c.manifest["hookpoint"] for c in both) == ["resid_post.1", "resid_post.2"]
     with pytest.raises(ConfigError, match="no member at hookpoint resid_post.3"):
         extract(subject, str(parent), "resid_post.3", "builtin", tmp_path / "none", **SMALL)
+
+
+def test_encode_dtype_bfloat16_is_recorded_and_close_to_float32(subject, tmp_path):
+    """--encode-dtype bfloat16 runs the dictionary in bf16 (fast on bf16 hardware): recorded in the manifest, and
+    the statistics stay within bf16 rounding of the exact fp32 run. An unknown dtype is one clear error."""
+    from dict_fixtures import write_sparsify
+
+    write_sparsify(tmp_path / "sae" / "layers.1", d_in=576, n=64, k=8, seed=3)
+    sae = str(tmp_path / "sae" / "layers.1")
+    (a,) = extract(subject, sae, None, "builtin", tmp_path / "fp32", **SMALL)
+    (b,) = extract(subject, sae, None, "builtin", tmp_path / "bf16", encode_dtype="bfloat16", **SMALL)
+    assert a.manifest["dictionary"]["encode_dtype"] == "float32"
+    assert b.manifest["dictionary"]["encode_dtype"] == "bfloat16"
+    alive = a.stats["act_max"] > 0
+    assert alive.sum() > 10
+    np.testing.assert_allclose(b.stats["act_max"][alive], a.stats["act_max"][alive], rtol=0.05)
+    assert not np.array_equal(b.stats["act_max"], a.stats["act_max"])  # it really ran in bf16
+    with pytest.raises(ConfigError, match="--encode-dtype: unknown dtype 'int8'"):
+        extract(subject, sae, None, "builtin", tmp_path / "bad", encode_dtype="int8", **SMALL)
+    assert not (tmp_path / "bad").exists()
