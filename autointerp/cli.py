@@ -101,6 +101,9 @@ def extract(
     encode_dtype: Optional[str] = typer.Option(None, help="Dictionary weights and encode matmul: float32 (default, "
                                                "codes exactly as the source library) or bfloat16 (faster, codes "
                                                "within bf16 rounding)."),
+    norm_scaling_factor: Optional[float] = typer.Option(None, help="SAELens checkpoints with normalize_activations="
+                                                        "expected_average_only_in: the dataset factor inputs are "
+                                                        "scaled by (not stored in the checkpoint; 1.0 = none)."),
     overwrite: bool = typer.Option(False, help="Replace whatever the output folder holds."),
     progress: bool = typer.Option(True, help="Show a progress bar with tokens/s."),
     checkpoint_every: float = typer.Option(120.0, help="Seconds between resumable checkpoints."),
@@ -116,7 +119,8 @@ def extract(
     caches = run(subject, dicts, list(hookpoint) if hookpoint else None, corpus, out, n_tokens=n_tokens,
                  ctx_len=ctx_len, batch_size=batch_size, seed=seed, top_k=top_k, n_sample=n_sample,
                  pool_size=pool_size, text_column=text_column, split=split, overwrite=overwrite, progress=progress,
-                 checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio, encode_dtype=encode_dtype)
+                 checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio, encode_dtype=encode_dtype,
+                 norm_scaling_factor=norm_scaling_factor)
     for c in caches:
         _print_summary(c)
 
@@ -192,7 +196,9 @@ def inspect(
 @_friendly
 def train_sae(
     model: str = typer.Option("builtin:smollm2", help="Subject model."),
-    hookpoint: str = typer.Option("resid_post.15", help="Where to read activations (mlp_in.N for a transcoder)."),
+    hookpoint: str = typer.Option("resid_post.15", help="Where to read activations. Trains a plain SAE (codes reconstruct "
+                                                    "the same activations); transcoders: the Python API, "
+                                                    "train_topk_sae(..., targets=, transcode=True)."),
     corpus: str = typer.Option("builtin", help="Training corpus (same sources as extract)."),
     n_tokens: int = typer.Option(100_000, help="Training tokens."),
     n_latents: int = typer.Option(2048, help="Dictionary size."),
@@ -254,7 +260,6 @@ def interpret(
     from .llm import client_from_spec
     from .metrics import aggregate, format_table
     from .scorers import get_scorer
-    from .scorers.base import ScoreResult
 
     names = [n.strip() for n in scorers.split(",") if n.strip()]
     for n in names:
@@ -292,9 +297,7 @@ def interpret(
         if r["type"] == "score" and r["latent"] in wanted and r.get("dictionary_id") == c.dictionary_id \
                 and r.get("explainer") == explainer and r.get("seed") == seed:
             latest[(r["latent"], r["scorer"])] = r
-    results = [ScoreResult(r["scorer"], r["latent"], r.get("metrics") or {}, skipped=r.get("skipped"))
-               for r in latest.values()]
-    typer.echo(format_table(aggregate(results)))
+    typer.echo(format_table(aggregate(latest.values())))  # the rows carry their dictionary id
     u = summary.usage
     typer.echo(f"\n{summary.latents_done} latents done, {summary.latents_already_done} already done, "
                f"{summary.latents_skipped} skipped, {summary.latents_failed} failed (retry by re-running); "

@@ -48,7 +48,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "dictionary"
 
 
-def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device):
+def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device, norm_scaling_factor=None):
     from .dictionaries import load_dictionary
 
     if not isinstance(spec, str):
@@ -57,7 +57,7 @@ def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device)
         if not hookpoint:
             raise ConfigError(f"--dictionary {spec}: raw neurons need --hookpoint (e.g. mlp_neurons.12)")
         return load_dictionary(spec, d_in=subject.width(hookpoint), hookpoint=hookpoint, device=device)
-    return load_dictionary(spec, device=device)
+    return load_dictionary(spec, device=device, norm_scaling_factor=norm_scaling_factor)
 
 
 def _encode_dtype(name: str | None) -> torch.dtype:
@@ -92,7 +92,7 @@ def _members(spec, hookpoint: str | None, subject: SubjectModel, device) -> list
 
 
 def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list[str | None], out: Path,
-                     device) -> list[Target]:
+                     device, norm_scaling_factor: float | None = None) -> list[Target]:
     if len(hookpoints) == 1 and len(dictionaries) > 1:
         hookpoints = hookpoints * len(dictionaries)
     if len(hookpoints) != len(dictionaries):
@@ -100,7 +100,7 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
                           f"{len(hookpoints)} hookpoints)")
     targets = []
     for spec, hp in [m for spec, hp in zip(dictionaries, hookpoints) for m in _members(spec, hp, subject, device)]:
-        d = _load_dictionary(spec, subject, hp, device)
+        d = _load_dictionary(spec, subject, hp, device, norm_scaling_factor)
         if hp is None:
             if not getattr(d, "hookpoint", None):
                 raise ConfigError(f"dictionary {getattr(d, 'source', spec)} names no hookpoint: pass --hookpoint")
@@ -135,7 +135,8 @@ def _identity(subject: SubjectModel, t: Target, corpus: CorpusSpec, cfg: Collect
         "hookpoint": t.hookpoint,
         "dictionary": {"id": str(d.id), "format": d.format, "source": str(d.source), "n_latents": int(d.n_latents),
                        "d_in": int(d.d_in), "transcoder": bool(getattr(d, "transcoder", False)),
-                       "encode_dtype": str(d.dtype).replace("torch.", "")},
+                       "encode_dtype": str(d.dtype).replace("torch.", ""),
+                       "norm_scaling_factor": getattr(d, "input_scale", None)},
         "corpus": corpus.as_dict(),
         "collector": cfg.as_dict(),
     }
@@ -310,13 +311,15 @@ def extract(
     max_batches: int | None = None,
     max_norm_ratio: float = 5.0,
     encode_dtype: str | None = None,
+    norm_scaling_factor: float | None = None,
 ) -> list[LatentCache]:
     """Run the streaming extraction; returns the caches (one per target). `max_batches` stops early without
     publishing (a clean interruption, used by tests and for chunked scheduling). Positions holding special tokens,
     or whose activation norm is over `max_norm_ratio` × the batch median, are ignored (codes set to 0).
     `encode_dtype`: the dictionary's weights and the encode matmul (default float32: codes exactly as the source
     library's fp32 encoder; bfloat16 is several times faster on CPUs and GPUs with bf16 units, codes within bf16
-    rounding). Recorded in the manifest."""
+    rounding). Recorded in the manifest. `norm_scaling_factor`: SAELens `expected_average_only_in` checkpoints only
+    (the dataset factor they were trained with, which the checkpoint does not store)."""
     out = Path(out)
     spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(
         source=corpus, ctx_len=ctx_len, n_tokens=n_tokens, seed=seed, text_column=text_column, split=split)
@@ -328,7 +331,7 @@ def extract(
     dictionaries = dictionary if isinstance(dictionary, list) else [dictionary]
     hookpoints = hookpoint if isinstance(hookpoint, list) else [hookpoint]
     enc_dtype = _encode_dtype(encode_dtype)
-    targets = _resolve_targets(subject, dictionaries, hookpoints, out, dev)
+    targets = _resolve_targets(subject, dictionaries, hookpoints, out, dev, norm_scaling_factor)
     for t in targets:
         t.dictionary.to(dev, enc_dtype)
     cfg = CollectorConfig(top_k=top_k, n_sample=n_sample, pool_size=pool_size, seed=seed)

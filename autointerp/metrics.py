@@ -109,40 +109,84 @@ def histogram(values: Iterable[float | None], bins: int = 10, range_: tuple[floa
     return {"edges": edges.tolist(), "counts": counts.tolist()}
 
 
-def aggregate(results: Iterable, metrics: Sequence[str] | None = None) -> dict[str, dict]:
-    """Per scorer: distribution of each metric over latents (skipped results and None values left out).
+def _field(r, name: str, default=None):
+    """A result's field, whether it is a ScoreResult-like object or a results.jsonl score row (a dict)."""
+    return r.get(name, default) if isinstance(r, dict) else getattr(r, name, default)
 
-    `results` are ScoreResult-like (scorer, metrics, skipped). Returns {scorer: {"n_latents", "n_skipped",
-    "n_failed", "metrics": {metric: summarize(...)}}}.
+
+def _hist_range(values: list[float]) -> tuple[float, float]:
+    """One range per metric for every group, so the histograms of two dictionaries line up bin for bin:
+    [0, 1] for rates/AUC, [-1, 1] for correlations, else the values' own span (counts such as n_failed)."""
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if not v or (min(v) >= 0.0 and max(v) <= 1.0):
+        return 0.0, 1.0
+    if min(v) >= -1.0 and max(v) <= 1.0:
+        return -1.0, 1.0
+    return float(min(v)), float(max(v))
+
+
+def aggregate(results: Iterable, metrics: Sequence[str] | None = None, bins: int = 10) -> dict:
+    """Per scorer, and per dictionary when the results come from more than one: the distribution of each metric
+    over latents (skipped results and None values left out).
+
+    `results` are ScoreResult-like objects (scorer, metrics, skipped, optionally dictionary_id) or results.jsonl
+    score rows. Keys are the scorer name when all results share one dictionary (or carry none), else
+    (dictionary_id, scorer). Each value: {"dictionary_id", "scorer", "n_latents", "n_skipped", "n_failed",
+    "metrics": {metric: summarize(...) | {"hist": histogram(...)}}}; a metric's histogram has the same edges in
+    every group.
     """
-    by: dict[str, dict] = {}
+    results = list(results)
+    dicts = {_field(r, "dictionary_id") for r in results}
+    per_dict = len(dicts) > 1
+    by: dict = {}
     for r in results:
-        d = by.setdefault(r.scorer, {"n_latents": 0, "n_skipped": 0, "n_failed": 0, "_vals": {}})
+        dict_id, scorer = _field(r, "dictionary_id"), _field(r, "scorer")
+        key = (dict_id, scorer) if per_dict else scorer
+        d = by.setdefault(key, {"dictionary_id": dict_id, "scorer": scorer, "n_latents": 0, "n_skipped": 0,
+                                "n_failed": 0, "_vals": {}})
         d["n_latents"] += 1
-        if r.skipped:
+        if _field(r, "skipped"):
             d["n_skipped"] += 1
             continue
-        d["n_failed"] += int(r.metrics.get("n_failed") or 0)
-        for k, v in r.metrics.items():
+        m = _field(r, "metrics") or {}
+        d["n_failed"] += int(m.get("n_failed") or 0)
+        for k, v in m.items():
             if (metrics is None or k in metrics) and (v is None or isinstance(v, (int, float))):
                 d["_vals"].setdefault(k, []).append(v)
+    ranges: dict[str, list] = {}
     for d in by.values():
-        d["metrics"] = {k: summarize(v) for k, v in d.pop("_vals").items()}
+        for k, v in d["_vals"].items():
+            ranges.setdefault(k, []).extend(v)
+    ranges = {k: _hist_range(v) for k, v in ranges.items()}
+    for d in by.values():
+        d["metrics"] = {k: summarize(v) | {"hist": histogram(v, bins, ranges[k])} for k, v in d.pop("_vals").items()}
     return by
 
 
-def format_table(agg: dict[str, dict], metrics: Sequence[str] = ("balanced_accuracy", "accuracy", "f1", "auc",
-                                                                  "pearson_r")) -> str:
-    """A plain-text table: one row per (scorer, metric) with mean/median/q10/q90 and counts."""
-    head = f"{'scorer':<12} {'metric':<18} {'n':>5} {'mean':>7} {'median':>7} {'q10':>7} {'q90':>7}"
+def format_table(agg: dict, metrics: Sequence[str] = ("balanced_accuracy", "accuracy", "f1", "auc", "pearson_r"),
+                 hist: bool = False) -> str:
+    """A plain-text table: one row per (scorer, metric) with mean/median/q10/q90 and counts; a dictionary column
+    first when `agg` spans several dictionaries; with `hist`, the counts per histogram bin."""
+    per_dict = any(isinstance(k, tuple) for k in agg)
+    width = max([len(str(d.get("dictionary_id"))) for d in agg.values()] + [10]) if per_dict else 0
+    lead = (lambda d: f"{str(d.get('dictionary_id')):<{width}} ") if per_dict else (lambda d: "")  # noqa: E731
+    head = (f"{'dictionary':<{width}} " if per_dict else "") + \
+        f"{'scorer':<12} {'metric':<18} {'n':>5} {'mean':>7} {'median':>7} {'q10':>7} {'q90':>7}"
     rows = [head, "-" * len(head)]
     fmt = lambda x: f"{x:7.3f}" if x is not None else f"{'-':>7}"  # noqa: E731
-    for scorer, d in sorted(agg.items()):
+    order = lambda kv: (str(kv[1].get("dictionary_id") or ""), str(kv[1].get("scorer", kv[0])))  # noqa: E731
+    for key, d in sorted(agg.items(), key=order):  # sort by name: a missing dictionary id (None) sorts first
+        scorer = d.get("scorer", key)
         for m in metrics:
             s = d["metrics"].get(m)
             if not s or not s["n"]:
                 continue
-            rows.append(f"{scorer:<12} {m:<18} {s['n']:>5} {fmt(s['mean'])} {fmt(s['median'])} "
-                        f"{fmt(s.get('q10'))} {fmt(s.get('q90'))}")
-        rows.append(f"{scorer:<12} {'(skipped/failed)':<18} {d['n_skipped']:>5} failed examples: {d['n_failed']}")
+            line = (f"{lead(d)}{scorer:<12} {m:<18} {s['n']:>5} {fmt(s['mean'])} {fmt(s['median'])} "
+                    f"{fmt(s.get('q10'))} {fmt(s.get('q90'))}")
+            if hist and s.get("hist"):
+                e = s["hist"]["edges"]
+                line += f"  hist[{e[0]:g},{e[-1]:g}] " + " ".join(str(c) for c in s["hist"]["counts"])
+            rows.append(line)
+        rows.append(f"{lead(d)}{scorer:<12} {'(skipped/failed)':<18} {d['n_skipped']:>5} "
+                    f"failed examples: {d['n_failed']}")
     return "\n".join(rows)

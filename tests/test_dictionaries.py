@@ -438,6 +438,10 @@ def test_shape_mismatches(tmp_path):
     raises(r"b/sae\.safetensors: encoder\.weight has shape \(16, 8\), expected \(n_latents=32, d_in=8\)", load_dictionary, tmp_path / "b")
     write_sparsify(tmp_path / "c", d_out=12)  # a non-transcoder must write back to d_in
     raises(r"c/sae\.safetensors: W_dec has shape \(16, 12\), expected \(n_latents=16, d_out=8\)", load_dictionary, tmp_path / "c")
+    write_sparsify(tmp_path / "k", cfg_overrides={"skip_connection": True})  # the cfg promises W_skip, no tensor
+    raises(r"k/sae\.safetensors: cfg\.json says skip_connection=true but the file lacks W_skip", load_dictionary, tmp_path / "k")
+    write_sparsify(tmp_path / "j", skip=True, cfg_overrides={"skip_connection": False})
+    raises(r"j/sae\.safetensors: cfg\.json says skip_connection=false but the file holds W_skip", load_dictionary, tmp_path / "j")
     write_sparsify(tmp_path / "g", n=16, k=5, activation="groupmax")
     raises(r"g/cfg\.json: groupmax needs num_latents \(16\) divisible by k \(5\)", load_dictionary, tmp_path / "g")
     write_saelens(tmp_path / "s", cfg_overrides={"d_in": 9})

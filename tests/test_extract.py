@@ -316,3 +316,26 @@ def test_encode_dtype_bfloat16_is_recorded_and_close_to_float32(subject, tmp_pat
     with pytest.raises(ConfigError, match="--encode-dtype: unknown dtype 'int8'"):
         extract(subject, sae, None, "builtin", tmp_path / "bad", encode_dtype="int8", **SMALL)
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_norm_scaling_factor_for_saelens_expected_average_only_in(tmp_path):
+    """A SAELens checkpoint trained on scaled inputs does not store the factor: `extract` says so in one line and
+    takes it as --norm-scaling-factor, which the manifest records so the dictionary reloads the same way."""
+    from dict_fixtures import write_saelens
+    from typer.testing import CliRunner
+
+    from autointerp.cli import app
+    from autointerp.dictionaries import load_cached_dictionary
+
+    write_saelens(tmp_path / "sae", d_in=576, d_sae=32, hook_name="blocks.1.hook_resid_post",
+                  normalize_activations="expected_average_only_in")
+    args = ["extract", "--dictionary", str(tmp_path / "sae"), "--n-tokens", "512", "--ctx-len", "32", "--top-k", "3",
+            "--n-sample", "3", "--pool-size", "8", "--no-progress"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "norm_scaling_factor" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "a").exists()
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--norm-scaling-factor", "2.5"])
+    assert r.exit_code == 0, r.output
+    entry = LatentCache(tmp_path / "b").manifest["dictionary"]
+    assert entry["norm_scaling_factor"] == 2.5
+    assert load_cached_dictionary(entry).input_scale == 2.5

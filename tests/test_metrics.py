@@ -75,3 +75,54 @@ def test_aggregate_ignores_skipped_and_none():
     table = format_table(agg)
     assert "detection" in table and "0.775" in table
     assert summarize([None, float("nan")])["n"] == 0
+
+
+def test_aggregate_per_dictionary_with_histograms():
+    """Score rows (as in results.jsonl) from two dictionaries: one group per (dictionary, scorer), each with its own
+    mean/median and a histogram whose bins are shared across dictionaries (so they can be compared)."""
+    rng = np.random.default_rng(0)
+    vals = {("saeA", "detection"): rng.uniform(0.5, 1.0, 30), ("saeB", "detection"): rng.uniform(0.4, 0.8, 20),
+            ("saeA", "simulation"): rng.uniform(-0.5, 1.0, 25)}
+    rows = []
+    for (dic, scorer), v in vals.items():
+        key = "pearson_r" if scorer == "simulation" else "balanced_accuracy"
+        rows += [{"type": "score", "dictionary_id": dic, "scorer": scorer, "latent": i,
+                  "metrics": {key: float(x), "n_failed": i % 3}, "skipped": None} for i, x in enumerate(v)]
+    rows.append({"type": "score", "dictionary_id": "saeB", "scorer": "detection", "latent": 99, "metrics": {},
+                 "skipped": "too few"})
+    agg = aggregate(rows)
+    assert set(agg) == set(vals)
+    for (dic, scorer), v in vals.items():
+        d = agg[(dic, scorer)]
+        assert (d["dictionary_id"], d["scorer"]) == (dic, scorer)
+        assert d["n_latents"] == len(v) + (dic == "saeB") and d["n_skipped"] == (dic == "saeB")
+        assert d["n_failed"] == sum(i % 3 for i in range(len(v)))
+        s = d["metrics"]["pearson_r" if scorer == "simulation" else "balanced_accuracy"]
+        assert s["n"] == len(v)
+        assert s["mean"] == pytest.approx(v.mean()) and s["median"] == pytest.approx(np.median(v))
+        # correlations are binned over [-1, 1], rates over [0, 1]; every value lands in a bin
+        lo = -1.0 if scorer == "simulation" else 0.0
+        counts, edges = np.histogram(v, bins=10, range=(lo, 1.0))
+        assert s["hist"]["counts"] == counts.tolist() and s["hist"]["edges"] == pytest.approx(edges.tolist())
+        assert sum(s["hist"]["counts"]) == len(v)
+    # same metric, same bins in both dictionaries: the distributions differ bin by bin, not by scale
+    ha, hb = (agg[(k, "detection")]["metrics"]["balanced_accuracy"]["hist"] for k in ("saeA", "saeB"))
+    assert ha["edges"] == hb["edges"] and ha["counts"] != hb["counts"]
+    # n_failed (a count, not a rate) spans its own values
+    nf = agg[("saeA", "detection")]["metrics"]["n_failed"]["hist"]
+    assert nf["edges"][0] == 0 and nf["edges"][-1] == 2 and sum(nf["counts"]) == 30
+
+    table = format_table(agg, hist=True)
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["dictionary", "scorer"]
+    for (dic, scorer), d in agg.items():
+        m = "pearson_r" if scorer == "simulation" else "balanced_accuracy"
+        line = next(ln for ln in lines if ln.split()[:3] == [dic, scorer, m])
+        assert f"{d['metrics'][m]['mean']:7.3f}".strip() in line.split()
+        assert line.endswith(" ".join(map(str, d["metrics"][m]["hist"]["counts"])))
+    # one dictionary: keyed by scorer alone, and the table has no dictionary column (what the CLI prints)
+    single = aggregate(r for r in rows if r["dictionary_id"] == "saeA")
+    assert set(single) == {"detection", "simulation"}
+    assert single["detection"]["metrics"]["balanced_accuracy"] == \
+        agg[("saeA", "detection")]["metrics"]["balanced_accuracy"]
+    assert format_table(single).splitlines()[0].split()[0] == "scorer"

@@ -12,6 +12,7 @@ from llm_server_fixture import start_llm_server
 
 from autointerp.llm import TokenLogprob
 from autointerp.llm.client import make_client
+from autointerp.sampling import SamplingConfig
 from autointerp.scorers import simulation as sim
 
 ANIMALS = ["cat", "dog", "horse", "rabbit", "goat"]
@@ -132,3 +133,46 @@ def test_prompt_dir_is_used_and_checked(record, tmp_path):
         assert srv.stats()["requests"] == 3
     assert res.prompt_version == custom.version != load_prompt("simulation", {"explanation", "examples"}).version
     assert res.metrics["pearson_r"] > 0.9
+
+
+def test_per_quantile_pearson_matches_independent_computation():
+    """pearson_r_q* are recomputed here from the returned predictions and the record's own activations, with the
+    deciles derived independently (k/10 of the max activation over the latent's activating windows)."""
+    from scipy.stats import pearsonr
+
+    # activations spread over 0.5..10 so every decile is populated; 4 test windows per decile
+    act = random_sentences(300, FILLER, 12, seed=5, insert=ANIMALS)
+    neg = random_sentences(30, FILLER, 12, seed=6)
+    rec = word_record(act, neg, ANIMALS, latent=1, lo=0.5, hi=10.0)
+    # explainer windows drawn across deciles, so the top decile keeps test windows too
+    sampling = SamplingConfig(explain_from="quantiles")
+    # half right, half wrong: per-decile r is neither 1 nor constant, so a mix-up between deciles shows
+    with start_llm_server(judge="judges_sim:simulator") as srv:
+        res = _score(rec, "cat, dog, blue, table", _client(srv), sampling=sampling, n_test=40, n_negatives=8,
+                     examples_per_call=8)
+    assert res.metrics["n_failed_examples"] == 0 and res.metrics["n_failed_tokens"] == 0
+    ex = res.details["examples"]
+    assert len(ex) == 48
+
+    truth = {int(w): a for part in (rec.top, rec.sample, rec.negatives) for w, a in zip(part.window_ids, part.acts)}
+    top_act = max(float(a.max()) for a in truth.values())
+    pred = {e["window_id"]: np.asarray(e["pred"], np.float64) for e in ex}
+    by_q: dict[int, list[int]] = {}
+    for e in ex:
+        w, m = e["window_id"], float(truth[e["window_id"]].max())
+        q = -1 if m <= 0 else min(max(math.ceil(m / top_act * 10) - 1, 0), 9)
+        by_q.setdefault(q, []).append(w)
+    assert len(by_q[-1]) == 8 and set(by_q) == set(range(-1, 10))
+    assert all(len(ws) >= 3 for ws in by_q.values())
+
+    def r(ws):
+        return pearsonr(np.concatenate([pred[w] for w in ws]), np.concatenate([truth[w] for w in ws]))[0]
+
+    got = {k: v for k, v in res.metrics.items() if k.startswith("pearson_r_q")}
+    assert set(got) == {f"pearson_r_q{q}" for q in by_q if q >= 0}
+    want = {f"pearson_r_q{q}": r(by_q[q]) for q in range(10)}
+    assert got == pytest.approx(want, abs=1e-5)
+    assert np.ptp(list(want.values())) > 0.1  # the deciles really differ, so a swap would be caught
+    assert res.metrics["pearson_r"] == pytest.approx(r(list(pred)), abs=1e-5)
+    assert res.metrics["pearson_r_activating"] == pytest.approx(r([w for q, ws in by_q.items() if q >= 0 for w in ws]),
+                                                                abs=1e-5)

@@ -260,7 +260,8 @@ def load_cached_dictionary(entry: dict, device: str | torch.device = "cpu", *, d
     fmt, where = str(entry["id"]).split(":", 1)
     if fmt in ("neurons", "topk-neurons"):
         return load_dictionary(entry["source"], d_in=int(entry["d_in"]), device=device, dtype=dtype)
-    d = load_dictionary(where, format=fmt, device=device, dtype=dtype)
+    d = load_dictionary(where, format=fmt, device=device, dtype=dtype,
+                        norm_scaling_factor=entry.get("norm_scaling_factor"))
     if d.n_latents != int(entry["n_latents"]) or d.d_in != int(entry["d_in"]):
         raise ConfigError(f"{where}: the checkpoint changed since the cache was made (now {d.n_latents} latents × "
                           f"d_in {d.d_in}, the cache says {entry['n_latents']} × {entry['d_in']})")

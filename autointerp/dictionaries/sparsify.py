@@ -52,7 +52,11 @@ def load_sparsify(
     d_out = int(W_dec.shape[1]) if transcode else d_in
     check_shape(w_path, "W_dec", W_dec, (n_cfg, d_out), f"(n_latents={n_cfg}, d_out={d_out})")
     check_shape(w_path, "b_dec", b_dec, (d_out,), f"(d_out={d_out},) matching W_dec")
-    if "W_skip" in t:
+    skip = cfg_bool(cfg, "skip_connection", cfg_path, False)
+    if skip != ("W_skip" in t):  # the cfg and the tensors must tell the same story, or the file is not this model
+        raise ConfigError(f"{w_path}: {CFG} says skip_connection={str(skip).lower()} but the file "
+                          f"{'lacks' if skip else 'holds'} W_skip")
+    if skip:
         check_shape(w_path, "W_skip", t["W_skip"], (d_out, d_in), f"(d_out={d_out}, d_in={d_in})")
     if k > n_cfg:
         raise ConfigError(f"{cfg_path}: k={k} exceeds num_latents={n_cfg}")
