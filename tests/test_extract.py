@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -62,6 +63,8 @@ def test_top_k_and_stats_equal_brute_force(subject, tmp_path):
         assert rec.stats.n_active == int(active.sum())
         assert rec.stats.max_act == pytest.approx(float(codes[:, :, lat].max()), rel=1e-5)
         assert rec.stats.hist_counts.sum() == rec.stats.n_active
+        if rec.stats.n_active:
+            assert rec.stats.mean_act == pytest.approx(float(codes[:, :, lat][active].mean()), rel=1e-4)
         # the sample holds only activating windows, without repeats, as many as exist up to n_sample
         assert len(rec.sample) == min(5, int((m > 0).sum()))
         assert (rec.sample.acts.max(1) > 0).all()
@@ -74,6 +77,9 @@ def test_top_k_and_stats_equal_brute_force(subject, tmp_path):
     assert n_checked > 10
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["hookpoint"] == HOOK and manifest["corpus"]["n_tokens"] == 2048
+    assert manifest["model"] == subject.spec and manifest["dictionary"]["id"] == f"{d.id}:{HOOK}"
+    assert manifest["collector"]["top_k"] == 6 and manifest["collector"]["seed"] == 0
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["versions"]["autointerp"]
 
 
 def test_reservoir_is_uniform():
@@ -339,3 +345,76 @@ def test_cli_norm_scaling_factor_for_saelens_expected_average_only_in(tmp_path):
     entry = LatentCache(tmp_path / "b").manifest["dictionary"]
     assert entry["norm_scaling_factor"] == 2.5
     assert load_cached_dictionary(entry).input_scale == 2.5
+
+
+def test_ties_go_to_the_lower_window_id():
+    """Equal keys (here: every window activates every latent equally) keep the earliest windows, whatever the
+    batch boundaries."""
+    n, T = 5, 3
+    coll = Collector(n, T, CollectorConfig(top_k=4, n_sample=2, pool_size=0), "cpu")
+    for s, e in [(0, 3), (3, 4), (4, 11), (11, 20)]:
+        coll.update(torch.ones(e - s, T, n), torch.arange(s, e))
+    assert coll.top.ids.tolist() == [[0, 1, 2, 3]] * n
+
+
+def test_two_dictionaries_on_one_hookpoint_in_one_pass(subject, tmp_path):
+    both = extract(subject, [DICT, "topk-neurons:3"], [HOOK, HOOK], "builtin", tmp_path / "m", **SMALL)
+    for cache, spec in zip(both, [DICT, "topk-neurons:3"]):
+        single = extract(subject, spec, HOOK, "builtin", tmp_path / spec.replace(":", "_"), **SMALL)[0]
+        for name in ("top_acts", "top_rows", "sample_rows", "hist"):
+            np.testing.assert_array_equal(np.asarray(cache.array(name)), np.asarray(single.array(name)), err_msg=name)
+
+
+def test_transcoder_reads_the_input_of_its_module(subject, tmp_path):
+    """A sparsify transcoder named after an MLP (layers.1.mlp) is fed that MLP's input; stored activations equal
+    the dictionary's codes of an independent capture there."""
+    from dict_fixtures import write_sparsify
+
+    from autointerp.dictionaries import load_dictionary
+
+    write_sparsify(tmp_path / "tc" / "layers.1.mlp", d_in=576, n=32, k=4, transcode=True, seed=4)
+    (cache,) = extract(subject, str(tmp_path / "tc" / "layers.1.mlp"), None, "builtin", tmp_path / "c", **SMALL)
+    hp = cache.manifest["hookpoint"]
+    assert hp == "model.layers.1.mlp:input" and cache.manifest["dictionary"]["transcoder"]
+    d = load_dictionary(tmp_path / "tc" / "layers.1.mlp")
+    hook = subject.hookpoint(hp)
+    checked = 0
+    for lat in cache.alive_latents()[:8]:
+        rec = cache.record(int(lat))
+        ids = torch.from_numpy(rec.top.tokens[:1].astype(np.int64))
+        x = subject.capture(ids, [hook])[hook.name]
+        want = d.encode(x.float())[0, :, int(lat)].numpy()
+        t = int(rec.top.acts[0].argmax())
+        assert rec.top.acts[0][t] == pytest.approx(want[t], rel=1e-3, abs=1e-3)
+        checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("truncated", r"sae\.safetensors"),
+    ("cfg_key", r"cfg\.json.*d_in"),
+    ("hookpoint", r"no such module"),
+])
+def test_cli_bad_dictionary_or_hookpoint_exit_2_and_write_nothing(tmp_path, damage, pattern):
+    from dict_fixtures import write_sparsify
+    from typer.testing import CliRunner
+
+    from autointerp.cli import app
+
+    sae = tmp_path / "sae" / "layers.1"
+    write_sparsify(sae, d_in=576, n=32, k=4)
+    args = ["extract", "--dictionary", str(sae), "--n-tokens", "512", "--no-progress", "--out", str(tmp_path / "x")]
+    if damage == "truncated":
+        data = (sae / "sae.safetensors").read_bytes()
+        (sae / "sae.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "cfg_key":
+        cfg = json.loads((sae / "cfg.json").read_text())
+        del cfg["d_in"]
+        (sae / "cfg.json").write_text(json.dumps(cfg))
+    else:
+        args += ["--hookpoint", "model.layers.1.mlpp"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), r.output
+    assert not (tmp_path / "x").exists()
