@@ -91,10 +91,15 @@ def _builtin_documents(kind: str) -> tuple[str, ...]:
     return tuple(docs)  # immutable: callers shuffle their own copy
 
 
-def _read_jsonl(path: Path, column: str) -> list[str]:
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+def _read_jsonl(path: Path, column: str) -> Iterator[str]:
+    """Documents one line at a time (memory is one line, never the file)."""
+    with path.open("rb") as f:  # bytes, decoded per line, so a bad byte is reported at its own line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                  "expected UTF-8 JSON lines") from None
             if not line.strip():
                 continue
             try:
@@ -106,20 +111,69 @@ def _read_jsonl(path: Path, column: str) -> list[str]:
                 raise ConfigError(f"{path}:{lineno}: no text column {column!r} (found: {keys}); set --text-column")
             if not isinstance(row[column], str):
                 raise ConfigError(f"{path}:{lineno}: column {column!r} is {type(row[column]).__name__}, expected a string")
-            docs.append(row[column])
-    return docs
+            yield row[column]
 
 
-def _read_parquet(path: Path, column: str) -> list[str]:
+def _read_parquet(path: Path, column: str) -> Iterator[str]:
+    """Documents one record batch at a time, reading only the text column."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise ConfigError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-    if column not in table.column_names:
-        raise ConfigError(f"{path}: no text column {column!r} (found: {', '.join(table.column_names)}); set --text-column")
-    return [t for t in table.column(column).to_pylist() if isinstance(t, str)]
+    if column not in names:
+        raise ConfigError(f"{path}: no text column {column!r} (found: {', '.join(names)}); set --text-column")
+    with pf:
+        batches = pf.iter_batches(batch_size=1024, columns=[column])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:  # a corrupt page deep in the file surfaces only when that batch is decoded
+                raise ConfigError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+
+
+def _file_documents(spec: CorpusSpec) -> Iterator[str]:
+    path = Path(spec.source).expanduser()
+    if not path.exists():
+        raise ConfigError(f"corpus {spec.source}: no such file or folder (expected builtin, a .txt/.jsonl/.parquet "
+                          "file or folder, or hf:NAME)")
+    if not path.is_dir() and path.suffix not in (".txt", ".jsonl", ".parquet"):
+        raise ConfigError(f"corpus {path}: unsupported file type {path.suffix!r} (expected .txt, .jsonl or .parquet)")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f.suffix == ".txt":
+            yield f.read_text(encoding="utf-8", errors="replace")
+        elif f.suffix == ".jsonl":
+            yield from _read_jsonl(f, spec.text_column)
+        elif f.suffix == ".parquet":
+            yield from _read_parquet(f, spec.text_column)
+
+
+# Local files are shuffled through a buffer of this many documents, so memory is bounded by the buffer, never by the
+# corpus (a full shuffle would have to hold every document). A corpus that fits in the buffer gets exactly the full
+# `random.Random(seed).shuffle` it always had; a larger one gets a seeded buffer shuffle (the same scheme as the hf:
+# source), which reads at most this many documents ahead of what the windows use and then stops.
+SHUFFLE_BUFFER = 10_000
+
+
+def _buffer_shuffle(docs: Iterator[str], seed: int, size: int = SHUFFLE_BUFFER) -> Iterator[str]:
+    rng = random.Random(seed)
+    buf: list[str] = []
+    for d in docs:
+        if len(buf) < size:
+            buf.append(d)
+            continue
+        # full buffer: emit a random slot and put the new document in its place
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = d
+    rng.shuffle(buf)  # a corpus that fit: identical to shuffling the whole list with Random(seed)
+    yield from buf
 
 
 def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
@@ -151,28 +205,18 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
         yield from _hf_documents(spec)
         return
     if spec.source == "builtin" or spec.source.startswith("builtin:"):
-        docs = list(_builtin_documents(spec.source.split(":", 1)[1] if ":" in spec.source else "docs"))
+        # already in memory (shipped with Python, a few MB): the full shuffle costs nothing extra
+        docs = [d for d in _builtin_documents(spec.source.split(":", 1)[1] if ":" in spec.source else "docs")
+                if d.strip()]
+        random.Random(spec.seed).shuffle(docs)
     else:
-        path = Path(spec.source).expanduser()
-        if not path.exists():
-            raise ConfigError(f"corpus {spec.source}: no such file or folder (expected builtin, a .txt/.jsonl/.parquet "
-                              "file or folder, or hf:NAME)")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        docs = []
-        for f in files:
-            if f.suffix == ".txt":
-                docs.append(f.read_text(encoding="utf-8", errors="replace"))
-            elif f.suffix == ".jsonl":
-                docs.extend(_read_jsonl(f, spec.text_column))
-            elif f.suffix == ".parquet":
-                docs.extend(_read_parquet(f, spec.text_column))
-            elif not path.is_dir():
-                raise ConfigError(f"corpus {f}: unsupported file type {f.suffix!r} (expected .txt, .jsonl or .parquet)")
-    docs = [d for d in docs if d.strip()]
-    if not docs:
+        docs = _buffer_shuffle((d for d in _file_documents(spec) if d.strip()), spec.seed)
+    empty = True
+    for d in docs:
+        empty = False
+        yield d
+    if empty:
         raise ConfigError(f"corpus {spec.source}: no text found (empty corpus)")
-    random.Random(spec.seed).shuffle(docs)
-    yield from docs
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -186,21 +230,25 @@ def iter_windows(spec: CorpusSpec, tokenizer, batch_size: int = 32) -> Iterator[
     buf: list[int] = []
     batch: list[np.ndarray] = []
     emitted = 0
-    for doc in iter_documents(spec):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        buf.extend(ids)
-        if sep is not None:
-            buf.append(sep)
-        while len(buf) >= body and emitted < spec.n_windows:
-            win = buf[:body]
-            del buf[:body]
-            batch.append(np.asarray(([bos] if spec.bos else []) + win, dtype=np.int32))
-            emitted += 1
-            if len(batch) == batch_size:
-                yield np.stack(batch)
-                batch = []
-        if emitted >= spec.n_windows:
-            break
+    docs = iter_documents(spec)
+    try:
+        for doc in docs:
+            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+            buf.extend(ids)
+            if sep is not None:
+                buf.append(sep)
+            while len(buf) >= body and emitted < spec.n_windows:
+                win = buf[:body]
+                del buf[:body]
+                batch.append(np.asarray(([bos] if spec.bos else []) + win, dtype=np.int32))
+                emitted += 1
+                if len(batch) == batch_size:
+                    yield np.stack(batch)
+                    batch = []
+            if emitted >= spec.n_windows:
+                break
+    finally:
+        docs.close()  # stop reading the files now, not when the generator is garbage-collected
     if batch:
         yield np.stack(batch)
     if emitted == 0:

@@ -124,8 +124,14 @@ def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: 
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
-    except OSError as e:
-        raise ConfigError(f"model {spec}: could not load ({str(e).splitlines()[0]})") from e
+    except ConfigError:
+        raise
+    except Exception as e:
+        # transformers reports a broken local checkpoint with many types (OSError for a missing file, ValueError for
+        # a garbage config.json or an unknown architecture, others from a corrupt GGUF): all are bad input here.
+        where = f"{source}" + (f" (gguf_file {gguf_file})" if gguf_file else "")
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model {spec}: could not load {where} ({type(e).__name__}: {first})") from e
     model.to(dev).eval()
     model.requires_grad_(False)
     if tok.pad_token_id is None:

