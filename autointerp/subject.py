@@ -29,7 +29,8 @@ _LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decod
 _ATTN = ("self_attn", "attn", "attention", "self_attention")
 _MLP = ("mlp", "feed_forward", "ffn")
 _DOWN = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2")
-_ALIAS = re.compile(r"^(resid_post|resid_pre|mlp_out|mlp_in|attn_out|mlp_neurons)\.(\d+)$")
+_OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")
+_ALIAS = re.compile(r"^(resid_post|resid_pre|mlp_out|mlp_in|attn_out|attn_z|mlp_neurons)\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
             path, mode = layer, "input"
         elif kind == "attn_out":
             path = _child(model, layer, _ATTN, "attention")
+        elif kind == "attn_z":  # the heads' concatenated outputs (Gemma Scope 'att' SAEs): input of the out proj
+            path, mode = _child(model, _child(model, layer, _ATTN, "attention"), _OUT_PROJ, "attention output projection"), "input"
         elif kind == "mlp_out":
             path = _child(model, layer, _MLP, "MLP")
         elif kind == "mlp_in":
@@ -236,6 +239,7 @@ _FOREIGN = [
     (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), "resid_pre.{}"),
     (re.compile(r"^blocks\.(\d+)\.hook_mlp_out$"), "mlp_out.{}"),
     (re.compile(r"^blocks\.(\d+)\.hook_attn_out$"), "attn_out.{}"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.hook_z$"), "attn_z.{}"),
     (re.compile(r"^blocks\.(\d+)\.(?:hook_mlp_in|ln2\.hook_normalized)$"), "mlp_in.{}"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$"), "mlp_neurons.{}"),
     (re.compile(r"^layers\.(\d+)$"), "resid_post.{}"),

@@ -82,6 +82,35 @@ def test_hookpoint_aliases_and_stop_early(subject):
     torch.testing.assert_close(out["resid_pre.0"], full[0])
 
 
+def test_attention_and_activation_hookpoints_equal_manual_hooks(subject):
+    """attn_out.N / the self_attn module path (a module returning a tuple), attn_z.N (the heads' outputs before the
+    output projection: Gemma Scope 'att' SAEs, TransformerLens hook_z) and mlp.act_fn, all in one pass, equal what
+    plain forward hooks on those modules see."""
+    m = subject.model
+    assert translate_hookpoint("blocks.4.attn.hook_z") == "attn_z.4"
+    assert resolve_hookpoint(m, "attn_z.4").module_path == "model.layers.4.self_attn.o_proj"
+    seen = {}
+    layer = m.model.layers[2]
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda mod, a, o: seen.__setitem__("attn", o[0])),
+        layer.self_attn.o_proj.register_forward_hook(lambda mod, a, o: seen.__setitem__("z", a[0])),
+        layer.mlp.act_fn.register_forward_hook(lambda mod, a, o: seen.__setitem__("act", o)),
+    ]
+    try:
+        with torch.no_grad():
+            m(torch.tensor([[1, 200, 300, 400, 500]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    names = ["attn_out.2", "model.layers.2.self_attn", "attn_z.2", "model.layers.2.mlp.act_fn"]
+    out = subject.capture(torch.tensor([[1, 200, 300, 400, 500]]), names)
+    torch.testing.assert_close(out["attn_out.2"], seen["attn"])
+    torch.testing.assert_close(out["model.layers.2.self_attn"], seen["attn"])
+    torch.testing.assert_close(out["attn_z.2"], seen["z"])
+    torch.testing.assert_close(out["model.layers.2.mlp.act_fn"], seen["act"])
+    assert out["attn_z.2"].shape[-1] == subject.width("attn_z.2") == 576
+
+
 def test_unknown_hookpoint(subject):
     with pytest.raises(ConfigError, match=r"layer 99 out of range \(the model has 30 layers"):
         subject.hookpoint("resid_post.99")
