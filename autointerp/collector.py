@@ -34,8 +34,9 @@ _M32 = 0xFFFFFFFF
 
 
 def hash_uniform(window_ids: torch.Tensor, latents: torch.Tensor, seed: int) -> torch.Tensor:
-    """A deterministic uniform(0,1) float per (window, latent) pair (32-bit integer mix, murmur3-style finaliser)."""
-    x = (window_ids[:, None] * 0x9E3779B1 + latents[None, :] * 0x85EBCA77 + (seed * 0xC2B2AE3D + 0x27D4EB2F)) & _M32
+    """A deterministic uniform(0,1) float per (window, latent) pair (32-bit integer mix, murmur3-style finaliser);
+    the two index tensors broadcast against each other."""
+    x = (window_ids * 0x9E3779B1 + latents * 0x85EBCA77 + (seed * 0xC2B2AE3D + 0x27D4EB2F)) & _M32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
     x = x ^ (x >> 15)
@@ -178,7 +179,6 @@ class Collector:
         self.act_max = torch.zeros(n_latents, dtype=torch.float32, device=self.device)
         self.edges = torch.tensor(hist_edges(config.hist_bins), device=self.device, dtype=torch.float32)
         self.hist = torch.zeros((n_latents, config.hist_bins), dtype=torch.int64, device=self.device)
-        self._lat_ids = torch.arange(n_latents, device=self.device)
         # the shared pool: a reservoir over windows (key = hash(window, -1)), each with its firing latents
         self.pool_keys = torch.empty(0, device=self.device)
         self.pool_ids = torch.empty(0, dtype=torch.int64, device=self.device)
@@ -197,8 +197,11 @@ class Collector:
         wmax = codes.window_max()  # [B, n]
         active = wmax > 0
         self.top.update(torch.where(active, wmax, float("-inf")), window_ids, codes)
-        rnd = hash_uniform(window_ids, self._lat_ids, self.cfg.seed)
-        self.sample.update(torch.where(active, rnd, float("-inf")), window_ids, codes)
+        # the reservoir keys, hashed only for the (window, latent) pairs that fire (a few % of B × n)
+        bi, li = torch.nonzero(active, as_tuple=True)
+        rnd = torch.full_like(wmax, float("-inf"))
+        rnd[bi, li] = hash_uniform(window_ids[bi], li, self.cfg.seed)
+        self.sample.update(rnd, window_ids, codes)
         li, vals = codes.nonzeros()  # statistics over firing tokens only
         self.n_active += torch.bincount(li, minlength=self.n)
         self.act_sum.index_add_(0, li, vals.double())
@@ -212,7 +215,7 @@ class Collector:
     def _update_pool(self, window_ids: torch.Tensor, wmax: torch.Tensor) -> None:
         if self.cfg.pool_size <= 0:
             return
-        keys = hash_uniform(window_ids, torch.tensor([-1], device=self.device), self.cfg.seed + 7919).squeeze(1)
+        keys = hash_uniform(window_ids, torch.tensor(-1, device=self.device), self.cfg.seed + 7919)
         all_keys = torch.cat([self.pool_keys, keys])
         all_ids = torch.cat([self.pool_ids, window_ids])
         order = torch.sort(all_keys, descending=True, stable=True).indices[: self.cfg.pool_size]

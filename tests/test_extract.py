@@ -98,7 +98,7 @@ def test_reservoir_is_uniform():
     chi2, p = stats.chisquare(counts, np.full(W, expected))
     assert p > 0.01, (chi2, p, counts)
     # and the keys really are uniform
-    u = hash_uniform(torch.arange(5000), torch.arange(3), 0).numpy().ravel()
+    u = hash_uniform(torch.arange(5000)[:, None], torch.arange(3)[None, :], 0).numpy().ravel()
     assert stats.kstest(u, "uniform").pvalue > 0.01
 
 
