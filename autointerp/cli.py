@@ -109,6 +109,9 @@ def extract(
     checkpoint_every: float = typer.Option(120.0, help="Seconds between resumable checkpoints."),
     max_norm_ratio: float = typer.Option(5.0, help="Ignore positions whose activation norm exceeds this × the "
                                                     "batch median (massive-activation outliers); 0 keeps all."),
+    check_corpus: bool = typer.Option(True, help="Local corpus files: tokenize the part the run reads once before "
+                                                 "starting, so a bad line fails at once with nothing written (~1 % of "
+                                                 "a CPU run's time)."),
 ):
     """Run the subject model over a corpus and collect every latent's contexts and statistics (resumable)."""
     from .extract import extract as run
@@ -120,7 +123,7 @@ def extract(
                  ctx_len=ctx_len, batch_size=batch_size, seed=seed, top_k=top_k, n_sample=n_sample,
                  pool_size=pool_size, text_column=text_column, split=split, overwrite=overwrite, progress=progress,
                  checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio, encode_dtype=encode_dtype,
-                 norm_scaling_factor=norm_scaling_factor)
+                 norm_scaling_factor=norm_scaling_factor, check_corpus=check_corpus)
     for c in caches:
         _print_summary(c)
 

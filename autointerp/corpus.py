@@ -237,14 +237,17 @@ def iter_windows(spec: CorpusSpec, tokenizer, batch_size: int = 32) -> Iterator[
             buf.extend(ids)
             if sep is not None:
                 buf.append(sep)
-            while len(buf) >= body and emitted < spec.n_windows:
-                win = buf[:body]
-                del buf[:body]
+            pos = 0  # cut windows at an offset and trim once per document: `del buf[:body]` per window would
+            # shift the whole rest of the buffer each time, quadratic in a long document's length
+            while len(buf) - pos >= body and emitted < spec.n_windows:
+                win = buf[pos:pos + body]
+                pos += body
                 batch.append(np.asarray(([bos] if spec.bos else []) + win, dtype=np.int32))
                 emitted += 1
                 if len(batch) == batch_size:
                     yield np.stack(batch)
                     batch = []
+            del buf[:pos]
             if emitted >= spec.n_windows:
                 break
     finally:
@@ -253,3 +256,14 @@ def iter_windows(spec: CorpusSpec, tokenizer, batch_size: int = 32) -> Iterator[
         yield np.stack(batch)
     if emitted == 0:
         raise ConfigError(f"corpus {spec.source}: too little text for one window of {spec.ctx_len} tokens")
+
+
+def is_local(spec: CorpusSpec) -> bool:
+    """A corpus of local files (as opposed to the built-in one or an hf: dataset)."""
+    return not (spec.source == "builtin" or spec.source.startswith(("builtin:", "hf:")))
+
+
+def count_windows(spec: CorpusSpec, tokenizer) -> int:
+    """Tokenize everything a run over `spec` will read, keep nothing, and return how many windows it gives.
+    A bad line anywhere in that part of the corpus raises its ConfigError here, before a run creates anything."""
+    return sum(len(b) for b in iter_windows(spec, tokenizer, batch_size=1024))

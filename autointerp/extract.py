@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import __version__
 from .cache import ARRAYS, FORMAT_VERSION, LatentCache, hist_edges
 from .collector import Collector, CollectorConfig, SparseCodes
-from .corpus import CorpusSpec, iter_windows
+from .corpus import CorpusSpec, count_windows, is_local, iter_windows
 from .errors import ConfigError
 from .subject import SubjectModel, load_subject, translate_hookpoint
 
@@ -312,6 +312,7 @@ def extract(
     max_norm_ratio: float = 5.0,
     encode_dtype: str | None = None,
     norm_scaling_factor: float | None = None,
+    check_corpus: bool = True,
 ) -> list[LatentCache]:
     """Run the streaming extraction; returns the caches (one per target). `max_batches` stops early without
     publishing (a clean interruption, used by tests and for chunked scheduling). Positions holding special tokens,
@@ -319,7 +320,10 @@ def extract(
     `encode_dtype`: the dictionary's weights and the encode matmul (default float32: codes exactly as the source
     library's fp32 encoder; bfloat16 is several times faster on CPUs and GPUs with bf16 units, codes within bf16
     rounding). Recorded in the manifest. `norm_scaling_factor`: SAELens `expected_average_only_in` checkpoints only
-    (the dataset factor they were trained with, which the checkpoint does not store)."""
+    (the dataset factor they were trained with, which the checkpoint does not store). `check_corpus`: local corpus
+    files are tokenized once up front (720k tokens/s here, ~1 % of a CPU run) so that a bad line anywhere in the part
+    the run reads fails before anything is created; a bad line found mid-run (check off) leaves a resumable
+    `.partial/`, never a published cache."""
     out = Path(out)
     spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(
         source=corpus, ctx_len=ctx_len, n_tokens=n_tokens, seed=seed, text_column=text_column, split=split)
@@ -341,6 +345,13 @@ def extract(
     if all(s == "done" for s in status):
         log.info("%s: complete cache(s) already there; nothing to do", out)
         return [LatentCache(t.out_dir) for t in targets]
+    n_windows = spec.n_windows
+    if check_corpus and is_local(spec):
+        # local files can hold a bad line anywhere: find it now, with nothing created, not hours into the run
+        n_windows = count_windows(spec, subject.tokenizer)
+        if n_windows < spec.n_windows:
+            log.warning("corpus %s: %d tokens of text, fewer than --n-tokens %d; extracting what there is",
+                        spec.source, n_windows * spec.ctx_len, spec.n_tokens)
     if overwrite:  # remove only what a cache is made of: never unrelated files in the folder
         for t in targets:
             for name in CACHE_FILES:
@@ -365,7 +376,7 @@ def extract(
         log.info("resuming %s at window %d", out, done)
     ckpt.open(done)
     hooks = [subject.hookpoint(t.hookpoint) for t in targets]
-    bar = tqdm(total=spec.n_windows * spec.ctx_len, initial=done * spec.ctx_len, unit="tok", unit_scale=True,
+    bar = tqdm(total=n_windows * spec.ctx_len, initial=done * spec.ctx_len, unit="tok", unit_scale=True,
                disable=not progress, desc=f"extract {out.name}", dynamic_ncols=True)
     wid, batches, last_ckpt, interrupted = 0, 0, time.monotonic(), False
     in_batch = False  # True while collectors and windows.bin may disagree: never checkpoint then

@@ -418,3 +418,22 @@ def test_cli_bad_dictionary_or_hookpoint_exit_2_and_write_nothing(tmp_path, dama
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_bad_line_deep_in_a_local_corpus_fails_before_anything_is_written(subject, tmp_path):
+    from autointerp.corpus import SHUFFLE_BUFFER
+
+    corpus = tmp_path / "big.jsonl"
+    with corpus.open("w") as f:  # more rows than the shuffle buffer: the first batches come long before the bad line
+        for i in range(SHUFFLE_BUFFER + 2000):
+            f.write(json.dumps({"text": f"Row {i} talks about item {i % 37}."}) + "\n")
+        f.write('{"text": "cut off\n')
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"big.jsonl:{SHUFFLE_BUFFER + 2001}: invalid JSON"):
+        extract(subject, DICT, HOOK, str(corpus), out, **{**SMALL, "n_tokens": 400_000})
+    assert not out.exists() or not any(out.iterdir())  # no .partial, no cache files
+    # a corpus smaller than --n-tokens extracts what there is
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(corpus.read_text().splitlines(keepends=True)[:300]))
+    (cache,) = extract(subject, DICT, HOOK, str(small), tmp_path / "ok", **{**SMALL, "n_tokens": 400_000})
+    assert 0 < cache.n_tokens < 400_000

@@ -185,6 +185,17 @@ def test_jsonl_streams_and_stops_reading_after_what_it_needs(subject, tmp_path):
         list(iter_documents(spec))
 
 
+def test_long_document_windows_are_consecutive_chunks(subject, tmp_path):
+    # one document of many windows: cut in order, nothing dropped or repeated between windows
+    text = " ".join(f"word{i % 97} number {i}." for i in range(3000))
+    (tmp_path / "book.txt").write_text(text)
+    ids = subject.tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // 32
+    got = np.concatenate(list(iter_windows(CorpusSpec(source=str(tmp_path / "book.txt"), n_tokens=32 * n, ctx_len=32,
+                                                      bos=False), subject.tokenizer, batch_size=5)))
+    assert n > 100 and np.array_equal(got, np.asarray(ids[:32 * n]).reshape(n, 32))
+
+
 def test_small_corpus_keeps_the_full_seeded_shuffle(tmp_path):
     import random
 
