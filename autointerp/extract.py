@@ -71,23 +71,31 @@ def _encode_dtype(name: str | None) -> torch.dtype:
         raise ConfigError(f"--encode-dtype: unknown dtype {name!r} (expected float32, bfloat16 or float16)") from None
 
 
-def _members(spec, hookpoint: str | None, subject: SubjectModel, device) -> list[tuple]:
+def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
+             norm_scaling_factor: float | None = None) -> list[tuple]:
     """A local parent folder holding several dictionaries (a sparsify set: one subfolder per hookpoint) expands to
     its members, each at its own hookpoint; with a hookpoint given, to the member at that hookpoint (matched by
-    subfolder name or by what the name means, e.g. layers.12 = resid_post.12). Anything else is one target."""
-    from .dictionaries.loader import MARKERS, load_dictionary_set
+    subfolder name or by what the name means, e.g. layers.12 = resid_post.12). Anything else is one target.
+    Only the chosen member's weights are loaded onto the device (a 24-layer set of big SAEs would not fit a GPU)."""
+    from .dictionaries.loader import MARKERS, _children, load_dictionary_set
 
     p = Path(spec).expanduser() if isinstance(spec, str) else None
     if p is None or not p.is_dir() or any((p / m).is_file() for m in MARKERS.values()) or \
             sum(1 for c in p.iterdir() if c.is_dir() and any((c / m).is_file() for m in MARKERS.values())) < 2:
         return [(spec, hookpoint)]
-    members = load_dictionary_set(spec, device=device)
+    kw = dict(norm_scaling_factor=norm_scaling_factor)
     if hookpoint is None:
-        return [(d, None) for d in members.values()]
+        return [(d, None) for d in load_dictionary_set(spec, device=device, **kw).values()]
     want = translate_hookpoint(hookpoint)
+    named = [c.name for c in _children(p, "auto") if hookpoint == c.name or want == translate_hookpoint(c.name)]
+    # folder names say the hookpoint (sparsify): load that member only; else (members that name their hookpoint in
+    # their config, e.g. SAELens) read every member on the CPU to find it, and move only that one
+    members = load_dictionary_set(spec, hookpoints=named, device=device, **kw) if len(named) == 1 else \
+        load_dictionary_set(spec, device="cpu", **kw)
     pick = [d for key, d in members.items() if hookpoint == key or want == translate_hookpoint(key)]
     if len(pick) != 1:
-        raise ConfigError(f"--dictionary {spec}: no member at hookpoint {hookpoint} (members: {', '.join(members)})")
+        raise ConfigError(f"--dictionary {spec}: no member at hookpoint {hookpoint} (members: "
+                          f"{', '.join(c.name for c in _children(p, 'auto'))})")
     return [(pick[0], want)]
 
 
@@ -99,7 +107,9 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
         raise ConfigError(f"--hookpoint: give one, or one per dictionary ({len(dictionaries)} dictionaries, "
                           f"{len(hookpoints)} hookpoints)")
     targets = []
-    for spec, hp in [m for spec, hp in zip(dictionaries, hookpoints) for m in _members(spec, hp, subject, device)]:
+    members = [m for spec, hp in zip(dictionaries, hookpoints)
+               for m in _members(spec, hp, subject, device, norm_scaling_factor)]
+    for spec, hp in members:
         d = _load_dictionary(spec, subject, hp, device, norm_scaling_factor)
         if hp is None:
             if not getattr(d, "hookpoint", None):
@@ -142,9 +152,17 @@ def _identity(subject: SubjectModel, t: Target, corpus: CorpusSpec, cfg: Collect
     }
 
 
+# identity fields added after caches were already made, with the value those caches were made with
+_IDENTITY_DEFAULTS = {"dictionary": {"encode_dtype": "float32", "norm_scaling_factor": None}}
+
+
 def _same_run(a: dict, b: dict) -> bool:
     keys = ("model", "model_dtype", "ignored_positions", "hookpoint", "dictionary", "corpus", "collector")
-    return all(a.get(k) == b.get(k) for k in keys)
+
+    def norm(m: dict, k: str):
+        v = m.get(k)
+        return {**_IDENTITY_DEFAULTS[k], **v} if k in _IDENTITY_DEFAULTS and isinstance(v, dict) else v
+    return all(norm(a, k) == norm(b, k) for k in keys)
 
 
 def _describe(m: dict) -> str:
@@ -442,8 +460,9 @@ def encode_for_collector(dictionary, x: torch.Tensor, ignore: torch.Tensor):
     sparse = dictionary.encode_topk(x.to(torch.float32))
     if sparse is None:
         codes = dictionary.encode(x.to(torch.float32))
-        codes[ignore] = 0
-        return codes
+        # not in place: an identity-like encoder (raw neurons) returns x itself, which other dictionaries on the
+        # same hookpoint still read
+        return codes.masked_fill(ignore[..., None], 0)
     vals, idx = sparse
     vals[ignore] = 0
     return SparseCodes(vals, idx, dictionary.n_latents)

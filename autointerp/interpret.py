@@ -200,7 +200,11 @@ def _scorer_config(name: str, cfg: InterpretConfig, pool: NegativePool | None, e
     if cfg.prompt_dir is not None:
         base["prompt_dir"] = Path(cfg.prompt_dir)
     kw = {k: v for k, v in {**base, **extra}.items() if k in fields}
-    kw.update(check_scorer_options(cfg.scorers, {name: cfg.scorer_options.get(name, {})})[name])
+    raw = cfg.scorer_options.get(name, {})
+    for k, v in check_scorer_options(cfg.scorers, {name: raw})[name].items():
+        if isinstance(raw[k], Mapping) and dataclasses.is_dataclass(kw.get(k)):
+            v = dataclasses.replace(kw[k], **raw[k])  # a dict updates the job's value (e.g. its sampling)
+        kw[k] = v
     return scorer, scorer.Config(**kw)
 
 

@@ -110,11 +110,14 @@ def _materialize_builtin(name: str) -> Path:
 
 def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
                    gguf_file: str | None = None):
-    """(model, tokenizer) in eval mode. `spec`: builtin:NAME, a local folder, a .gguf file, or a hub id."""
+    """(model, tokenizer) in eval mode. `spec`: builtin:NAME, a local folder, a .gguf file, a hub id, or
+    `hub/id::file.gguf` (a GGUF file inside a hub repo; the same as passing `gguf_file`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if gguf_file is None and "::" in spec and not Path(spec).expanduser().exists():
+        spec, gguf_file = spec.rsplit("::", 1)  # `hub/id::file.gguf`, as load_subject records it
     source = resolve_model_source(spec)
     kwargs = {}
     if isinstance(source, Path) and source.suffix == ".gguf":

@@ -228,9 +228,12 @@ def load_subject(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: st
                  gguf_file: str | None = None) -> SubjectModel:
     """`gguf_file`: a GGUF file name inside the folder or hub repo `spec` (a `.gguf` path as `spec` needs none)."""
     model, tok = load_causal_lm(spec, device=device, dtype=dtype, gguf_file=gguf_file)
-    # recorded in run manifests and reloaded from there: a local folder + file is itself a loadable .gguf path
+    # recorded in run manifests and reloaded from there (intervention, surprisal), and part of a run's identity:
+    # a local folder + file is itself a loadable .gguf path; a hub id + file is `hub/id::file`
     if gguf_file and Path(spec).expanduser().is_dir():
         spec = str(Path(spec).expanduser() / gguf_file)
+    elif gguf_file:
+        spec = f"{spec}::{gguf_file}"
     return SubjectModel(model, tok, spec)
 
 

@@ -302,6 +302,15 @@ def test_cached_dictionary_reloads_the_set_member_it_was_made_with(subject, tmp_
     assert sorted(c.manifest["hookpoint"] for c in both) == ["resid_post.1", "resid_post.2"]
     with pytest.raises(ConfigError, match="no member at hookpoint resid_post.3"):
         extract(subject, str(parent), "resid_post.3", "builtin", tmp_path / "none", **SMALL)
+    # the factor reaches the member (and is refused for sparsify) instead of being dropped on the way
+    with pytest.raises(ConfigError, match="norm_scaling_factor applies to saelens checkpoints only"):
+        extract(subject, str(parent), "layers.1", "builtin", tmp_path / "nsf", norm_scaling_factor=2.0, **SMALL)
+    # with a hookpoint, only that member is read: a broken sibling does not matter
+    (parent / "layers.2" / "sae.safetensors").write_bytes(b"not a safetensors file")
+    (one,) = extract(subject, str(parent), "resid_post.1", "builtin", tmp_path / "one", **SMALL)
+    assert one.manifest["dictionary"]["id"] == entry["id"]
+    with pytest.raises(ConfigError, match="layers.2"):
+        extract(subject, str(parent), None, "builtin", tmp_path / "broken", **SMALL)
 
 
 def test_encode_dtype_bfloat16_is_recorded_and_close_to_float32(subject, tmp_path):
@@ -437,3 +446,36 @@ def test_bad_line_deep_in_a_local_corpus_fails_before_anything_is_written(subjec
     small.write_text("".join(corpus.read_text().splitlines(keepends=True)[:300]))
     (cache,) = extract(subject, DICT, HOOK, str(small), tmp_path / "ok", **{**SMALL, "n_tokens": 400_000})
     assert 0 < cache.n_tokens < 400_000
+
+
+def test_raw_neurons_beside_another_dictionary_leave_the_shared_activations_alone(subject):
+    """Raw neurons' codes are the captured activations themselves: zeroing ignored positions must not write
+    into the tensor the next dictionary on the same hookpoint encodes."""
+    from autointerp.collector import DenseCodes
+    from autointerp.dictionaries import load_dictionary
+    from autointerp.extract import encode_for_collector
+
+    x = torch.randn(2, 5, 16)
+    before = x.clone()
+    ignore = torch.zeros(2, 5, dtype=torch.bool)
+    ignore[0, 3] = True
+    codes = encode_for_collector(load_dictionary("neurons", d_in=16), x, ignore)
+    codes = codes.codes if isinstance(codes, DenseCodes) else codes
+    assert torch.equal(x, before)
+    assert (codes[0, 3] == 0).all() and torch.equal(codes[1], x[1])
+
+
+def test_caches_made_before_new_identity_fields_still_count_as_the_same_run(subject, tmp_path):
+    """A cache written before `encode_dtype`/`norm_scaling_factor` entered the run identity is found complete by
+    the same command (not refused as 'another run'); a real difference still counts."""
+    out = tmp_path / "c"
+    extract(subject, DICT, HOOK, "builtin", out, **SMALL)
+    m = json.loads((out / "manifest.json").read_text())
+    for key in ("encode_dtype", "norm_scaling_factor"):
+        del m["dictionary"][key]
+    (out / "manifest.json").write_text(json.dumps(m))
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    extract(subject, DICT, HOOK, "builtin", out, **SMALL)  # complete already: nothing to do
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match="another run"):
+        extract(subject, DICT, HOOK, "builtin", out, encode_dtype="bfloat16", **SMALL)

@@ -275,6 +275,17 @@ def test_cli_scorer_options(cache, tmp_path):
         assert scores["intruder"]["details"]["n_calls"] == 2
 
 
+def test_a_sampling_option_updates_the_jobs_sampling_not_the_default():
+    from autointerp.interpret import _scorer_config
+
+    cfg = InterpretConfig(sampling=SamplingConfig(n_test=7, n_negatives=9), scorers=("detection", "fuzzing"),
+                          scorer_options={"detection": {"sampling": {"n_negatives": 3}}})
+    _, det = _scorer_config("detection", cfg, None, {})
+    _, fuzz = _scorer_config("fuzzing", cfg, None, {})
+    assert (det.sampling.n_test, det.sampling.n_negatives) == (7, 3)
+    assert (fuzz.sampling.n_test, fuzz.sampling.n_negatives) == (7, 9)
+
+
 def test_surprisal_and_intervention_in_a_job(cache, tmp_path):
     """The models these scorers run reach them through the CLI's scorer context (the subject model for surprisal, a
     steering target at the cache's hookpoint for intervention), and both read templates from the job's prompt dir."""

@@ -146,6 +146,9 @@ def test_target_from_subject_and_dictionary(lm, record):
         t2 = iv.SteeringTarget.from_subject(subject, tc, passed)
         assert (t2.hookpoint.module_path, t2.hookpoint.mode) == ("model.layers.5.mlp", "output"), passed
         assert (t2.read_hookpoint.module_path, t2.read_hookpoint.mode) == ("model.layers.5.mlp", "input"), passed
+    # a cache made explicitly at the module's output (extract keeps an explicit ':output'): read where it was made
+    t_out = iv.SteeringTarget.from_subject(subject, tc, "model.layers.5.mlp:output")
+    assert (t_out.hookpoint.mode, t_out.read_hookpoint.mode) == ("output", "output")
     # the steering really lands on the MLP's output: the same logits as adding the vector to mlp_out.5
     ids = tok("The weather today is", return_tensors="pt").input_ids
     with steer(model, t2.hookpoint, t2.direction(7), 30.0):

@@ -277,7 +277,7 @@ def _smollm2_gguf():
 
 
 @pytest.mark.slow
-def test_load_subject_with_explicit_gguf_file(subject):
+def test_load_subject_with_explicit_gguf_file(subject, tmp_path):
     """~25 s: transformers dequantizes the GGUF on every direct load (only builtin: keeps a float copy)."""
     from pathlib import Path
 
@@ -291,6 +291,23 @@ def test_load_subject_with_explicit_gguf_file(subject):
     for name, p in s.model.named_parameters():
         torch.testing.assert_close(p, ref[name], msg=name)
     assert s.tokenizer("hello world")["input_ids"] == subject.tokenizer("hello world")["input_ids"]
+    # a GGUF inside a hub repo (a real HF cache layout, offline): recorded as `repo::file`, which reloads as itself
+    hub = tmp_path / "hub" / "models--org--smol"
+    (hub / "snapshots").mkdir(parents=True)
+    os.symlink(folder, hub / "snapshots" / ("b" * 40))
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("b" * 40)
+    code = ("from autointerp.subject import load_subject; from autointerp.models import load_causal_lm; "
+            f"s = load_subject('org/smol', device='cpu', gguf_file={filename!r}); print(s.spec); "
+            "print(float(sum(p.double().sum() for p in s.model.parameters())))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spec, total = r.stdout.strip().splitlines()[-2:]
+    assert spec == f"org/smol::{filename}"
+    assert float(total) == pytest.approx(float(sum(p.double().sum() for p in subject.model.parameters())), rel=1e-9)
+    with pytest.raises(ConfigError, match="missing.gguf"):  # the `::file` part really reaches the loader
+        load_subject("org/none::missing.gguf", device="cpu")
 
 
 @pytest.mark.slow

@@ -204,8 +204,10 @@ def load_dictionary_set(
     format: str = "auto",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    norm_scaling_factor: float | None = None,
 ) -> dict[str, Dictionary]:
-    """All dictionaries in a parent folder (e.g. sparsify: one subfolder per hookpoint), keyed by hookpoint.
+    """All dictionaries in a parent folder (e.g. sparsify: one subfolder per hookpoint), keyed by hookpoint;
+    only the subfolders named in `hookpoints` when given. `norm_scaling_factor` applies to every member.
 
     A hub id downloads only the named `hookpoints` subfolders when given, else the whole repo.
     A folder that is itself one dictionary gives a one-entry dict.
@@ -240,7 +242,7 @@ def load_dictionary_set(
     out: dict[str, Dictionary] = {}
     for f in folders:
         folder, fmt, _, _ = _resolve_folder(f, format, None)
-        d = _load_folder(folder, fmt, where, spec, None, device, dtype, None)
+        d = _load_folder(folder, fmt, where, spec, None, device, dtype, norm_scaling_factor)
         key = d.hookpoint or folder.name
         if key in out:
             raise ConfigError(f"{where.path}: two dictionaries share hookpoint '{key}' ({out[key].id} and {d.id})")

@@ -101,7 +101,7 @@ class SteeringTarget:
         if getattr(dictionary, "transcoder", False):
             if hp.mode == "input":
                 hp = Hookpoint(f"{hp.module_path}:output", hp.module_path, "output", hp.module)
-            else:
+            elif not name.endswith(":output"):  # an explicit ':output' read side is kept, as extract keeps it
                 read = Hookpoint(f"{hp.module_path}:input", hp.module_path, "input", hp.module)
         return cls(subject.model, subject.tokenizer, hp, dictionary, read_hookpoint=read, **kw)
 
