@@ -94,7 +94,9 @@ def _builtin_documents(kind: str) -> tuple[str, ...]:
 def _read_jsonl(path: Path, column: str) -> Iterator[str]:
     """Documents one line at a time (memory is one line, never the file)."""
     with path.open("rb") as f:  # bytes, decoded per line, so a bad byte is reported at its own line
-        for lineno, raw in enumerate(f, 1):
+        # \n, \r\n and lone \r all end a line (as in text mode); JSON text holds no raw \r, so this never cuts a row
+        lines = (sub for chunk in f for sub in (chunk.splitlines() or [b""]))
+        for lineno, raw in enumerate(lines, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

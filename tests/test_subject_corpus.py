@@ -234,6 +234,20 @@ def test_non_utf8_jsonl_names_file_and_line(subject, tmp_path):
         list(iter_windows(CorpusSpec(source=str(bad), n_tokens=64, ctx_len=32), subject.tokenizer))
 
 
+def test_jsonl_line_endings(tmp_path):
+    from autointerp.corpus import iter_documents
+
+    rows = [json.dumps({"text": f"row {i}"}) for i in range(4)]
+    for name, sep in (("unix", "\n"), ("dos", "\r\n"), ("mac", "\r")):
+        (tmp_path / f"{name}.jsonl").write_bytes((sep.join(rows) + sep).encode())
+        got = sorted(iter_documents(CorpusSpec(source=str(tmp_path / f"{name}.jsonl"))))
+        assert got == [f"row {i}" for i in range(4)], name
+    # line numbers in errors count every kind of line end, blank lines included
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r{"oops"\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:4: invalid JSON"):
+        list(iter_documents(CorpusSpec(source=str(tmp_path / "bad.jsonl"))))
+
+
 def test_model_folder_with_garbage_config_is_a_config_error(tmp_path):
     from autointerp.models import load_causal_lm
 
