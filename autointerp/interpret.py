@@ -30,10 +30,12 @@ from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
+from .aio import first_error, gather_or_cancel
 from .cache import LatentCache
-from .errors import AutointerpError, ConfigError
+from .errors import ConfigError
 from .explainers import EXPLAINERS, ExplainConfig, Explanation, check_kind, explain
 from .explainers import templates as explainer_templates
+from .llm import usage_scope
 from .llm.base import LLMError, PermanentLLMError, Usage
 from .records import Examples
 from .sampling import NegativePool, SamplingConfig, Skipped
@@ -208,31 +210,16 @@ def _scorer_config(name: str, cfg: InterpretConfig, pool: NegativePool | None, e
     return scorer, scorer.Config(**kw)
 
 
-def _first_error(eg: BaseExceptionGroup) -> BaseException:
-    """What a failed TaskGroup raises: the first error that stops a job (permanent LLM error, bad input), else the
-    first of any kind; the others are logged."""
-    leaves: list[BaseException] = []
-
-    def walk(g: BaseExceptionGroup) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                walk(e)
-            else:
-                leaves.append(e)
-
-    walk(eg)
-    first = next((e for e in leaves if isinstance(e, (PermanentLLMError, AutointerpError))), leaves[0])
-    for e in leaves:
-        if e is not first:
-            log.warning("also failed: %s: %s", type(e).__name__, e)
-    return first
+def _total(usages) -> Usage:
+    total = Usage()
+    for u in usages:
+        total.add(u)
+    return total
 
 
 def _usage_row(base: dict, latent: int, judge_model: str, stages: dict[str, Usage]) -> dict:
     """A latent's LLM usage in this run: the total over its stages, and each stage's part."""
-    total = Usage()
-    for u in stages.values():
-        total.add(u)
+    total = _total(stages.values())
     return {**base, "type": "latent_usage", "latent": latent, "judge_model": judge_model, "usage": total.as_dict(),
             "stages": {k: u.as_dict() for k, u in stages.items()}, "created": _now()}
 
@@ -298,51 +285,63 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
             record = cache.record(latent)
             new_rows: list[dict] = []
             stages: dict[str, Usage] = {}  # what this run spent on the latent, per stage
-            try:
-                if latent in done_expl:
-                    r = done_expl[latent]
-                    expl = Explanation(latent, r["text"], r["explainer"], r["prompt_version"], r["model"], r["seed"],
-                                       examples_used=tuple(r.get("examples_used", ())))
-                else:
-                    expl = await explain(record, explainer_client, kind=config.explainer, config=expl_cfg,
-                                         seed=config.seed)
-                    if isinstance(expl, Skipped):
-                        usage = expl.usage or Usage()
-                        new_rows.append({**base, "type": "explanation", "latent": latent, "skipped": expl.reason,
-                                         "text": None, "usage": usage.as_dict(), "created": _now()})
-                        new_rows.append(_usage_row(base, latent, judge_model, {"explanation": usage}))
-                        summary.usage.add(usage)
-                        summary.latents_skipped += 1
-                        await writer.write(new_rows)
-                        return
-                    new_rows.append({**base, "type": "explanation", "latent": latent, "text": expl.text,
-                                     "model": expl.model, "prompt_version": expl.prompt_version,
-                                     "usage": expl.usage.as_dict(), "examples_used": list(expl.examples_used),
-                                     "parsed": expl.parsed, "created": _now()})
-                    summary.usage.add(expl.usage)
-                    stages["explanation"] = expl.usage
-                results = await asyncio.gather(*(s.score(record, expl, judge_client, config=c, seed=config.seed)
-                                                 for s, c in todo))
-                for res in results:
-                    new_rows.append({**base, "type": "score", "latent": latent, "scorer": res.scorer,
-                                     "explanation": expl.text, "model": res.model, "judge_model": judge_model,
-                                     "prompt_version": res.prompt_version, "metrics": res.metrics,
-                                     "skipped": res.skipped, "usage": res.usage.as_dict(), "details": res.details,
-                                     "created": _now()})
-                    summary.usage.add(res.usage)
-                    stages[res.scorer] = res.usage
-                new_rows.append(_usage_row(base, latent, judge_model, stages))
-            except PermanentLLMError as e:
-                stop.set()
-                summary.errors.append(f"latent {latent}: {e}")
-                raise
-            except LLMError as e:  # transient, retries exhausted: leave the latent for the next run
-                summary.latents_failed += 1
-                summary.errors.append(f"latent {latent}: {e}")
-                log.warning("latent %d failed: %s", latent, e)
-                return
-            finally:
-                bar.update(1)
+            with usage_scope() as spent:  # every call of this latent, including those of a stage that fails
+                try:
+                    if latent in done_expl:
+                        r = done_expl[latent]
+                        expl = Explanation(latent, r["text"], r["explainer"], r["prompt_version"], r["model"],
+                                           r["seed"], examples_used=tuple(r.get("examples_used", ())))
+                    else:
+                        expl = await explain(record, explainer_client, kind=config.explainer, config=expl_cfg,
+                                             seed=config.seed)
+                        if isinstance(expl, Skipped):
+                            usage = expl.usage or Usage()
+                            new_rows.append({**base, "type": "explanation", "latent": latent,
+                                             "skipped": expl.reason, "text": None, "usage": usage.as_dict(),
+                                             "created": _now()})
+                            new_rows.append(_usage_row(base, latent, judge_model, {"explanation": usage}))
+                            summary.usage.add(usage)
+                            summary.latents_skipped += 1
+                            await writer.write(new_rows)
+                            return
+                        new_rows.append({**base, "type": "explanation", "latent": latent, "text": expl.text,
+                                         "model": expl.model, "prompt_version": expl.prompt_version,
+                                         "usage": expl.usage.as_dict(), "examples_used": list(expl.examples_used),
+                                         "parsed": expl.parsed, "created": _now()})
+                        stages["explanation"] = expl.usage
+                    # one scorer failing for good cancels the others: no paid calls whose answers nobody reads
+                    results = await gather_or_cancel(*(s.score(record, expl, judge_client, config=c,
+                                                               seed=config.seed) for s, c in todo))
+                    for res in results:
+                        new_rows.append({**base, "type": "score", "latent": latent, "scorer": res.scorer,
+                                         "explanation": expl.text, "model": res.model, "judge_model": judge_model,
+                                         "prompt_version": res.prompt_version, "metrics": res.metrics,
+                                         "skipped": res.skipped, "usage": res.usage.as_dict(),
+                                         "details": res.details, "created": _now()})
+                        stages[res.scorer] = res.usage
+                    new_rows.append(_usage_row(base, latent, judge_model, stages))
+                    for u in stages.values():
+                        summary.usage.add(u)
+                except LLMError as e:
+                    # what the latent spent until it failed still counts (the scope sees every metered call; a
+                    # client without metering reports only the stages that finished)
+                    lost = spent if spent.calls or spent.cached_calls else _total(stages.values())
+                    summary.usage.add(lost)
+                    summary.errors.append(f"latent {latent}: {e}")
+                    if lost.calls or lost.cached_calls:
+                        await writer.write([{**_usage_row(base, latent, judge_model, {"until_failure": lost}),
+                                             "error": f"{type(e).__name__}: {e}"}])
+                    if isinstance(e, PermanentLLMError):
+                        stop.set()
+                        raise
+                    summary.latents_failed += 1  # transient, retries exhausted: left for the next run
+                    log.warning("latent %d failed: %s", latent, e)
+                    return
+                except BaseException:  # bad input, cancellation: the job stops, its total still counts the spend
+                    summary.usage.add(spent if spent.calls or spent.cached_calls else _total(stages.values()))
+                    raise
+                finally:
+                    bar.update(1)
             await writer.write(new_rows)
             summary.latents_done += 1
 
@@ -354,7 +353,7 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
             for i in latents:
                 tg.create_task(one(int(i)))
     except BaseExceptionGroup as eg:
-        error = _first_error(eg)
+        error = first_error(eg)
         raise error from None  # one clear error for the caller (the CLI prints one line), not a group
     except BaseException as e:  # Ctrl-C, cancellation
         error = e

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import zlib
 from collections import Counter
 
@@ -156,3 +157,14 @@ def flaky_judge(messages, params):
 
 def nonsense_judge(messages, params):
     return "no idea"
+
+
+def failing_fuzzing_judge(messages, params):
+    """Fuzzing requests fail (HTTP 500); detection answers come slowly: one scorer of a latent fails for good
+    while the other's calls are still in flight."""
+    task = task_of(messages)
+    if task == "fuzzing":
+        raise RuntimeError("fuzzing is down")
+    if task == "detection":
+        time.sleep(1.0)
+    return rule_judge(messages, params)

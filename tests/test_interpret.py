@@ -15,7 +15,7 @@ from autointerp import cli
 from autointerp.errors import ConfigError
 from autointerp.extract import extract
 from autointerp.interpret import InterpretConfig, interpret, read_results
-from autointerp.llm import PermanentLLMError, Usage, make_client
+from autointerp.llm import LLMError, PermanentLLMError, Usage, make_client
 from autointerp.prompt_files import load_prompt, prompts_dir
 from autointerp.sampling import SamplingConfig
 from llm_server_fixture import start_llm_server
@@ -273,6 +273,64 @@ def test_cli_scorer_options(cache, tmp_path):
     assert scores["detection"]["skipped"] is None  # the batch size was really exercised
     if not scores["intruder"]["skipped"]:
         assert scores["intruder"]["details"]["n_calls"] == 2
+
+
+def test_a_scorer_failing_for_good_cancels_the_latents_other_calls_and_its_spend_is_counted(cache, tmp_path):
+    """Fuzzing fails after its retries while detection's calls are in flight: those are cancelled (not paid for
+    and dropped), the latent is left for the next run with no score rows, and what it spent until then (its
+    explanation) is in a usage row and in the job's total."""
+    from autointerp.sampling import Skipped, sample_latent
+
+    latents = [int(i) for i in cache.alive_latents()
+               if not isinstance(sample_latent(cache.record(int(i)), SMALL_SAMPLING, 0), Skipped)][:2]
+    out = tmp_path / "r.jsonl"
+    with start_llm_server(judge="judges:failing_fuzzing_judge", models=["judge"]) as srv:
+        async def go():
+            async with _client(srv) as client:
+                s = await interpret(cache, latents, explainer_client=client, judge_client=client, out=out,
+                                    progress=False, config=InterpretConfig(sampling=SMALL_SAMPLING,
+                                                                           hard_negatives=False))
+                return s, client.usage_total
+        s, client_total = asyncio.run(go())
+        stats = srv.stats()
+    assert s.latents_failed == len(latents) and s.latents_done == 0
+    rows = read_results(out)
+    assert not [r for r in rows if r["type"] == "score"]
+    assert stats["by_status"].get("500", 0) + stats["by_status"].get(500, 0) >= 2 * len(latents)  # tried + retried
+    usage_rows = [r for r in rows if r["type"] == "latent_usage"]
+    assert sorted(r["latent"] for r in usage_rows) == sorted(latents)
+    for r in usage_rows:
+        assert set(r["stages"]) == {"until_failure"} and "fuzzing is down" in r["error"]
+        assert r["usage"]["calls"] == 1  # the explanation; detection's answers never arrived
+    (job,) = [r for r in rows if r["type"] == "job"]
+    assert job["usage"] == s.usage.as_dict() == _total(r["usage"] for r in usage_rows)
+    assert s.usage.calls == client_total.calls  # every answer the client received is in the job's total
+
+
+def test_gather_or_cancel_cancels_the_rest_and_raises_the_error_itself():
+    from autointerp.aio import gather_or_cancel
+
+    state = {"finished": False, "cancelled": False}
+
+    async def fails():
+        await asyncio.sleep(0.01)
+        raise LLMError("boom")
+
+    async def slow():
+        try:
+            await asyncio.sleep(5)
+            state["finished"] = True
+        except asyncio.CancelledError:
+            state["cancelled"] = True
+            raise
+
+    async def ok(v):
+        return v
+
+    with pytest.raises(LLMError, match="boom"):
+        asyncio.run(gather_or_cancel(slow(), fails()))
+    assert state == {"finished": False, "cancelled": True}
+    assert asyncio.run(gather_or_cancel(ok(1), ok(2), ok(3))) == [1, 2, 3]
 
 
 def test_a_sampling_option_updates_the_jobs_sampling_not_the_default():

@@ -9,7 +9,6 @@ token, which gives an AUC; otherwise `auc` is None.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..aio import gather_or_cancel
 from ..formatting import numbered
 from ..llm.base import Completion, LLMClient, SamplingParams, Usage
 from ..metrics import binary_metrics, per_group_accuracy
@@ -123,7 +123,7 @@ async def classify(
         )
         return idx, await client.complete(messages, params)
 
-    done = await asyncio.gather(*(one(b) for b in batches))
+    done = await gather_or_cancel(*(one(b) for b in batches))
     pred = np.full(n, -1, np.int64)
     prob = np.full(n, np.nan)
     usage, failures, model = Usage(), [], ""

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..aio import gather_or_cancel
 from ..errors import ConfigError
 from ..formatting import escape_token, neutralise_markers
 from ..llm.base import LLMClient, SamplingParams, Usage
@@ -315,7 +316,7 @@ async def score(
         params = SamplingParams(max_tokens=cfg.judge_max_tokens * len(batch) + 16, temperature=0.0, seed=seed)
         return batch, await client.complete(msgs, params)
 
-    for batch, comp in await asyncio.gather(*(judge(b) for b in batches)):
+    for batch, comp in await gather_or_cancel(*(judge(b) for b in batches)):
         usage.add(comp.usage)
         answers = parse_answers(comp.text, len(batch))
         for k, it in enumerate(batch, 1):

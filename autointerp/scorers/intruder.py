@@ -8,11 +8,11 @@ n_failed, not as wrong. Trials run concurrently, one call each.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..aio import gather_or_cancel
 from ..errors import ConfigError
 from ..formatting import highlight_mask, numbered, render_tokens
 from ..llm.base import LLMClient, SamplingParams, Usage
@@ -98,7 +98,7 @@ async def score(
         params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, seed=seed)
         return await client.complete(tpl.render(examples=numbered(lines)), params)
 
-    done = await asyncio.gather(*(one(lines) for _, _, lines in trials))
+    done = await gather_or_cancel(*(one(lines) for _, _, lines in trials))
     usage, rows, model = Usage(), [], ""
     for (pos, wid, _), c in zip(trials, done):
         usage.add(c.usage)

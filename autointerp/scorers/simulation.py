@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..aio import gather_or_cancel
 from ..errors import ConfigError
 from ..formatting import escape_token, neutralise_markers
 from ..llm.base import ChatMessage, Completion, LLMClient, SamplingParams, TokenLogprob, Usage
@@ -312,7 +313,7 @@ async def score(
     preds: list[np.ndarray | None] = [None] * len(ex)
     n_failed_tokens = 0
     no_logprobs = 0
-    for batch, comp in await asyncio.gather(*(run(b) for b in batches)):
+    for batch, comp in await gather_or_cancel(*(run(b) for b in batches)):
         usage.add(comp.usage)
         if mode == "logprob":
             no_logprobs += comp.logprobs is None
