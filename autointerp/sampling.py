@@ -122,13 +122,19 @@ def _smallest(keys: np.ndarray, among: np.ndarray, k: int) -> np.ndarray:
 class NegativePool:
     """Window embeddings keyed by window id: the pool is embedded once at build, other windows on first use.
 
-    `embed_fn(texts) -> [n, d]` unit vectors; defaults to the local MiniLM (`autointerp.embedder.embed`).
+    `embed_fn(texts) -> [n, d]` unit vectors; defaults to `autointerp.embedder.embed` with the sentence embedder
+    `embedder` (None: $AUTOINTERP_EMBEDDER or the local MiniLM). `embedder` names the vectors' space: a scorer that
+    embeds with another model must not mix its vectors with these.
     """
 
-    def __init__(self, embed_fn: Callable[[list[str]], np.ndarray] | None = None):
+    def __init__(self, embed_fn: Callable[[list[str]], np.ndarray] | None = None, embedder: str | None = None):
         if embed_fn is None:
-            from .embedder import embed as embed_fn
+            from .embedder import embed
+
+            def embed_fn(texts: list[str]) -> np.ndarray:
+                return embed(texts, embedder)
         self._embed = embed_fn
+        self.embedder = embedder
         self._index: dict[int, int] = {}
         self._blocks: list[np.ndarray] = []
         self._mat: np.ndarray | None = None
@@ -136,20 +142,22 @@ class NegativePool:
         self.n_embedded = 0  # texts sent to embed_fn (tests check the pool is not re-embedded)
 
     @classmethod
-    def from_texts(cls, window_ids: Sequence[int], texts: Sequence[str], embed_fn=None) -> "NegativePool":
-        pool = cls(embed_fn)
+    def from_texts(cls, window_ids: Sequence[int], texts: Sequence[str], embed_fn=None,
+                   embedder: str | None = None) -> "NegativePool":
+        pool = cls(embed_fn, embedder)
         pool.add(window_ids, texts)
         return pool
 
     @classmethod
-    def from_examples(cls, examples: Examples, decode, embed_fn=None) -> "NegativePool":
+    def from_examples(cls, examples: Examples, decode, embed_fn=None, embedder: str | None = None) -> "NegativePool":
         texts = [plain_text(_decode(decode, t)) for t in examples.tokens]
-        return cls.from_texts(examples.window_ids, texts, embed_fn)
+        return cls.from_texts(examples.window_ids, texts, embed_fn, embedder)
 
     @classmethod
-    def from_matrix(cls, window_ids: Sequence[int], matrix: np.ndarray, embed_fn=None) -> "NegativePool":
-        """Reuse embeddings computed elsewhere (e.g. saved with the cache)."""
-        pool = cls(embed_fn)
+    def from_matrix(cls, window_ids: Sequence[int], matrix: np.ndarray, embed_fn=None,
+                    embedder: str | None = None) -> "NegativePool":
+        """Reuse embeddings computed elsewhere (e.g. saved with the cache), made with `embedder`."""
+        pool = cls(embed_fn, embedder)
         pool._insert([int(i) for i in window_ids], np.asarray(matrix, np.float32))
         return pool
 
@@ -161,9 +169,11 @@ class NegativePool:
 
     def _insert(self, ids: list[int], vecs: np.ndarray) -> None:
         with self._lock:
-            new = [(i, v) for i, v in zip(ids, vecs) if i not in self._index]
-            for i, _ in new:
-                self._index[i] = len(self._index)
+            new: list[tuple[int, np.ndarray]] = []
+            for i, v in zip(ids, vecs):
+                if i not in self._index:  # the first row of an id repeated in the input, as its one row
+                    self._index[i] = len(self._index)
+                    new.append((i, v))
             if new:
                 self._blocks.append(np.stack([v for _, v in new]).astype(np.float32))
                 self._mat = None

@@ -83,3 +83,42 @@ def test_skips_without_enough_examples(record):
     res = asyncio.run(emb.score(tiny, "animals", None, config=CFG))
     assert res.skipped and not res.metrics
     assert np.isfinite(asyncio.run(emb.score(record, "animals", None, config=CFG)).metrics["auc"])
+
+
+def test_a_pool_from_another_embedder_is_not_mixed_into_the_scores(record, monkeypatch):
+    """The job's negative pool may have been embedded with another model than the scorer's: its vectors are then
+    not used for scoring (another vector space, maybe another width), only the scorer's own embedder's."""
+    from dataclasses import replace
+
+    from autointerp.sampling import NegativePool
+
+    def other_model(texts):  # 8-d unit vectors: not MiniLM's 384-d space
+        v = np.random.default_rng(len(texts)).normal(size=(len(texts), 8)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    pool = NegativePool.from_examples(record.negatives, record.decode, other_model, embedder="other/model-8d")
+    got = asyncio.run(emb.score(record, "animals, such as pets and farm animals", None,
+                                config=replace(CFG, pool=pool)))
+    assert got.skipped is None and got.model == emb.DEFAULT_EMBEDDER and got.metrics["auc"] > 0.9
+    # a pool in the scorer's own space does supply the window vectors: the scorer embeds only the explanation
+    same = NegativePool.from_examples(record.negatives, record.decode)
+    calls = []
+    real = emb.embed
+
+    def counting(texts, name=None):
+        calls.append(len(texts))
+        return real(texts, name)
+
+    monkeypatch.setattr(emb, "embed", counting)
+    res = asyncio.run(emb.score(record, "animals, such as pets and farm animals", None,
+                                config=replace(CFG, pool=same)))
+    assert calls == [1] and res.metrics["auc"] > 0.9
+
+
+def test_pool_from_matrix_with_a_repeated_id_keeps_rows_aligned():
+    from autointerp.sampling import NegativePool
+
+    m = np.eye(4, dtype=np.float32)
+    pool = NegativePool.from_matrix([1, 1, 2, 3], m, embed_fn=lambda t: None)
+    assert len(pool) == 3
+    np.testing.assert_array_equal(pool.matrix([1, 2, 3]), m[[0, 2, 3]])

@@ -10,6 +10,7 @@ window id so records from different caches can never collide.)
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ def _texts(record: LatentRecord, ex: Examples) -> list[str]:
     return [plain_text(record.token_strings(t)) for t in ex.tokens]
 
 
+def _embedder_name(name: str | None) -> str:
+    return name or os.environ.get("AUTOINTERP_EMBEDDER") or DEFAULT_EMBEDDER
+
+
 def _pool_vectors(pool: NegativePool, record: LatentRecord, ex: Examples) -> np.ndarray:
     row = {int(w): k for k, w in enumerate(ex.window_ids)}
     return pool.matrix(ex.window_ids, lambda ids: _texts(record, ex.take([row[int(i)] for i in ids])))
@@ -128,13 +133,16 @@ def score_many(
     parts = [explanation_parts(e) for e in explanations]
     explanations = [t for t, _ in parts]
     sets = [select_test_examples(r, cfg.sampling, seed, cfg.pool, used) for r, (_, used) in zip(records, parts)]
+    # the pool's window vectors serve only when they come from this scorer's embedder (else: another vector space)
+    pool = cfg.pool if cfg.pool is not None and _embedder_name(cfg.pool.embedder) == _embedder_name(cfg.embedder) \
+        else None
     texts, spans = [], []
     for r, picked in zip(records, sets):
         n = 0 if isinstance(picked, Skipped) else len(picked[0])
         spans.append((len(texts), len(texts) + n))
-        if n and cfg.pool is None:
+        if n and pool is None:
             texts += _texts(r, picked[0])
-    W = cache.get(texts, cfg.embedder) if cfg.pool is None else None
+    W = cache.get(texts, cfg.embedder) if pool is None else None
     Q = embed([cfg.query_prefix + e for e in explanations], cfg.embedder)
     out = []
     for i, (r, picked, (a, b)) in enumerate(zip(records, sets, spans)):
@@ -143,8 +151,8 @@ def score_many(
                                    skipped=picked.reason))
             continue
         ex, labels = picked
-        if cfg.pool is not None:
-            vecs = _pool_vectors(cfg.pool, r, ex)
+        if pool is not None:
+            vecs = _pool_vectors(pool, r, ex)
         else:
             vecs = W[a:b]
         out.append(_result(r, ex, Q[i], vecs, labels, cfg, seed))
