@@ -125,6 +125,17 @@ def test_scorer_accuracy_and_effect(target, record):
     assert res.usage.calls == 1 and res.prompt_version.startswith("intervention@")
 
 
+def test_a_judge_without_one_parsable_answer_gives_no_score(target, record):
+    """Identical pairs (a strength too small to change the text) are worth chance only beside real judgements:
+    when the judge answers nothing usable, the latent is skipped, not scored 0.5."""
+    cfg = iv.InterventionConfig(target=target, strengths=(1e-6, 2.0), prompts=PROMPTS[:2], max_new_tokens=6)
+    with start_llm_server(judge="judges:nonsense_judge") as srv:
+        res = asyncio.run(iv.score(record, "the word wedding", _client(srv), config=cfg, seed=3))
+    m = res.metrics
+    assert m["n_identical"] == 2 and m["n_failed"] == 2  # s=1e-6 changes nothing; s=2 pairs differ, unanswered
+    assert res.skipped == "judge gave no parsable answer" and m["accuracy"] is None and m["effect_size"] is None
+
+
 def test_target_from_subject_and_dictionary(lm, record):
     from types import SimpleNamespace
 

@@ -322,9 +322,11 @@ async def score(
         for k, it in enumerate(batch, 1):
             it["answer"] = answers.get(k)
 
+    answered = any(it["answer"] is not None for it in to_judge)
+
     def credit(it) -> float | None:
-        if it["identical"]:
-            return 0.5
+        if it["identical"]:  # the judge cannot tell them apart: chance; but not a score without any judgement
+            return 0.5 if answered or not to_judge else None
         return None if it["answer"] is None else float(it["answer"] == it["steered"])
 
     metrics: dict[str, float | None] = {}
