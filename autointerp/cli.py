@@ -259,7 +259,8 @@ def interpret(
 
     from .cache import LatentCache
     from .errors import ConfigError
-    from .interpret import InterpretConfig, check_scorer_options, interpret as run, parse_latents, read_results
+    from .interpret import (InterpretConfig, check_scorer_options, in_job, interpret as run, job_key, parse_latents,
+                            read_results)
     from .llm import client_from_spec
     from .metrics import aggregate, format_table
     from .scorers import get_scorer
@@ -295,10 +296,10 @@ def interpret(
 
     summary = asyncio.run(go())
     wanted = set(ids)
-    latest = {}  # this job's rows only, the last one per (latent, scorer)
+    key, judge = job_key(c, cfg, explainer_client), getattr(judge_client, "model", "") or ""
+    latest = {}  # this job's rows only (its explainer and judge models too), the last one per (latent, scorer)
     for r in read_results(out):
-        if r["type"] == "score" and r["latent"] in wanted and r.get("dictionary_id") == c.dictionary_id \
-                and r.get("explainer") == explainer and r.get("seed") == seed:
+        if r["type"] == "score" and r["latent"] in wanted and in_job(r, key, judge):
             latest[(r["latent"], r["scorer"])] = r
     typer.echo(format_table(aggregate(latest.values())))  # the rows carry their dictionary id
     u = summary.usage

@@ -224,6 +224,19 @@ def _usage_row(base: dict, latent: int, judge_model: str, stages: dict[str, Usag
             "stages": {k: u.as_dict() for k, u in stages.items()}, "created": _now()}
 
 
+def job_key(cache: LatentCache, config: InterpretConfig, explainer_client) -> dict:
+    """What makes rows belong to one job (what a re-run resumes): dictionary, hookpoint, explainer kind and model,
+    seed. Score rows belong to it for one judge model (`in_job(row, key, judge_model)`)."""
+    return {"dictionary_id": cache.dictionary_id, "hookpoint": cache.manifest.get("hookpoint"),
+            "explainer": config.explainer, "explainer_model": getattr(explainer_client, "model", "") or "",
+            "seed": config.seed}
+
+
+def in_job(row: dict, key: dict, judge_model: str | None = None) -> bool:
+    return all(row.get(k) == v for k, v in key.items()) and \
+        (judge_model is None or row.get("judge_model") == judge_model)
+
+
 async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_client, judge_client,
                     config: InterpretConfig = InterpretConfig(), out: str | Path = "results.jsonl",
                     progress: bool = True, scorer_context: dict[str, Any] | None = None) -> InterpretSummary:
@@ -237,12 +250,10 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
     rows = read_results(out)
     done_expl: dict[int, dict] = {}
     done_scores: set[tuple[int, str]] = set()
-    expl_model = getattr(explainer_client, "model", "") or ""
     judge_model = getattr(judge_client, "model", "") or ""
-    job = {"dictionary_id": cache.dictionary_id, "hookpoint": cache.manifest.get("hookpoint"),
-           "explainer": config.explainer, "explainer_model": expl_model, "seed": config.seed}
+    job = job_key(cache, config, explainer_client)
     for r in rows:
-        if any(r.get(k) != v for k, v in job.items()):
+        if not in_job(r, job):
             continue
         if r["type"] == "explanation":
             done_expl[int(r["latent"])] = r

@@ -168,3 +168,10 @@ def failing_fuzzing_judge(messages, params):
     if task == "detection":
         time.sleep(1.0)
     return rule_judge(messages, params)
+
+
+def by_model_judge(messages, params):
+    """The rule judge for every model but 'careless', which answers 0 to every detection example."""
+    if params.get("model") == "careless" and task_of(messages) == "detection":
+        return "[" + ", ".join("0" for _ in labels(messages)) + "]"
+    return rule_judge(messages, params)

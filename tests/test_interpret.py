@@ -344,6 +344,30 @@ def test_a_sampling_option_updates_the_jobs_sampling_not_the_default():
     assert (fuzz.sampling.n_test, fuzz.sampling.n_negatives) == (7, 9)
 
 
+def test_cli_table_shows_the_judge_of_this_run(cache, tmp_path):
+    """Score rows of the same job made by another judge model stay out of this run's table."""
+    out = tmp_path / "r.jsonl"
+    latents = ",".join(str(int(i)) for i in cache.alive_latents()[:3])
+    runner = CliRunner()
+
+    def run(srv, judge):
+        r = runner.invoke(cli.app, ["interpret", str(cache.path), "--latents", latents, "--no-progress",
+                                    "--no-hard-negatives", "--scorers", "detection", "--out", str(out),
+                                    "--explainer-model", f"openai:rule@{srv.base_url}",
+                                    "--judge-model", f"openai:{judge}@{srv.base_url}"], env={"OPENAI_API_KEY": "x"})
+        assert r.exit_code == 0, r.output
+        line = next(ln for ln in r.stdout.splitlines() if ln.split()[:2] == ["detection", "balanced_accuracy"])
+        return float(line.split()[3])  # the mean
+
+    with start_llm_server(judge="judges:by_model_judge") as srv:
+        careful = run(srv, "careful")
+        careless = run(srv, "careless")
+        assert careless == pytest.approx(0.5) and careful != pytest.approx(careless)
+        n = srv.stats()["requests"]
+        assert run(srv, "careful") == careful  # nothing to do, and the table is careful's, not the last rows'
+        assert srv.stats()["requests"] == n
+
+
 def test_surprisal_and_intervention_in_a_job(cache, tmp_path):
     """The models these scorers run reach them through the CLI's scorer context (the subject model for surprisal, a
     steering target at the cache's hookpoint for intervention), and both read templates from the job's prompt dir."""
