@@ -72,7 +72,7 @@ def pearson_r(x: Sequence[float], y: Sequence[float]) -> float | None:
     """None when either side is constant (undefined), instead of nan."""
     a = np.asarray(x, np.float64)
     b = np.asarray(y, np.float64)
-    if len(a) < 2:
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:  # before centring: rounding would leave tiny spreads
         return None
     a = a - a.mean()
     b = b - b.mean()

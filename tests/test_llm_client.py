@@ -287,6 +287,19 @@ def test_cache_second_call_is_free(tmp_path):
     assert c.usage_total.cost_usd == pytest.approx(first.usage.cost_usd)
 
 
+def test_closing_the_client_closes_its_cache_and_a_later_loop_reopens_it(tmp_path):
+    with start_llm_server() as srv:
+        c = client(srv, cache_path=tmp_path / "cache.sqlite")
+
+        async def once():
+            async with c:
+                return await c.complete(MSG)
+        first = run(once())
+        assert c.cache._conn is None  # closed with the client: no connection left open per finished job
+        again = run(once())  # the next event loop: the cache reopens and answers
+        assert again.cached and again.text == first.text and srv.stats()["requests"] == 1
+
+
 def test_cache_keys_and_failures(tmp_path):
     path = tmp_path / "cache.sqlite"
     with start_llm_server(fail_first=1, fail_status=400) as srv:

@@ -52,6 +52,8 @@ def test_pearson_matches_numpy(x, seed):
     else:
         assert r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
     assert pearson_r([1, 1, 1], [1, 2, 3]) is None and pearson_r([1], [2]) is None
+    # constants that floats cannot represent: centring leaves ~1e-17 residues, still constant
+    assert pearson_r([0.1] * 3, [0.1] * 3) is None and pearson_r([0.1] * 3, [1, 2, 3]) is None
 
 
 def test_empty():

@@ -140,6 +140,8 @@ class MeteredClient:
         close = getattr(self.backend, "aclose", None)
         if close is not None:
             await close()
+        if self.cache is not None:
+            self.cache.close()
 
     async def __aenter__(self) -> "MeteredClient":
         return self
