@@ -169,12 +169,12 @@ def inspect(
     """Summarise a latent cache, or show one latent's contexts."""
     from .cache import LatentCache
     c = LatentCache(cache)
+    if latent is None and as_json:  # numbers only: no tokenizer needed
+        typer.echo(json.dumps(c.summary(), indent=1))
+        return
     tok = _tokenizer_for(c)
     if latent is None:
-        if as_json:
-            typer.echo(json.dumps(c.summary(), indent=1))
-        else:
-            _print_summary(c, tokenizer=tok)
+        _print_summary(c, tokenizer=tok)
         return
     c.attach_tokenizer(tok)
     rec = c.record(latent)
@@ -312,11 +312,9 @@ def interpret(
 
 
 def _tokenizer_for(cache):
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer
 
-    from .models import resolve_model_source
-
-    return AutoTokenizer.from_pretrained(resolve_model_source(cache.manifest["model"]))
+    return load_tokenizer(cache.manifest["model"])
 
 
 def _scorer_context(cache) -> dict:

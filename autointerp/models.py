@@ -37,7 +37,16 @@ def cache_root() -> Path:
 def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: {device!r} is not a device (expected cpu, cuda, cuda:N, mps or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device here (torch {torch.__version__}, CUDA build: "
+                          f"{torch.version.cuda or 'no'}); use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -108,6 +117,35 @@ def _materialize_builtin(name: str) -> Path:
     return out
 
 
+def _source(spec: str, gguf_file: str | None) -> tuple[Path | str, dict]:
+    """(folder or hub id, from_pretrained kwargs) for a model spec, GGUF forms included."""
+    if gguf_file is None and "::" in spec and not Path(spec).expanduser().exists():
+        spec, gguf_file = spec.rsplit("::", 1)  # `hub/id::file.gguf`, as load_subject records it
+    source = resolve_model_source(spec)
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        source, gguf_file = source.parent, source.name
+    return source, ({"gguf_file": gguf_file} if gguf_file else {})
+
+
+def _load_error(spec: str, source, kwargs: dict, e: Exception) -> ConfigError:
+    # transformers reports a broken local checkpoint with many types (OSError for a missing file, ValueError for
+    # a garbage config.json or an unknown architecture, others from a corrupt GGUF): all are bad input here.
+    where = f"{source}" + (f" (gguf_file {kwargs['gguf_file']})" if kwargs.get("gguf_file") else "")
+    first = (str(e).strip().splitlines() or [""])[0]
+    return ConfigError(f"model {spec}: could not load {where} ({type(e).__name__}: {first})")
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL, gguf_file: str | None = None):
+    """The tokenizer of any model spec load_causal_lm takes (what a cache's manifest records)."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = _source(spec, gguf_file)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as e:
+        raise _load_error(spec, source, kwargs, e) from e
+
+
 def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
                    gguf_file: str | None = None):
     """(model, tokenizer) in eval mode. `spec`: builtin:NAME, a local folder, a .gguf file, a hub id, or
@@ -116,25 +154,14 @@ def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: 
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    if gguf_file is None and "::" in spec and not Path(spec).expanduser().exists():
-        spec, gguf_file = spec.rsplit("::", 1)  # `hub/id::file.gguf`, as load_subject records it
-    source = resolve_model_source(spec)
-    kwargs = {}
-    if isinstance(source, Path) and source.suffix == ".gguf":
-        source, gguf_file = source.parent, source.name
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    source, kwargs = _source(spec, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
     except ConfigError:
         raise
     except Exception as e:
-        # transformers reports a broken local checkpoint with many types (OSError for a missing file, ValueError for
-        # a garbage config.json or an unknown architecture, others from a corrupt GGUF): all are bad input here.
-        where = f"{source}" + (f" (gguf_file {gguf_file})" if gguf_file else "")
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(f"model {spec}: could not load {where} ({type(e).__name__}: {first})") from e
+        raise _load_error(spec, source, kwargs, e) from e
     model.to(dev).eval()
     model.requires_grad_(False)
     if tok.pad_token_id is None:

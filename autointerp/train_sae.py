@@ -44,7 +44,7 @@ class TopKSAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Dense codes (ReLU, then top-k: sparsify's order)."""
         vals, idx = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
-        return torch.zeros(*x.shape[:-1], self.W_dec.shape[0]).scatter_(-1, idx, vals)
+        return vals.new_zeros(*x.shape[:-1], self.W_dec.shape[0]).scatter_(-1, idx, vals)
 
     def decode(self, vals: Tensor, idx: Tensor) -> Tensor:
         # Dense codes @ W_dec: on CPU the matmul (and its backward) beats gathering [B, k, d] decoder rows ~2x.

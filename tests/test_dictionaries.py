@@ -248,6 +248,19 @@ def test_gemmascope_transcoder_output_width(tmp_path):
     assert d.transcoder and d.d_out == 10
 
 
+def test_gemmascope_npz_file_of_another_name_is_the_one_loaded(tmp_path):
+    from autointerp.dictionaries import load_cached_dictionary
+
+    folder = tmp_path / "layer_7" / "width_16k" / "average_l0_71"
+    a = write_gemmascope(folder / "params.npz", seed=0)
+    b = write_gemmascope(folder / "my_sae.npz", seed=1)
+    d = load_dictionary(folder / "my_sae.npz")
+    np.testing.assert_allclose(d.decoder_directions().numpy(), b["W_dec"], rtol=1e-6)
+    assert not np.allclose(b["W_dec"], a["W_dec"]) and d.id == f"gemmascope:{(folder / 'my_sae.npz').resolve()}"
+    entry = {"id": d.id, "source": str(folder / "my_sae.npz"), "n_latents": d.n_latents, "d_in": d.d_in}
+    np.testing.assert_allclose(load_cached_dictionary(entry).decoder_directions().numpy(), b["W_dec"], rtol=1e-6)
+
+
 def test_gemmascope_parent_folder_lists_choices(tmp_path):
     for l0 in (20, 71):
         write_gemmascope(tmp_path / "layer_1" / "width_16k" / f"average_l0_{l0}" / "params.npz")

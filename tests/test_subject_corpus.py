@@ -305,6 +305,9 @@ def test_load_subject_with_explicit_gguf_file(subject, tmp_path):
     for name, p in s.model.named_parameters():
         torch.testing.assert_close(p, ref[name], msg=name)
     assert s.tokenizer("hello world")["input_ids"] == subject.tokenizer("hello world")["input_ids"]
+    from autointerp.models import load_tokenizer  # what inspect/interpret load from a cache's recorded spec
+
+    assert load_tokenizer(s.spec)("hello world")["input_ids"] == subject.tokenizer("hello world")["input_ids"]
     # a GGUF inside a hub repo (a real HF cache layout, offline): recorded as `repo::file`, which reloads as itself
     hub = tmp_path / "hub" / "models--org--smol"
     (hub / "snapshots").mkdir(parents=True)
@@ -313,6 +316,7 @@ def test_load_subject_with_explicit_gguf_file(subject, tmp_path):
     (hub / "refs" / "main").write_text("b" * 40)
     code = ("from autointerp.subject import load_subject; from autointerp.models import load_causal_lm; "
             f"s = load_subject('org/smol', device='cpu', gguf_file={filename!r}); print(s.spec); "
+            "from autointerp.models import load_tokenizer; assert len(load_tokenizer(s.spec)('hi')['input_ids']); "
             "print(float(sum(p.double().sum() for p in s.model.parameters())))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -338,3 +342,17 @@ def test_builtin_copy_is_made_once_and_reused(tmp_path, monkeypatch):
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no leftover temp folder
     assert resolve_model_source("builtin:smollm2") == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files  # reused, not rewritten
+
+
+def test_bad_device_is_one_clear_error():
+    from autointerp.models import pick_device
+
+    with pytest.raises(ConfigError, match=r"--device: 'gpu' is not a device"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"--device cuda: no CUDA device here"):
+            pick_device("cuda")
+    else:
+        with pytest.raises(ConfigError, match=r"CUDA device\(s\) here"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
+    assert pick_device("cpu") == torch.device("cpu")

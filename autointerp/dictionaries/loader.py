@@ -95,7 +95,8 @@ def _hub_folders(ref: hub.HubRef) -> str:
 
 
 def _load_folder(
-    folder: Path, fmt: str, where: _Where, source: str, hookpoint: str | None, device, dtype, norm_scaling_factor
+    folder: Path, fmt: str, where: _Where, source: str, hookpoint: str | None, device, dtype, norm_scaling_factor,
+    npz: Path | None = None,
 ) -> Dictionary:
     if norm_scaling_factor is not None and fmt != "saelens":
         raise ConfigError(f"{folder}: norm_scaling_factor applies to saelens checkpoints only, this is {fmt}")
@@ -107,8 +108,11 @@ def _load_folder(
             folder, source=source, id=where.id(fmt, folder), hookpoint=hookpoint, device=device, dtype=dtype,
             norm_scaling_factor=norm_scaling_factor,
         )
-    npz = folder / MARKERS["gemmascope"]
-    return load_gemmascope(npz, source=source, id=where.id(fmt, folder), hookpoint=hookpoint, device=device, dtype=dtype)
+    npz = npz or folder / MARKERS["gemmascope"]
+    # a file named other than params.npz is named in the id itself (the folder may hold several)
+    ident = where.id(fmt, folder) if npz.name == MARKERS["gemmascope"] or where.ref is not None \
+        else f"{fmt}:{npz.resolve()}"
+    return load_gemmascope(npz, source=source, id=ident, hookpoint=hookpoint, device=device, dtype=dtype)
 
 
 def _resolve_folder(path: Path, format: str, selector: str | None) -> tuple[Path, str, bool, Path | None]:
@@ -192,9 +196,9 @@ def load_dictionary(
     if format in ("neurons", "topk-neurons") or (format == "auto" and _NEURONS.match(spec) and not Path(spec).exists()):
         return _neurons(spec, format, d_in, k, hookpoint, device, dtype)
     where, consumed = _locate(spec, hookpoint)
-    folder, fmt, picked, _ = _resolve_folder(where.path, format, None if consumed else hookpoint)
+    folder, fmt, picked, npz = _resolve_folder(where.path, format, None if consumed else hookpoint)
     hp = None if (consumed or picked) else hookpoint  # a selector is not a hookpoint override
-    return _load_folder(folder, fmt, where, spec, hp, device, dtype, norm_scaling_factor)
+    return _load_folder(folder, fmt, where, spec, hp, device, dtype, norm_scaling_factor, npz)
 
 
 def load_dictionary_set(
