@@ -28,7 +28,7 @@ from .cache import ARRAYS, FORMAT_VERSION, LatentCache, hist_edges
 from .collector import Collector, CollectorConfig, SparseCodes
 from .corpus import CorpusSpec, count_windows, is_local, iter_windows
 from .errors import ConfigError
-from .subject import SubjectModel, load_subject, translate_hookpoint
+from .subject import SubjectModel, load_subject, mlp_read_and_write, translate_hookpoint
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
             hp = translate_hookpoint(d.hookpoint)
         hook = subject.hookpoint(hp)  # raises with close matches when unknown
         if getattr(d, "transcoder", False) and hook.mode == "output" and not hp.endswith(":output"):
-            hp = f"{hook.module_path}:input"  # a transcoder reads what goes INTO the module it replaces
+            hp = mlp_read_and_write(subject.model, hook)[0]  # a transcoder reads what goes INTO the MLP it replaces
             hook = subject.hookpoint(hp)
         width = subject.width(hp)
         if d.d_in != width:

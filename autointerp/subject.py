@@ -6,6 +6,11 @@ with `:input` / `:output`, or friendly aliases:
     resid_post.N  output of decoder layer N      resid_pre.N  input of decoder layer N
     mlp_out.N     output of layer N's MLP        mlp_in.N     input of layer N's MLP (what transcoders read)
     attn_out.N    output of layer N's attention  mlp_neurons.N  the MLP hidden units (input of its down projection)
+    resid_mid.N   the residual stream between layer N's attention and MLP blocks
+
+`mlp_out` / `attn_out` are what the block adds to the residual stream (TransformerLens' hook_mlp_out /
+hook_attn_out): in models with norms after each block (Gemma 2/3, OLMo 2: `post_feedforward_layernorm`), the
+output of that norm, not of the bare MLP / attention module.
 
 A forward pass runs only until every requested hookpoint has been captured: later layers and the LM head are
 never computed.
@@ -30,7 +35,12 @@ _ATTN = ("self_attn", "attn", "attention", "self_attention")
 _MLP = ("mlp", "feed_forward", "ffn")
 _DOWN = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2")
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")
-_ALIAS = re.compile(r"^(resid_post|resid_pre|mlp_out|mlp_in|attn_out|attn_z|mlp_neurons)\.(\d+)$")
+_ALIAS = re.compile(r"^(resid_post|resid_pre|resid_mid|mlp_out|mlp_in|attn_out|attn_z|mlp_neurons)\.(\d+)$")
+# Sandwich-norm layers (Gemma 2/3, OLMo 2) normalise each block's output before adding it to the residual stream.
+_POST_MLP_NORM = "post_feedforward_layernorm"
+_POST_ATTN_NORM = "post_attention_layernorm"
+# The norm in front of the MLP in pre-norm layers (Llama's is confusingly named post_attention_layernorm)
+_PRE_MLP_NORM = ("ln_2", "post_attention_layernorm", "ffn_norm")
 
 
 @dataclass(frozen=True)
@@ -66,11 +76,29 @@ def _child(model: nn.Module, base: str, names: tuple[str, ...], what: str) -> st
     raise ConfigError(f"hookpoint: {base} has no {what} submodule (looked for {', '.join(names)})")
 
 
+def _sandwich(model: nn.Module, layer: str) -> bool:
+    return _get(model, f"{layer}.{_POST_MLP_NORM}") is not None
+
+
+def mlp_read_and_write(model: nn.Module, hook: Hookpoint) -> tuple[str, str]:
+    """For a transcoder at `hook` (an MLP, or what mlp_out resolves to): (where it reads: the MLP's input, where it
+    writes: what the MLP adds to the residual stream, after a sandwich norm if the layer has one)."""
+    path = hook.module_path
+    if path.endswith(f".{_POST_MLP_NORM}"):  # mlp_out of a sandwich-norm layer
+        layer = path.rsplit(".", 1)[0]
+        return f"{_child(model, layer, _MLP, 'MLP')}:input", f"{path}:output"
+    layer, last = path.rsplit(".", 1) if "." in path else ("", path)
+    if last in _MLP and layer and _sandwich(model, layer):
+        return f"{path}:input", f"{layer}.{_POST_MLP_NORM}:output"
+    return f"{path}:input", f"{path}:output"
+
+
 def _candidates(model: nn.Module) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     try:
         n_layers = len(model.get_submodule(_layer_list_path(model)))
-        names += [f"{a}.{i}" for a in ("resid_post", "resid_pre", "mlp_out", "mlp_in", "attn_out", "mlp_neurons")
+        names += [f"{a}.{i}" for a in ("resid_post", "resid_pre", "resid_mid", "mlp_out", "mlp_in", "attn_out",
+                                        "mlp_neurons")
                   for i in range(n_layers)]
     except ConfigError:
         pass
@@ -97,11 +125,18 @@ def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
         elif kind == "resid_pre":
             path, mode = layer, "input"
         elif kind == "attn_out":
-            path = _child(model, layer, _ATTN, "attention")
+            path = f"{layer}.{_POST_ATTN_NORM}" if _sandwich(model, layer) else _child(model, layer, _ATTN, "attention")
+        elif kind == "resid_mid":  # the input of the norm in front of the MLP (OLMo 2 has none: the MLP's input)
+            if _sandwich(model, layer):
+                pre = f"{layer}.pre_feedforward_layernorm"
+                path = pre if _get(model, pre) is not None else _child(model, layer, _MLP, "MLP")
+            else:
+                path = _child(model, layer, _PRE_MLP_NORM, "norm in front of the MLP")
+            mode = "input"
         elif kind == "attn_z":  # the heads' concatenated outputs (Gemma Scope 'att' SAEs): input of the out proj
             path, mode = _child(model, _child(model, layer, _ATTN, "attention"), _OUT_PROJ, "attention output projection"), "input"
         elif kind == "mlp_out":
-            path = _child(model, layer, _MLP, "MLP")
+            path = f"{layer}.{_POST_MLP_NORM}" if _sandwich(model, layer) else _child(model, layer, _MLP, "MLP")
         elif kind == "mlp_in":
             path, mode = _child(model, layer, _MLP, "MLP"), "input"
         else:  # mlp_neurons: the hidden units = input of the MLP's down projection
@@ -243,7 +278,8 @@ _FOREIGN = [
     (re.compile(r"^blocks\.(\d+)\.hook_mlp_out$"), "mlp_out.{}"),
     (re.compile(r"^blocks\.(\d+)\.hook_attn_out$"), "attn_out.{}"),
     (re.compile(r"^blocks\.(\d+)\.attn\.hook_z$"), "attn_z.{}"),
-    (re.compile(r"^blocks\.(\d+)\.(?:hook_mlp_in|ln2\.hook_normalized)$"), "mlp_in.{}"),
+    (re.compile(r"^blocks\.(\d+)\.(?:hook_resid_mid|hook_mlp_in)$"), "resid_mid.{}"),  # before ln2
+    (re.compile(r"^blocks\.(\d+)\.ln2\.hook_normalized$"), "mlp_in.{}"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$"), "mlp_neurons.{}"),
     (re.compile(r"^layers\.(\d+)$"), "resid_post.{}"),
     (re.compile(r"^layers\.(\d+)\.mlp$"), "mlp_out.{}"),

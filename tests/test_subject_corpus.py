@@ -111,6 +111,43 @@ def test_attention_and_activation_hookpoints_equal_manual_hooks(subject):
     assert out["attn_z.2"].shape[-1] == subject.width("attn_z.2") == 576
 
 
+def _tiny(arch: str):
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "gemma2":
+        cfg = transformers.Gemma2Config(head_dim=8, **common)
+        return transformers.Gemma2ForCausalLM(cfg).eval()
+    if arch == "olmo2":
+        return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**common)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "olmo2"])
+def test_block_outputs_add_up_to_the_residual_stream(arch):
+    """mlp_out / attn_out are what each block adds to the residual stream (TransformerLens' hook_*_out), also where
+    a norm follows each block (Gemma 2/3, OLMo 2): resid_pre + attn_out = resid_mid, resid_mid + mlp_out = resid_post.
+    A transcoder there reads the MLP's input and writes where mlp_out reads."""
+    from autointerp.subject import mlp_read_and_write, resolve_hookpoint
+
+    model = _tiny(arch)
+    s = SubjectModel(model, None, arch)
+    names = ["resid_pre.1", "attn_out.1", "resid_mid.1", "mlp_out.1", "resid_post.1", "mlp_in.1"]
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    a = s.capture(ids, names)
+    torch.testing.assert_close(a["resid_pre.1"] + a["attn_out.1"], a["resid_mid.1"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a["resid_mid.1"] + a["mlp_out.1"], a["resid_post.1"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a["mlp_in.1"], a["resid_mid.1"]) or arch == "olmo2"  # OLMo 2: no norm before the MLP
+    reads, writes = mlp_read_and_write(model, resolve_hookpoint(model, "mlp_out.1"))
+    assert reads == "model.layers.1.mlp:input"
+    assert resolve_hookpoint(model, writes).module_path == resolve_hookpoint(model, "mlp_out.1").module_path
+    # TransformerLens names: hook_mlp_in is the residual before ln2, ln2.hook_normalized what the MLP reads
+    assert translate_hookpoint("blocks.1.hook_mlp_in") == "resid_mid.1"
+    assert translate_hookpoint("blocks.1.ln2.hook_normalized") == "mlp_in.1"
+
+
 def test_unknown_hookpoint(subject):
     with pytest.raises(ConfigError, match=r"layer 99 out of range \(the model has 30 layers"):
         subject.hookpoint("resid_post.99")

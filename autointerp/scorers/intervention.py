@@ -40,7 +40,7 @@ from ..prompt_files import load_prompt
 from ..records import LatentRecord
 from ..sampling import Skipped
 from ..steering import activation_norm, model_lock, steer
-from ..subject import Hookpoint, SubjectModel, resolve_hookpoint, translate_hookpoint
+from ..subject import Hookpoint, SubjectModel, mlp_read_and_write, resolve_hookpoint, translate_hookpoint
 from .base import ScoreResult
 from .base import explanation_parts
 
@@ -99,11 +99,11 @@ class SteeringTarget:
         if not name:
             raise ConfigError("intervention: the dictionary names no hookpoint; pass hookpoint=")
         hp = read = resolve_hookpoint(subject.model, translate_hookpoint(name))
-        if getattr(dictionary, "transcoder", False):
-            if hp.mode == "input":
-                hp = Hookpoint(f"{hp.module_path}:output", hp.module_path, "output", hp.module)
-            elif not name.endswith(":output"):  # an explicit ':output' read side is kept, as extract keeps it
-                read = Hookpoint(f"{hp.module_path}:input", hp.module_path, "input", hp.module)
+        if getattr(dictionary, "transcoder", False) and not name.endswith(":output"):
+            # (an explicit ':output' read side is kept, as extract keeps it)
+            reads, writes = mlp_read_and_write(subject.model, hp)
+            read = hp if hp.mode == "input" else resolve_hookpoint(subject.model, reads)
+            hp = resolve_hookpoint(subject.model, writes)  # after a sandwich norm where the layer has one
         return cls(subject.model, subject.tokenizer, hp, dictionary, read_hookpoint=read, **kw)
 
     @property
