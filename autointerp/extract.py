@@ -79,6 +79,10 @@ def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
     Only the chosen member's weights are loaded onto the device (a 24-layer set of big SAEs would not fit a GPU)."""
     from .dictionaries.loader import MARKERS, _children, load_dictionary_set
 
+    if isinstance(spec, str) and hookpoint is not None and not Path(spec).expanduser().exists():
+        hub_set = _hub_member(spec, hookpoint, device, norm_scaling_factor)
+        if hub_set is not None:
+            return [hub_set]
     p = Path(spec).expanduser() if isinstance(spec, str) else None
     if p is None or not p.is_dir() or any((p / m).is_file() for m in MARKERS.values()) or \
             sum(1 for c in p.iterdir() if c.is_dir() and any((c / m).is_file() for m in MARKERS.values())) < 2:
@@ -97,6 +101,27 @@ def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
         raise ConfigError(f"--dictionary {spec}: no member at hookpoint {hookpoint} (members: "
                           f"{', '.join(c.name for c in _children(p, 'auto'))})")
     return [(pick[0], want)]
+
+
+def _hub_member(spec: str, hookpoint: str, device, norm_scaling_factor) -> tuple | None:
+    """A hub repo id without subpath, with --hookpoint: the repo's subfolder of that name (a sparsify set on the hub,
+    e.g. EleutherAI/sae-pythia-70m-32k + layers.3), extracted at what the name means; None when the repo root
+    itself holds the dictionary (then --hookpoint only says where to apply it)."""
+    from .dictionaries import load_dictionary
+    from .dictionaries.hub import parse_hub_id
+
+    ref = parse_hub_id(spec)
+    if ref is None or ref.subpath is not None:
+        return None
+    try:
+        d = load_dictionary(spec, hookpoint=hookpoint, device=device, norm_scaling_factor=norm_scaling_factor)
+    except ConfigError as member_error:
+        try:
+            load_dictionary(spec, device="cpu", norm_scaling_factor=norm_scaling_factor)
+        except ConfigError:
+            raise member_error from None  # neither a member nor a root dictionary: the member's error says more
+        return None
+    return d, translate_hookpoint(hookpoint)
 
 
 def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list[str | None], out: Path,

@@ -479,3 +479,28 @@ def test_caches_made_before_new_identity_fields_still_count_as_the_same_run(subj
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
     with pytest.raises(ConfigError, match="another run"):
         extract(subject, DICT, HOOK, "builtin", out, encode_dtype="bfloat16", **SMALL)
+
+
+def test_hub_set_member_picked_by_hookpoint(tmp_path):
+    """`-d owner/repo --hookpoint layers.1` on a hub repo of sparsify folders (the real snapshot_download path,
+    offline, against a hand-built huggingface_hub cache) extracts that member at what its name means."""
+    import textwrap
+
+    from dict_fixtures import write_sparsify
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--smol-saes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for i in (1, 2):
+        write_sparsify(repo / "snapshots" / commit / f"layers.{i}", d_in=576, n=32, k=4, seed=i)
+    script = textwrap.dedent(f"""
+        from autointerp.extract import extract
+        (c,) = extract("builtin:smollm2", "someone/smol-saes", "layers.2", "builtin", {str(tmp_path / 'out')!r},
+                       n_tokens=256, ctx_len=32, batch_size=8, top_k=3, n_sample=3, pool_size=4, progress=False)
+        print(c.manifest["hookpoint"], c.manifest["dictionary"]["id"])
+    """)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "resid_post.2 sparsify:someone/smol-saes:layers.2"
