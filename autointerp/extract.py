@@ -212,10 +212,13 @@ def _check_out_dir(t: Target, overwrite: bool) -> str:
             raise ConfigError(f"{t.out_dir}: holds a cache of another run ({_describe(m)}); "
                               "use another --out folder or --overwrite")
     elif t.out_dir.exists() and not overwrite and any(
-            p.is_file() and p.name not in CACHE_FILES for p in t.out_dir.iterdir()):
+            p.is_file() and p.name not in (*CACHE_FILES, _LOCK) for p in t.out_dir.iterdir()):
         # only files a cache is made of are tolerated: they are what a run killed mid-publish leaves behind
         raise ConfigError(f"{t.out_dir}: folder exists and is not a latent cache; use another --out or --overwrite")
     return "fresh"
+
+
+_LOCK = ".extract.lock"  # beside .partial/, not in it: --overwrite deletes .partial/ only once it holds the lock
 
 
 class _Checkpoint:
@@ -227,6 +230,7 @@ class _Checkpoint:
         self.windows_path = self.dir / "windows.bin"
         self.state_path = self.dir / "state.pt"
         self._fh = None
+        self._lock = None
 
     def load(self, identities: list[dict]) -> dict | None:
         if not self.state_path.is_file():
@@ -251,12 +255,22 @@ class _Checkpoint:
         """One writer per folder: a second process (e.g. a duplicate task delivery) fails at once."""
         import fcntl
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / "lock", "w")
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir.parent / _LOCK, "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._lock.close()
+            self._lock = None
             raise ConfigError(f"{self.dir.parent}: another extraction is writing this folder") from None
+
+    def unlock(self, remove: bool = False) -> None:
+        """Release the folder; `remove` (a finished run) deletes the lock file first, while still holding it."""
+        if self._lock is not None:
+            if remove:
+                (self.dir.parent / _LOCK).unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
 
     def open(self, n_windows_done: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -395,12 +409,6 @@ def extract(
         if n_windows < spec.n_windows:
             log.warning("corpus %s: %d tokens of text, fewer than --n-tokens %d; extracting what there is",
                         spec.source, n_windows * spec.ctx_len, spec.n_tokens)
-    if overwrite:  # remove only what a cache is made of: never unrelated files in the folder
-        for t in targets:
-            for name in CACHE_FILES:
-                (t.out_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
-        shutil.rmtree(out / ".partial", ignore_errors=True)
 
     identities = [t.identity for t in targets]
     for t in targets:
@@ -409,73 +417,84 @@ def extract(
     batches_it = iter_windows(spec, subject.tokenizer, batch_size)
     first = next(batches_it)
     ckpt = _Checkpoint(out, spec.ctx_len)
-    ckpt.lock()
-    state = None if overwrite else ckpt.load(identities)
-    done = 0
-    if state is not None:
-        for t, st in zip(targets, state["states"]):
-            t.collector.load_state(st)
-        done = targets[0].collector.n_windows
-        log.info("resuming %s at window %d", out, done)
-    ckpt.open(done)
-    hooks = [subject.hookpoint(t.hookpoint) for t in targets]
-    bar = tqdm(total=n_windows * spec.ctx_len, initial=done * spec.ctx_len, unit="tok", unit_scale=True,
-               disable=not progress, desc=f"extract {out.name}", dynamic_ncols=True)
-    wid, batches, last_ckpt, interrupted = 0, 0, time.monotonic(), False
-    in_batch = False  # True while collectors and windows.bin may disagree: never checkpoint then
+    ckpt.lock()  # before --overwrite deletes anything: never under another run still writing here
+    published = False
     try:
-        for batch in itertools.chain([first], batches_it):
-            if wid + len(batch) <= done:  # already collected before the interruption
+        if overwrite:  # remove only what a cache is made of: never unrelated files in the folder
+            for t in targets:
+                for name in CACHE_FILES:
+                    (t.out_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
+            shutil.rmtree(out / ".partial", ignore_errors=True)
+        state = None if overwrite else ckpt.load(identities)
+        done = 0
+        if state is not None:
+            for t, st in zip(targets, state["states"]):
+                t.collector.load_state(st)
+            done = targets[0].collector.n_windows
+            log.info("resuming %s at window %d", out, done)
+        ckpt.open(done)
+        hooks = [subject.hookpoint(t.hookpoint) for t in targets]
+        bar = tqdm(total=n_windows * spec.ctx_len, initial=done * spec.ctx_len, unit="tok", unit_scale=True,
+                   disable=not progress, desc=f"extract {out.name}", dynamic_ncols=True)
+        wid, batches, last_ckpt, interrupted = 0, 0, time.monotonic(), False
+        in_batch = False  # True while collectors and windows.bin may disagree: never checkpoint then
+        try:
+            for batch in itertools.chain([first], batches_it):
+                if wid + len(batch) <= done:  # already collected before the interruption
+                    wid += len(batch)
+                    continue
+                if wid < done:
+                    batch, wid = batch[done - wid:], done
+                ids = torch.from_numpy(batch).long()
+                in_batch = True
+                acts = subject.capture(ids, hooks)
+                special = subject.special_token_mask(ids).to(dev)
+                window_ids = torch.arange(wid, wid + len(batch), device=dev)
+                for t, h in zip(targets, hooks):
+                    x = acts[h.name]
+                    # BOS/EOS/separators and massive-activation outliers: sequence artefacts, not text
+                    ignore = special | subject.outlier_mask(x, max_norm_ratio)
+                    t.collector.update(encode_for_collector(t.dictionary, x, ignore), window_ids)
+                ckpt.append(batch)
+                in_batch = False
                 wid += len(batch)
-                continue
-            if wid < done:
-                batch, wid = batch[done - wid:], done
-            ids = torch.from_numpy(batch).long()
-            in_batch = True
-            acts = subject.capture(ids, hooks)
-            special = subject.special_token_mask(ids).to(dev)
-            window_ids = torch.arange(wid, wid + len(batch), device=dev)
-            for t, h in zip(targets, hooks):
-                x = acts[h.name]
-                # BOS/EOS/separators and massive-activation outliers: sequence artefacts, not text
-                ignore = special | subject.outlier_mask(x, max_norm_ratio)
-                t.collector.update(encode_for_collector(t.dictionary, x, ignore), window_ids)
-            ckpt.append(batch)
-            in_batch = False
-            wid += len(batch)
-            batches += 1
-            bar.update(batch.size)
-            if time.monotonic() - last_ckpt > checkpoint_every_s:
+                batches += 1
+                bar.update(batch.size)
+                if time.monotonic() - last_ckpt > checkpoint_every_s:
+                    ckpt.save(identities, [t.collector for t in targets])
+                    last_ckpt = time.monotonic()
+                if max_batches is not None and batches >= max_batches:
+                    interrupted = True
+                    break
+        except BaseException:
+            interrupted = True
+            raise
+        finally:
+            bar.close()
+            if interrupted and not in_batch:
                 ckpt.save(identities, [t.collector for t in targets])
-                last_ckpt = time.monotonic()
-            if max_batches is not None and batches >= max_batches:
-                interrupted = True
-                break
-    except BaseException:
-        interrupted = True
-        raise
+            if interrupted:  # interrupted mid-batch: the last periodic checkpoint stands
+                ckpt.close()
+        if interrupted:
+            return []
+        extra = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"autointerp": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                         "transformers": _version("transformers")},
+            "device": str(dev),
+            "ignored_token_ids": sorted(int(i) for i in subject.tokenizer.all_special_ids),
+        }
+        windows = ckpt.windows()
+        for t in targets:
+            _publish(t, t.collector, windows, extra)
+        ckpt.close()
+        for t in targets:
+            shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
+        shutil.rmtree(out / ".partial", ignore_errors=True)
+        published = True
     finally:
-        bar.close()
-        if interrupted and not in_batch:
-            ckpt.save(identities, [t.collector for t in targets])
-        if interrupted:  # interrupted mid-batch: the last periodic checkpoint stands
-            ckpt.close()
-    if interrupted:
-        return []
-    extra = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"autointerp": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                     "transformers": _version("transformers")},
-        "device": str(dev),
-        "ignored_token_ids": sorted(int(i) for i in subject.tokenizer.all_special_ids),
-    }
-    windows = ckpt.windows()
-    for t in targets:
-        _publish(t, t.collector, windows, extra)
-    ckpt.close()
-    for t in targets:
-        shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
-    shutil.rmtree(out / ".partial", ignore_errors=True)
+        ckpt.unlock(remove=published)  # an unfinished run keeps its lock file beside its .partial/
     return [LatentCache(t.out_dir) for t in targets]
 
 

@@ -504,3 +504,25 @@ def test_hub_set_member_picked_by_hookpoint(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "resid_post.2 sparsify:someone/smol-saes:layers.2"
+
+
+def test_one_writer_per_folder_even_with_overwrite(subject, tmp_path):
+    """A second extraction into a folder another one is writing fails at once, and --overwrite deletes nothing of
+    the running one; a finished run leaves no lock file behind."""
+    from autointerp.extract import _Checkpoint
+
+    out = tmp_path / "c"
+    assert extract(subject, DICT, HOOK, "builtin", out, max_batches=1, **SMALL) == []  # an unfinished run
+    assert (out / ".partial" / "state.pt").is_file()
+    holder = _Checkpoint(out, SMALL["ctx_len"])
+    holder.lock()  # what the running process holds
+    try:
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match="another extraction is writing this folder"):
+                extract(subject, DICT, HOOK, "builtin", out, overwrite=overwrite, **SMALL)
+            assert (out / ".partial" / "state.pt").is_file()
+    finally:
+        holder.unlock()
+    (cache,) = extract(subject, DICT, HOOK, "builtin", out, **SMALL)  # resumes and finishes
+    assert cache.n_tokens == SMALL["n_tokens"]
+    assert not (out / ".partial").exists() and not (out / ".extract.lock").exists()
