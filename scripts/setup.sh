@@ -5,9 +5,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRAS=${1:-}
+if ! $PY -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "[setup] error: autointerp needs Python >= 3.11; $PY is $($PY --version 2>&1 | head -1). Set PYTHON=python3.11 (or newer)." >&2
+  exit 2
+fi
+# Reuse .venv only when it is whole and new enough: a venv whose creation failed half-way (no ensurepip, e.g. a
+# missing python3-venv package) or made by an older Python would otherwise break every later step.
+if [ -e .venv ] && ! { [ -f .venv/bin/activate ] && .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    && .venv/bin/python -m pip --version >/dev/null 2>&1; }; then
+  echo "[setup] .venv is incomplete or too old: recreating it"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)"
-  $PY -m venv .venv
+  $PY -m venv .venv || { echo "[setup] error: '$PY -m venv' failed (on Debian/Ubuntu: apt install python3-venv)" >&2; rm -rf .venv; exit 2; }
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
