@@ -140,6 +140,8 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
             if not getattr(d, "hookpoint", None):
                 raise ConfigError(f"dictionary {getattr(d, 'source', spec)} names no hookpoint: pass --hookpoint")
             hp = translate_hookpoint(d.hookpoint)
+            if getattr(d, "transcoder", False) and getattr(d, "input_hookpoint", None):
+                hp = translate_hookpoint(d.input_hookpoint)  # SAELens transcoders name what they read (hook_name)
         hook = subject.hookpoint(hp)  # raises with close matches when unknown
         if getattr(d, "transcoder", False) and hook.mode == "output" and not hp.endswith(":output"):
             hp = mlp_read_and_write(subject.model, hook)[0]  # a transcoder reads what goes INTO the MLP it replaces

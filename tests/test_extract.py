@@ -526,3 +526,21 @@ def test_one_writer_per_folder_even_with_overwrite(subject, tmp_path):
     (cache,) = extract(subject, DICT, HOOK, "builtin", out, **SMALL)  # resumes and finishes
     assert cache.n_tokens == SMALL["n_tokens"]
     assert not (out / ".partial").exists() and not (out / ".extract.lock").exists()
+
+
+def test_saelens_transcoder_reads_its_hook_name_and_is_steered_at_hook_name_out(subject, tmp_path):
+    """A SAELens transcoder names both sides: it is extracted where it reads (hook_name, here the residual stream
+    before the MLP's norm) and intervention steers where it writes (hook_name_out)."""
+    from dict_fixtures import write_saelens
+
+    from autointerp.dictionaries import load_cached_dictionary
+    from autointerp.scorers.intervention import SteeringTarget
+
+    write_saelens(tmp_path / "tc", arch="transcoder", d_in=576, d_sae=32, hook_name="blocks.1.hook_resid_mid",
+                  hook_name_out="blocks.1.hook_mlp_out", apply_b_dec_to_input=False)
+    (cache,) = extract(subject, str(tmp_path / "tc"), None, "builtin", tmp_path / "c", **SMALL)
+    assert cache.manifest["hookpoint"] == "resid_mid.1"
+    d = load_cached_dictionary(cache.manifest["dictionary"])
+    t = SteeringTarget.from_subject(subject, d, cache.manifest["hookpoint"])
+    assert (t.read_hookpoint.module_path, t.read_hookpoint.mode) == ("model.layers.1.post_attention_layernorm", "input")
+    assert (t.hookpoint.module_path, t.hookpoint.mode) == ("model.layers.1.mlp", "output")

@@ -102,6 +102,8 @@ class SteeringTarget:
         if getattr(dictionary, "transcoder", False) and not name.endswith(":output"):
             # (an explicit ':output' read side is kept, as extract keeps it)
             reads, writes = mlp_read_and_write(subject.model, hp)
+            if getattr(dictionary, "input_hookpoint", None) and getattr(dictionary, "hookpoint", None):
+                writes = translate_hookpoint(dictionary.hookpoint)  # SAELens transcoders name both sides
             read = hp if hp.mode == "input" else resolve_hookpoint(subject.model, reads)
             hp = resolve_hookpoint(subject.model, writes)  # after a sandwich norm where the layer has one
         return cls(subject.model, subject.tokenizer, hp, dictionary, read_hookpoint=read, **kw)
