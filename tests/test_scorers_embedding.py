@@ -46,7 +46,9 @@ def test_auc_matching_vs_unrelated(record):
     assert good.metrics["mean_sim_activating"] > good.metrics["mean_sim_negative"]
 
 
-def test_score_many_embeds_each_window_once(record, monkeypatch):
+@pytest.fixture
+def embed_calls(monkeypatch):
+    """The sizes of the embedding scorer's embed() calls, in order."""
     calls = []
     real = emb.embed
 
@@ -55,6 +57,11 @@ def test_score_many_embeds_each_window_once(record, monkeypatch):
         return real(texts, name)
 
     monkeypatch.setattr(emb, "embed", counting)
+    return calls
+
+
+def test_score_many_embeds_each_window_once(record, embed_calls):
+    calls = embed_calls
     cache = emb.WindowEmbeddings()
     expl = ["animals", "furniture and objects", "the weather"]
     res = emb.score_many([record] * 3, expl, config=CFG, cache=cache)
@@ -85,7 +92,7 @@ def test_skips_without_enough_examples(record):
     assert np.isfinite(asyncio.run(emb.score(record, "animals", None, config=CFG)).metrics["auc"])
 
 
-def test_a_pool_from_another_embedder_is_not_mixed_into_the_scores(record, monkeypatch):
+def test_a_pool_from_another_embedder_is_not_mixed_into_the_scores(record, embed_calls):
     """The job's negative pool may have been embedded with another model than the scorer's: its vectors are then
     not used for scoring (another vector space, maybe another width), only the scorer's own embedder's."""
     from dataclasses import replace
@@ -102,17 +109,10 @@ def test_a_pool_from_another_embedder_is_not_mixed_into_the_scores(record, monke
     assert got.skipped is None and got.model == emb.DEFAULT_EMBEDDER and got.metrics["auc"] > 0.9
     # a pool in the scorer's own space does supply the window vectors: the scorer embeds only the explanation
     same = NegativePool.from_examples(record.negatives, record.decode)
-    calls = []
-    real = emb.embed
-
-    def counting(texts, name=None):
-        calls.append(len(texts))
-        return real(texts, name)
-
-    monkeypatch.setattr(emb, "embed", counting)
+    embed_calls.clear()
     res = asyncio.run(emb.score(record, "animals, such as pets and farm animals", None,
                                 config=replace(CFG, pool=same)))
-    assert calls == [1] and res.metrics["auc"] > 0.9
+    assert embed_calls == [1] and res.metrics["auc"] > 0.9
 
 
 def test_pool_from_matrix_with_a_repeated_id_keeps_rows_aligned():
