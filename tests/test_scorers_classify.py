@@ -1,7 +1,6 @@
 import asyncio
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -178,13 +177,10 @@ def test_batches_of_one_latent_go_out_concurrently(world, pool):
     """Detection's 5 batches for one latent are in flight together, not one after another."""
     latency = 0.4
     with start_llm_server(judge="judges:rule_judge", latency_ms=latency * 1000) as s:
-        t0 = time.monotonic()
         r = run_score("detection", world.record(2), oracle_explanation(2), s, pool=pool)
-        elapsed = time.monotonic() - t0
         st = s.stats()
     assert r.details["n_calls"] == st["requests"] == 5
-    assert st["max_in_flight"] == 5
-    assert elapsed < 3 * latency  # serial batches would take 5 x latency
+    assert st["max_in_flight"] == 5  # serial batches would give 1 (no wall-clock bound: speed lives in bench/)
     assert r.metrics["balanced_accuracy"] >= 0.9
 
 
