@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,7 +127,18 @@ def test_cli_interpret(cache, tmp_path):
                             "--out", str(tmp_path / "o.jsonl"), "--no-progress", "--no-hard-negatives"],
                            capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": "x"})
     assert r.returncode == 0, r.stderr
-    assert "detection" in r.stdout and "latents done" in r.stdout
+    rows = read_results(tmp_path / "o.jsonl")
+    scores = [x for x in rows if x["type"] == "score"]
+    assert {x["scorer"] for x in scores} == {"detection"}  # only what --scorers asked for
+    assert len([x for x in rows if x["type"] == "latent_usage"]) == 3
+    done, _, skipped, failed = map(int, re.search(r"(\d+) latents done, (\d+) already done, (\d+) skipped, "
+                                                  r"(\d+) failed", r.stdout).groups())
+    assert done + skipped == 3 and failed == 0
+    assert done == len([x for x in rows if x["type"] == "explanation" and x["text"]])
+    # the table is the scores' aggregate: n and mean of balanced accuracy over the scored latents
+    vals = [x["metrics"]["balanced_accuracy"] for x in scores if not x["skipped"]]
+    line = next(ln.split() for ln in r.stdout.splitlines() if ln.split()[:2] == ["detection", "balanced_accuracy"])
+    assert int(line[2]) == len(vals) > 0 and float(line[3]) == pytest.approx(sum(vals) / len(vals), abs=5e-4)
     bad = subprocess.run([sys.executable, "-m", "autointerp.cli", "interpret", str(cache.path), "--scorers", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown scorer 'nope'; valid scorers: detection" in bad.stderr

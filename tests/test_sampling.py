@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -67,7 +69,11 @@ def test_deterministic_per_seed_and_latent(world):
     for part in ("explain", "test", "negatives", "explain_negatives"):
         assert (getattr(a, part).window_ids == getattr(b, part).window_ids).all()
     c = sample_latent(rec, seed=6)
-    assert ids(a.test) != ids(c.test)
+    assert ids(a.test) != ids(c.test) and ids(a.negatives) != ids(c.negatives)
+    # another latent with the very same windows draws differently at the same seed (the latent is in the key)
+    other = dataclasses.replace(rec, latent=rec.latent + 1)
+    d = sample_latent(other, seed=5)
+    assert ids(a.test) != ids(d.test) and ids(a.negatives) != ids(d.negatives)
 
 
 def test_too_few_examples_is_skipped_not_raised(world):
@@ -124,8 +130,15 @@ def test_pool_embedded_once_and_hard_negatives_are_closer(world):
 
 
 def test_no_pool_means_random_negatives(world):
-    s = sample_latent(world.record(0), SamplingConfig(hard_negative_fraction=1.0), seed=0)
+    rec = world.record(0)
+    s = sample_latent(rec, SamplingConfig(hard_negative_fraction=1.0), seed=0)
     assert not s.negative_is_hard.any()
+    # random: not the first windows of the pool, and other draws with other seeds
+    n = len(s.negatives.window_ids)
+    assert n < len(rec.negatives.window_ids)
+    assert ids(s.negatives) != set(rec.negatives.window_ids[:n].tolist())
+    draws = {frozenset(ids(sample_latent(rec, seed=k).negatives)) for k in range(4)}
+    assert len(draws) == 4
 
 
 @pytest.mark.slow  # loads MiniLM (~20 s on a busy CPU)
