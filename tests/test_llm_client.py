@@ -150,17 +150,20 @@ def test_backoff_honours_retry_after_up_to_max_retry_after():
 
 
 def test_backoff_schedule_is_what_complete_sleeps(caplog):
-    """The waits between real retries are the seeded schedule (read from the retry log lines)."""
+    """The waits between real retries are the seeded schedule (read from the retry log lines), and really waited."""
     with start_llm_server(fail_first=3, fail_status=503) as srv:
-        b = OpenAIBackend(model="m", base_url=srv.base_url, api_key_env=None, max_retries=3, backoff_base=0.02,
-                          backoff_max=0.05, rng=random.Random(7))
+        b = OpenAIBackend(model="m", base_url=srv.base_url, api_key_env=None, max_retries=3, backoff_base=0.2,
+                          backoff_max=0.5, rng=random.Random(7))
         with caplog.at_level("INFO", logger="autointerp.llm.openai_backend"):
+            t0 = time.monotonic()
             run(b.complete(MSG))
+            elapsed = time.monotonic() - t0
         assert srv.stats()["by_status"] == {"503": 3, "200": 1}
     slept = [r.args[-1] for r in caplog.records if "retry" in r.msg]
-    ref = OpenAIBackend(model="m", base_url=srv.base_url, api_key_env=None, backoff_base=0.02, backoff_max=0.05,
+    ref = OpenAIBackend(model="m", base_url=srv.base_url, api_key_env=None, backoff_base=0.2, backoff_max=0.5,
                         rng=random.Random(7))
     assert slept == [ref.backoff_delay(a) for a in range(3)]
+    assert sum(slept) > 0.2 and elapsed >= sum(slept)  # a lower bound: a busy machine cannot make it fail
 
 
 def test_no_retry_on_400():
