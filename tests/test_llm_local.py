@@ -47,3 +47,7 @@ def test_local_seeded_sampling_is_reproducible(local):
     a = asyncio.run(local.complete(MSG, p))
     b = asyncio.run(local.complete(MSG, p))
     assert a.text == b.text and a.logprobs is None
+    # and it really samples: other seeds give other texts (greedy decoding would give one)
+    texts = {asyncio.run(local.complete(MSG, SamplingParams(max_tokens=5, temperature=1.0, seed=s))).text
+             for s in range(1, 6)}
+    assert len(texts) >= 2
