@@ -532,8 +532,11 @@ def test_switches_to_max_completion_tokens_once():
 def test_metered_client_is_an_llm_client():
     from autointerp.llm import LLMClient
 
-    with start_llm_server() as srv:
-        assert isinstance(client(srv), LLMClient)
+    with start_llm_server(script=["scripted answer"]) as srv:
+        c = client(srv)
+        assert isinstance(c, LLMClient) and c.model == "test-model"
+        out = run(c.complete(MSG))  # what every explainer and scorer relies on: text, model, usage
+    assert out.text == "scripted answer" and out.model == "test-model" and out.usage.calls == 1
 
 
 def test_cache_shared_between_connections(tmp_path):
