@@ -27,12 +27,17 @@ def builtin_embedder_path() -> Path:
     return path
 
 
+def embedder_name(name: str | None = None) -> str:
+    """The embedder `name` stands for: itself, else $AUTOINTERP_EMBEDDER, else the built-in MiniLM."""
+    return name or os.environ.get("AUTOINTERP_EMBEDDER") or DEFAULT_EMBEDDER
+
+
 @lru_cache(maxsize=4)
 def load_embedder(name: str | None = None, device: str | None = None):
     """A SentenceTransformer; `name` is a local folder, a hub id, or the built-in default."""
     from sentence_transformers import SentenceTransformer
 
-    name = name or os.environ.get("AUTOINTERP_EMBEDDER") or DEFAULT_EMBEDDER
+    name = embedder_name(name)
     source = str(builtin_embedder_path()) if name == DEFAULT_EMBEDDER else name
     return SentenceTransformer(source, device=device or "cpu")
 

@@ -77,21 +77,21 @@ def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
     its members, each at its own hookpoint; with a hookpoint given, to the member at that hookpoint (matched by
     subfolder name or by what the name means, e.g. layers.12 = resid_post.12). Anything else is one target.
     Only the chosen member's weights are loaded onto the device (a 24-layer set of big SAEs would not fit a GPU)."""
-    from .dictionaries.loader import MARKERS, _children, load_dictionary_set
+    from .dictionaries.loader import _children, _formats_in, load_dictionary_set
 
     if isinstance(spec, str) and hookpoint is not None and not Path(spec).expanduser().exists():
         hub_set = _hub_member(spec, hookpoint, device, norm_scaling_factor)
         if hub_set is not None:
             return [hub_set]
     p = Path(spec).expanduser() if isinstance(spec, str) else None
-    if p is None or not p.is_dir() or any((p / m).is_file() for m in MARKERS.values()) or \
-            sum(1 for c in p.iterdir() if c.is_dir() and any((c / m).is_file() for m in MARKERS.values())) < 2:
+    kids = _children(p, "auto") if p is not None and p.is_dir() and not _formats_in(p) else []
+    if len(kids) < 2:
         return [(spec, hookpoint)]
     kw = dict(norm_scaling_factor=norm_scaling_factor)
     if hookpoint is None:
         return [(d, None) for d in load_dictionary_set(spec, device=device, **kw).values()]
     want = translate_hookpoint(hookpoint)
-    named = [c.name for c in _children(p, "auto") if hookpoint == c.name or want == translate_hookpoint(c.name)]
+    named = [c.name for c in kids if hookpoint == c.name or want == translate_hookpoint(c.name)]
     # folder names say the hookpoint (sparsify): load that member only; else (members that name their hookpoint in
     # their config, e.g. SAELens) read every member on the CPU to find it, and move only that one
     members = load_dictionary_set(spec, hookpoints=named, device=device, **kw) if len(named) == 1 else \
@@ -99,14 +99,14 @@ def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
     pick = [d for key, d in members.items() if hookpoint == key or want == translate_hookpoint(key)]
     if len(pick) != 1:
         raise ConfigError(f"--dictionary {spec}: no member at hookpoint {hookpoint} (members: "
-                          f"{', '.join(c.name for c in _children(p, 'auto'))})")
+                          f"{', '.join(c.name for c in kids)})")
     return [(pick[0], want)]
 
 
 def _hub_member(spec: str, hookpoint: str, device, norm_scaling_factor) -> tuple | None:
     """A hub repo id without subpath, with --hookpoint: the repo's subfolder of that name (a sparsify set on the hub,
-    e.g. EleutherAI/sae-pythia-70m-32k + layers.3), extracted at what the name means; None when the repo root
-    itself holds the dictionary (then --hookpoint only says where to apply it)."""
+    e.g. EleutherAI/sae-pythia-70m-32k + layers.3), extracted at what the name means; or, when the repo root itself
+    holds the dictionary, that one, applied at --hookpoint. None for anything but such a hub id."""
     from .dictionaries import load_dictionary
     from .dictionaries.hub import parse_hub_id
 
@@ -117,10 +117,10 @@ def _hub_member(spec: str, hookpoint: str, device, norm_scaling_factor) -> tuple
         d = load_dictionary(spec, hookpoint=hookpoint, device=device, norm_scaling_factor=norm_scaling_factor)
     except ConfigError as member_error:
         try:
-            load_dictionary(spec, device="cpu", norm_scaling_factor=norm_scaling_factor)
+            root = load_dictionary(spec, device=device, norm_scaling_factor=norm_scaling_factor)
         except ConfigError:
             raise member_error from None  # neither a member nor a root dictionary: the member's error says more
-        return None
+        return root, hookpoint
     return d, translate_hookpoint(hookpoint)
 
 

@@ -331,8 +331,7 @@ async def interpret(cache: LatentCache, latents: Sequence[int], *, explainer_cli
                                          "details": res.details, "created": _now()})
                         stages[res.scorer] = res.usage
                     new_rows.append(_usage_row(base, latent, judge_model, stages))
-                    for u in stages.values():
-                        summary.usage.add(u)
+                    summary.usage.add(_total(stages.values()))
                 except LLMError as e:
                     # what the latent spent until it failed still counts (the scope sees every metered call; a
                     # client without metering reports only the stages that finished)

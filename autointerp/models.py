@@ -135,28 +135,31 @@ def _load_error(spec: str, source, kwargs: dict, e: Exception) -> ConfigError:
     return ConfigError(f"model {spec}: could not load {where} ({type(e).__name__}: {first})")
 
 
-def load_tokenizer(spec: str = DEFAULT_MODEL, gguf_file: str | None = None):
-    """The tokenizer of any model spec load_causal_lm takes (what a cache's manifest records)."""
+def _tokenizer(spec: str, source, kwargs: dict):
     from transformers import AutoTokenizer
 
-    source, kwargs = _source(spec, gguf_file)
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:
         raise _load_error(spec, source, kwargs, e) from e
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL, gguf_file: str | None = None):
+    """The tokenizer of any model spec load_causal_lm takes (what a cache's manifest records)."""
+    return _tokenizer(spec, *_source(spec, gguf_file))
+
+
 def load_causal_lm(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
                    gguf_file: str | None = None):
     """(model, tokenizer) in eval mode. `spec`: builtin:NAME, a local folder, a .gguf file, a hub id, or
     `hub/id::file.gguf` (a GGUF file inside a hub repo; the same as passing `gguf_file`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     source, kwargs = _source(spec, gguf_file)
+    tok = _tokenizer(spec, source, kwargs)
     try:
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
     except ConfigError:
         raise

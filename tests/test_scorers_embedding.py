@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from judges_sim import word_record
 
+from autointerp.embedder import DEFAULT_EMBEDDER
 from autointerp.sampling import SamplingConfig
 from autointerp.scorers import embedding as emb
 
@@ -106,7 +107,7 @@ def test_a_pool_from_another_embedder_is_not_mixed_into_the_scores(record, embed
     pool = NegativePool.from_examples(record.negatives, record.decode, other_model, embedder="other/model-8d")
     got = asyncio.run(emb.score(record, "animals, such as pets and farm animals", None,
                                 config=replace(CFG, pool=pool)))
-    assert got.skipped is None and got.model == emb.DEFAULT_EMBEDDER and got.metrics["auc"] > 0.9
+    assert got.skipped is None and got.model == DEFAULT_EMBEDDER and got.metrics["auc"] > 0.9
     # a pool in the scorer's own space does supply the window vectors: the scorer embeds only the explanation
     same = NegativePool.from_examples(record.negatives, record.decode)
     embed_calls.clear()

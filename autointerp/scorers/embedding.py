@@ -10,14 +10,13 @@ window id so records from different caches can never collide.)
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..embedder import DEFAULT_EMBEDDER, embed
+from ..embedder import embed, embedder_name
 from ..formatting import plain_text
 from ..metrics import roc_auc
 from ..records import Examples, LatentRecord
@@ -54,7 +53,7 @@ class WindowEmbeddings:
             return self._get(texts, embedder)
 
     def _get(self, texts: list[str], embedder: str | None) -> np.ndarray:
-        name = embedder or DEFAULT_EMBEDDER
+        name = embedder_name(embedder)
         keys = [(name, t) for t in texts]
         # one encoder pass for every new window, deduplicated
         uniq = list(dict.fromkeys(k for k in keys if k not in self._d))
@@ -76,17 +75,13 @@ def _texts(record: LatentRecord, ex: Examples) -> list[str]:
     return [plain_text(record.token_strings(t)) for t in ex.tokens]
 
 
-def _embedder_name(name: str | None) -> str:
-    return name or os.environ.get("AUTOINTERP_EMBEDDER") or DEFAULT_EMBEDDER
-
-
 def _pool_vectors(pool: NegativePool, record: LatentRecord, ex: Examples) -> np.ndarray:
     row = {int(w): k for k, w in enumerate(ex.window_ids)}
     return pool.matrix(ex.window_ids, lambda ids: _texts(record, ex.take([row[int(i)] for i in ids])))
 
 
 def _result(record, ex, q_vec, w_vecs, labels, cfg, seed) -> ScoreResult:
-    res = ScoreResult(NAME, record.latent, {}, model=cfg.embedder or DEFAULT_EMBEDDER, seed=seed)
+    res = ScoreResult(NAME, record.latent, {}, model=embedder_name(cfg.embedder), seed=seed)
     y = (labels >= 0).astype(int)
     if len(y) == 0 or y.min() == y.max():
         res.skipped = "need both activating and non-activating examples"
@@ -134,7 +129,7 @@ def score_many(
     explanations = [t for t, _ in parts]
     sets = [select_test_examples(r, cfg.sampling, seed, cfg.pool, used) for r, (_, used) in zip(records, parts)]
     # the pool's window vectors serve only when they come from this scorer's embedder (else: another vector space)
-    pool = cfg.pool if cfg.pool is not None and _embedder_name(cfg.pool.embedder) == _embedder_name(cfg.embedder) \
+    pool = cfg.pool if cfg.pool is not None and embedder_name(cfg.pool.embedder) == embedder_name(cfg.embedder) \
         else None
     texts, spans = [], []
     for r, picked in zip(records, sets):
@@ -147,7 +142,7 @@ def score_many(
     out = []
     for i, (r, picked, (a, b)) in enumerate(zip(records, sets, spans)):
         if isinstance(picked, Skipped):
-            out.append(ScoreResult(NAME, r.latent, {}, model=cfg.embedder or DEFAULT_EMBEDDER, seed=seed,
+            out.append(ScoreResult(NAME, r.latent, {}, model=embedder_name(cfg.embedder), seed=seed,
                                    skipped=picked.reason))
             continue
         ex, labels = picked
