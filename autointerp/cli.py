@@ -312,7 +312,7 @@ def interpret(
 
 
 def _tokenizer_for(cache):
-    from .models import load_tokenizer
+    from .hf_loading import load_tokenizer
 
     return load_tokenizer(cache.manifest["model"])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .corpus import CorpusSpec
 from .errors import ConfigError
-from .models import cache_root
+from .hf_loading import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device,
 
 
 def _encode_dtype(name: str | None) -> torch.dtype:
-    from .models import pick_dtype
+    from .hf_loading import pick_dtype
 
     if name is None:
         return torch.float32

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .models import DEFAULT_MODEL, load_causal_lm
+from .hf_loading import DEFAULT_MODEL, load_causal_lm
 
 # Where decoder layers live, and the names of their attention / MLP / MLP-down submodules, per architecture family.
 _LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")

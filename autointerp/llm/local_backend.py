@@ -41,7 +41,7 @@ def _load(spec: str, device: str | None, dtype) -> _Loaded:
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
-        from ..models import load_causal_lm
+        from ..hf_loading import load_causal_lm
 
         try:
             model, tok = load_causal_lm(spec, device=device, dtype=dtype)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..models import DEFAULT_MODEL, load_causal_lm
+from ..hf_loading import DEFAULT_MODEL, load_causal_lm
 from ..prompt_files import load_prompt
 from ..formatting import plain_text
 from ..metrics import roc_auc
