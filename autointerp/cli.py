@@ -46,7 +46,7 @@ def _friendly(fn):
 
 def _parse_scorer_options(items: list[str], batch_size: int | None, scorers: list[str]) -> dict:
     """`scorer.field=value` strings (value as JSON when it parses, else a plain string) and --batch-size (the
-    detection and fuzzing batch) -> InterpretConfig.scorer_options."""
+    detection and fuzzing batch) -> the job spec's scorer_options."""
     from .errors import ConfigError
 
     out: dict[str, dict] = {}
@@ -124,8 +124,13 @@ def extract(
                  pool_size=pool_size, text_column=text_column, split=split, overwrite=overwrite, progress=progress,
                  checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio, encode_dtype=encode_dtype,
                  norm_scaling_factor=norm_scaling_factor, check_corpus=check_corpus)
+    from .store import open_store
+
+    store = open_store()
     for c in caches:
-        _print_summary(c)
+        row = store.register_cache(c)
+        _print_summary(c, tokenizer=subject.tokenizer)
+        typer.echo(f"registered in the store as dictionary {row['name']!r} ({row['n_latents']} latents)")
 
 
 def _print_summary(cache, n_show: int = 10, tokenizer=None) -> None:
@@ -224,12 +229,70 @@ def train_sae(
     typer.echo(f"wrote {result.path}: FVU {result.fvu:.3f}, dead {result.dead_fraction:.1%}, {result.steps} steps")
 
 
+def _spec_options(explainer, explainer_model, judge_model, scorers, seed, concurrency, llm_concurrency, prices,
+                  hard_negatives, batch_size, scorer_option, prompt_dir, llm_timeout, llm_retries, budget) -> dict:
+    """The JobSpec fields the interpret-like commands share (CLI flags -> data)."""
+    from .errors import ConfigError
+
+    names = [n.strip() for n in scorers.split(",") if n.strip()]
+    if prompt_dir is not None and not prompt_dir.is_dir():
+        raise ConfigError(f"--prompt-dir {prompt_dir}: not a folder")
+    if budget is not None and budget < 0:
+        raise ConfigError(f"--budget {budget}: expected a number of dollars >= 0")
+    return {"explainer": explainer, "explainer_model": explainer_model, "judge_model": judge_model, "scorers": names,
+            "scorer_options": _parse_scorer_options(list(scorer_option or []), batch_size, names), "seed": seed,
+            "hard_negatives": hard_negatives, "prompt_dir": str(prompt_dir) if prompt_dir else None,
+            "concurrency": concurrency, "budget_usd": budget,
+            "llm": {"concurrency": llm_concurrency, "prices": str(prices) if prices else None,
+                    "timeout_s": llm_timeout, "max_retries": llm_retries}}
+
+
+def _run_job(store, spec, progress: bool, out: Path | None):
+    """submit → (failed items of a re-run get another try) → run embedded → export; returns (job id, summary)."""
+    from .jobs import retry_failed, run, submit
+    from .jobs.export import export_rows, write_jsonl
+
+    job_id = submit(store, spec)
+    if store.job(job_id)["status"] in ("failed", "stopped", "budget_exhausted", "cancelled"):
+        retry_failed(store, job_id)  # re-running a command is how a user retries (as before the store)
+    summary = run(store, job_id, progress=progress)
+    if out is not None:
+        write_jsonl(export_rows(store, job_id=job_id), out)
+    return job_id, summary
+
+
+def _print_job_result(store, job_id: int, summary, out: Path | None) -> None:
+    from .jobs.export import export_rows
+    from .metrics import aggregate, format_table
+
+    scores = [r for r in export_rows(store, job_id=job_id) if r["type"] == "score"]
+    typer.echo(format_table(aggregate(scores)))
+    u = summary.usage
+    typer.echo(f"\njob {job_id}: {summary.latents_done} latents done, {summary.latents_already_done} already done, "
+               f"{summary.latents_skipped} skipped, {summary.latents_failed} failed; LLM: {u.calls} calls "
+               f"({u.cached_calls} cached), {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
+               f"${u.cost_usd:.4f}; status {summary.status}; results in the store ({store!r})"
+               + (f" and {out}" if out else ""))
+    for e in summary.errors[:5]:
+        typer.echo(f"  {e}", err=True)
+    if summary.status == "budget_exhausted":
+        typer.echo(f"budget reached: raise it with `autointerp job resume {job_id} --budget USD`", err=True)
+    if summary.status != "done":
+        hint = f" (retry: autointerp job retry {job_id})" if summary.latents_failed else ""
+        typer.echo(f"error: job {job_id} ended {summary.status}{hint}", err=True)
+        raise typer.Exit(1)
+
+
+_LATENTS_HELP = "Latents: '0-99,120' or 'all' (alive ones). Default: the first --n-latents alive ones."
+
+
 @app.command()
 @_friendly
 def interpret(
-    cache: Path = typer.Argument(..., help="A cache folder written by `autointerp extract`."),
-    latents: Optional[str] = typer.Option(None, help="Latents: '0-99,120'. Default: the first --n-latents alive ones."),
-    n_latents: int = typer.Option(20, help="How many alive latents when --latents is not given."),
+    cache: Path = typer.Argument(..., help="A cache folder written by `autointerp extract` (registered in the store "
+                                           "if it is not yet)."),
+    latents: Optional[str] = typer.Option(None, help=_LATENTS_HELP),
+    n_latents: int = typer.Option(20, min=1, help="How many alive latents when --latents is not given."),
     explainer: str = typer.Option("default", help="Explainer kind: default, activations, cot, contrastive, "
                                                   "token_frequency, random."),
     explainer_model: str = typer.Option("local", help="LLM spec: local, local:MODEL, openai:MODEL, "
@@ -237,12 +300,15 @@ def interpret(
     judge_model: Optional[str] = typer.Option(None, help="Judge LLM spec for the scorers (default: the explainer's)."),
     scorers: str = typer.Option("detection,fuzzing", help="Comma-separated: detection, fuzzing, intruder, "
                                                           "simulation, embedding, surprisal, intervention."),
-    out: Optional[Path] = typer.Option(None, help="Results JSON-lines file (default: <cache>/results.jsonl)."),
+    out: Optional[Path] = typer.Option(None, help="Also export this job's rows as JSON lines to this file."),
     seed: int = typer.Option(0, help="Sampling seed (recorded with every row)."),
-    concurrency: int = typer.Option(8, help="Latents in flight."),
-    llm_concurrency: int = typer.Option(16, help="Requests in flight per LLM endpoint."),
+    concurrency: int = typer.Option(8, min=1, help="Latents in flight."),
+    llm_concurrency: int = typer.Option(16, min=1, help="Requests in flight per LLM endpoint."),
+    llm_timeout: float = typer.Option(60.0, min=0.1, help="Seconds per LLM request before it counts as a timeout."),
+    llm_retries: int = typer.Option(5, min=0, help="Retries of a transient LLM failure (429, 5xx, timeout)."),
     prices: Optional[Path] = typer.Option(None, help="Price table (JSON/TOML: model -> $ per 1M prompt/completion tokens)."),
-    hard_negatives: bool = typer.Option(True, help="Embed the random pool once to pick hard negatives."),
+    hard_negatives: bool = typer.Option(True, help="Embed the random pool once (saved beside the cache) to pick hard "
+                                                   "negatives."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Examples per judge call for detection and fuzzing "
                                              "(default 20: keeps explain + detection + fuzzing within 10 calls per "
                                              "latent; the reference method uses 10)."),
@@ -252,63 +318,20 @@ def interpret(
                                                            "intervention.strengths=[0.5,1], simulation.mode=json."),
     prompt_dir: Optional[Path] = typer.Option(None, help="Folder of prompt templates (<name>.md) replacing the "
                                                           "packaged ones for the explainer and every scorer."),
+    budget: Optional[float] = typer.Option(None, help="Stop scheduling LLM work once this many dollars are spent."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
-    """Explain and score latents of a cache (resumable: re-running skips what is done)."""
-    import asyncio
+    """Explain and score latents of a cache into the store (a job run in this process; re-running the same
+    command resumes it and retries its failed latents)."""
+    from .store import open_store
 
-    from .cache import LatentCache
-    from .errors import ConfigError
-    from .interpret import (InterpretConfig, check_scorer_options, in_job, interpret as run, job_key, parse_latents,
-                            read_results)
-    from .llm import client_from_spec
-    from .metrics import aggregate, format_table
-    from .scorers import get_scorer
-
-    names = [n.strip() for n in scorers.split(",") if n.strip()]
-    for n in names:
-        get_scorer(n)  # unknown names fail before any work
-    options = check_scorer_options(names, _parse_scorer_options(list(scorer_option or []), batch_size, names))
-    if prompt_dir is not None and not prompt_dir.is_dir():
-        raise ConfigError(f"--prompt-dir {prompt_dir}: not a folder")
-    c = LatentCache(cache)
-    tok = _tokenizer_for(c)
-    c.attach_tokenizer(tok)
-    ids = parse_latents(latents, c, n_latents)
-    out = out or (cache / "results.jsonl")
-    kw = {"concurrency": llm_concurrency, "prices": str(prices) if prices else None}
-    explainer_client = client_from_spec(explainer_model, **kw)
-    judge_client = explainer_client if not judge_model or judge_model == explainer_model else \
-        client_from_spec(judge_model, **kw)
-    cfg = InterpretConfig(explainer=explainer, scorers=names, seed=seed, concurrency=concurrency,
-                          hard_negatives=hard_negatives, scorer_options=options, prompt_dir=prompt_dir)
-    context = {}
-    if {"intervention", "surprisal"} & set(names):
-        context = _scorer_context(c)
-
-    async def go():
-        try:
-            return await run(c, ids, explainer_client=explainer_client, judge_client=judge_client, config=cfg,
-                             out=out, progress=progress, scorer_context=context)
-        finally:
-            for cl in {id(explainer_client): explainer_client, id(judge_client): judge_client}.values():
-                await cl.aclose()
-
-    summary = asyncio.run(go())
-    wanted = set(ids)
-    key, judge = job_key(c, cfg, explainer_client), getattr(judge_client, "model", "") or ""
-    latest = {}  # this job's rows only (its explainer and judge models too), the last one per (latent, scorer)
-    for r in read_results(out):
-        if r["type"] == "score" and r["latent"] in wanted and in_job(r, key, judge):
-            latest[(r["latent"], r["scorer"])] = r
-    typer.echo(format_table(aggregate(latest.values())))  # the rows carry their dictionary id
-    u = summary.usage
-    typer.echo(f"\n{summary.latents_done} latents done, {summary.latents_already_done} already done, "
-               f"{summary.latents_skipped} skipped, {summary.latents_failed} failed (retry by re-running); "
-               f"LLM: {u.calls} calls ({u.cached_calls} cached), {u.prompt_tokens} prompt + {u.completion_tokens} "
-               f"completion tokens, ${u.cost_usd:.4f}; results in {out}")
-    for e in summary.errors[:5]:
-        typer.echo(f"  {e}", err=True)
+    spec = {"dictionary": str(cache), "latents": latents, "n_latents": n_latents,
+            **_spec_options(explainer, explainer_model, judge_model, scorers, seed, concurrency, llm_concurrency,
+                            prices, hard_negatives, batch_size, scorer_option, prompt_dir, llm_timeout, llm_retries,
+                            budget)}
+    store = open_store()
+    job_id, summary = _run_job(store, spec, progress, out)
+    _print_job_result(store, job_id, summary, out)
 
 
 def _tokenizer_for(cache):
@@ -317,56 +340,232 @@ def _tokenizer_for(cache):
     return load_tokenizer(cache.manifest["model"])
 
 
-def _scorer_context(cache) -> dict:
-    """What the scorers that run a model need, keyed by their Config field names (interpret copies each into the
-    Configs that have that field): intervention steers the subject model with the dictionary's decoder at the
-    cache's hookpoint (a transcoder: at its module's output, see SteeringTarget.from_subject); surprisal reads
-    with the subject model already loaded (`lm`) rather than loading its default LM a second time."""
-    from .dictionaries import load_cached_dictionary
-    from .subject import load_subject
-
-    subject = load_subject(cache.manifest["model"])
-    dictionary = load_cached_dictionary(cache.manifest["dictionary"])
-    return {"subject": subject, "dictionary": dictionary, "hookpoint": cache.manifest["hookpoint"],
-            "lm": (subject.model, subject.tokenizer)}
-
-
 @app.command()
 @_friendly
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its cache and results."),
-    n_tokens: int = typer.Option(60_000, help="Tokens to extract over."),
-    n_latents: int = typer.Option(12, help="Latents to explain and score."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its cache."),
+    n_tokens: int = typer.Option(60_000, min=1000, help="Tokens to extract over."),
+    n_latents: int = typer.Option(12, min=1, help="Latents to explain and score."),
 ):
-    """The offline demo: SmolLM2 + a locally trained SAE → extraction → explanations scored by the local embedder."""
-    import asyncio
-
+    """The offline demo: SmolLM2 + a locally trained SAE → extraction → explanations scored by the local embedder,
+    everything in the store."""
     from .demo import ensure_demo_dictionary
-    from .extract import extract as run
-    from .interpret import InterpretConfig, interpret as run_interpret, parse_latents, read_results
+    from .extract import extract as run_extract
+    from .store import open_store
     from .subject import load_subject
 
     typer.echo("[demo] loading SmolLM2-135M (first run dequantizes the packaged GGUF once, ~30 s)")
     subject = load_subject("builtin:smollm2")
     typer.echo("[demo] demo dictionary (trained once on this machine, then cached)")
     sae = ensure_demo_dictionary(subject)
-    typer.echo(f"[demo] extracting {n_tokens} tokens at {sae.name}")
-    (cache,) = run(subject, str(sae), None, "builtin", out, n_tokens=n_tokens)
+    typer.echo(f"[demo] extraction over {n_tokens} tokens at {sae.name} (reused when already done)")
+    (cache,) = run_extract(subject, str(sae), None, "builtin", out, n_tokens=n_tokens)
+    store = open_store()
+    store.register_cache(cache, name="demo")
     _print_summary(cache, tokenizer=subject.tokenizer)
     # No LLM is needed for this part: the token-frequency baseline explains, the local MiniLM embedder scores.
-    # With an LLM: autointerp interpret <cache> --explainer-model local|openai:MODEL@URL --scorers detection,fuzzing
     typer.echo(f"\n[demo] explaining {n_latents} latents (token-frequency baseline) and scoring them (embedding AUC)")
-    cache.attach_tokenizer(subject.tokenizer)
-    ids = parse_latents(None, cache, n_latents)
-    results = out / "results.jsonl"
-    cfg = InterpretConfig(explainer="token_frequency", scorers=("embedding",), hard_negatives=False)
-    asyncio.run(run_interpret(cache, ids, explainer_client=None, judge_client=None, config=cfg, out=results))
-    rows = [r for r in read_results(results) if r["type"] == "score" and r["latent"] in set(ids)]
+    spec = {"dictionary": str(out), "n_latents": n_latents, "explainer": "token_frequency", "scorers": ["embedding"],
+            "hard_negatives": False}
+    job_id, summary = _run_job(store, spec, True, None)
+    from .jobs.export import export_rows
+
+    rows = list(export_rows(store, job_id=job_id))
+    text = {r["explanation_id"]: r["text"] for r in rows if r["type"] == "explanation"}
+    scores = [r for r in rows if r["type"] == "score"]
     typer.echo(f"{'latent':>7} {'AUC':>6}  explanation")
-    for r in sorted(rows, key=lambda r: -(r["metrics"].get("auc") or 0)):
+    for r in sorted(scores, key=lambda r: -(r["metrics"].get("auc") or 0)):
         auc = r["metrics"].get("auc")
-        typer.echo(f"{r['latent']:>7} {auc if auc is None else format(auc, '.3f'):>6}  {(r['explanation'] or '')[:90]}")
-    typer.echo(f"\n[demo] done: cache in {out}, results in {results}. Next: autointerp inspect {out} --latent N")
+        typer.echo(f"{r['latent']:>7} {auc if auc is None else format(auc, '.3f'):>6}  "
+                   f"{(text.get(r['explanation_id']) or '')[:90]}")
+    typer.echo(f"\n[demo] done: cache in {out}, results in the store ({store!r}), job {job_id}. "
+               f"Next: autointerp inspect {out} --latent N")
+
+
+# ----------------------------------------------------------------------------------------------- store and jobs
+
+job_app = typer.Typer(no_args_is_help=True, help="Queue, watch and control explanation jobs (the store keeps them).")
+app.add_typer(job_app, name="job")
+db_app = typer.Typer(no_args_is_help=True, help="The SQL store: schema migrations.")
+app.add_typer(db_app, name="db")
+
+
+def _load_spec_file(path: Path) -> dict:
+    from .errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such job spec file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object (a job spec)")
+    return data
+
+
+@app.command("run")
+@_friendly
+def run_spec(
+    spec_file: Path = typer.Argument(..., help="A job spec (JSON): see `autointerp job schema`."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    out: Optional[Path] = typer.Option(None, help="Also export the job's rows as JSON lines."),
+):
+    """Run a job spec in this process (the embedded runner: no broker, no server)."""
+    from .store import open_store
+
+    store = open_store()
+    job_id, summary = _run_job(store, _load_spec_file(spec_file), progress, out)
+    _print_job_result(store, job_id, summary, out)
+
+
+@job_app.command("submit")
+@_friendly
+def job_submit(spec_file: Path = typer.Argument(..., help="A job spec (JSON).")):
+    """Validate a spec and queue its job (prints the job id). Workers or `autointerp job run ID` execute it."""
+    from .jobs import submit
+    from .store import open_store
+
+    typer.echo(submit(open_store(), _load_spec_file(spec_file)))
+
+
+@job_app.command("run")
+@_friendly
+def job_run(job_id: int = typer.Argument(...), progress: bool = typer.Option(True, help="Show a progress bar.")):
+    """Run a queued job's pending items in this process."""
+    from .jobs import run
+    from .store import open_store
+
+    store = open_store()
+    summary = run(store, job_id, progress=progress)
+    _print_job_result(store, job_id, summary, None)
+
+
+def _fmt_status(st) -> str:
+    lines = [f"job {st.job_id} [{st.status}] dictionary {st.dictionary}: {st.latents_finished}/{st.latents} latents "
+             f"finished; ${st.spend['cost_usd']:.4f} spent" + (f" of ${st.budget_usd:.2f}" if st.budget_usd else "")
+             + f", {st.spend['calls']} LLM calls, {st.spend['prompt_tokens']}+{st.spend['completion_tokens']} tokens"]
+    if st.rate_per_s:
+        lines.append(f"  {st.rate_per_s:.2f} latents/s" + (f", ETA {st.eta_s:.0f} s" if st.eta_s else ""))
+    for stage, c in sorted(st.stages.items()):
+        lines.append(f"  {stage:<22} " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    if st.error:
+        lines.append(f"  stopped by: {st.error}")
+    for e in st.errors[:5]:
+        lines.append(f"  failed: latent {e['latent']} {e['stage']}: {e['error']}")
+    return "\n".join(lines)
+
+
+@job_app.command("status")
+@_friendly
+def job_status(job_id: int = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
+               watch: bool = typer.Option(False, help="Refresh every 2 s until the job ends.")):
+    """Counts per stage, spend, throughput and ETA."""
+    import time
+
+    from .jobs import status
+    from .store import open_store
+
+    store = open_store()
+    while True:
+        st = status(store, job_id)
+        typer.echo(json.dumps(st.as_dict(), default=str, indent=1) if as_json else _fmt_status(st))
+        if not watch or st.status in ("done", "failed", "stopped", "cancelled", "budget_exhausted"):
+            return
+        time.sleep(2)
+
+
+@job_app.command("list")
+@_friendly
+def job_list(limit: int = typer.Option(20, min=1)):
+    """Recent jobs."""
+    from .store import open_store
+
+    for j in open_store().jobs(limit):
+        typer.echo(f"{j['id']:>5} {j['status']:<17} {j['created']:%Y-%m-%d %H:%M} {j['spec'].get('dictionary')} "
+                   f"{j['spec'].get('explainer')}:{j['spec'].get('explainer_model')} {','.join(j['spec'].get('scorers', []))}")
+
+
+@job_app.command("cancel")
+@_friendly
+def job_cancel(job_id: int = typer.Argument(...)):
+    """Stop scheduling a job's work (runners stop after their latents in flight)."""
+    from .jobs import cancel
+    from .store import open_store
+
+    cancel(open_store(), job_id)
+    typer.echo(f"job {job_id} cancelled")
+
+
+@job_app.command("resume")
+@_friendly
+def job_resume(job_id: int = typer.Argument(...),
+               budget: Optional[float] = typer.Option(None, help="A new budget in dollars.")):
+    """Make a cancelled, stopped or budget-limited job runnable again."""
+    from .jobs import resume
+    from .store import open_store
+
+    resume(open_store(), job_id, budget)
+    typer.echo(f"job {job_id} resumed: run it with `autointerp job run {job_id}` or let workers take it")
+
+
+@job_app.command("retry")
+@_friendly
+def job_retry(job_id: int = typer.Argument(...)):
+    """Put a job's failed items back in the queue."""
+    from .jobs import retry_failed
+    from .store import open_store
+
+    typer.echo(f"job {job_id}: {retry_failed(open_store(), job_id)} failed items queued again")
+
+
+@job_app.command("schema")
+def job_schema():
+    """The JSON schema of a job spec."""
+    from .jobs import JobSpec
+
+    typer.echo(json.dumps(JobSpec.model_json_schema(), indent=1))
+
+
+@db_app.command("upgrade")
+@_friendly
+def db_upgrade(url: Optional[str] = typer.Option(None, help="Database URL (default: $AUTOINTERP_DATABASE_URL or "
+                                                            "the SQLite file under the cache folder).")):
+    """Bring the store's schema to this version of autointerp (Alembic migrations in db/)."""
+    from .store import resolve_url, upgrade
+
+    before, after = upgrade(url)
+    typer.echo(f"{resolve_url(url)}: schema {before or 'empty'} -> {after}")
+
+
+@app.command("import")
+@_friendly
+def import_results(
+    path: Path = typer.Argument(..., help="A results.jsonl (from before the store, or an export)."),
+    dictionary: Optional[str] = typer.Option(None, help="The cache folder (or store name) the rows belong to; "
+                                                         "default: the dictionary each row names."),
+):
+    """Import JSON-lines results into the store (all rows or none; importing twice adds nothing)."""
+    from .jobs.export import import_jsonl
+    from .store import open_store
+
+    counts = import_jsonl(open_store(), path, dictionary)
+    typer.echo(f"imported {counts['explanations']} explanations and {counts['scores']} scores from {path}")
+
+
+@app.command("export")
+@_friendly
+def export_results(
+    out: Path = typer.Argument(..., help="Output .jsonl file."),
+    dictionary: Optional[str] = typer.Option(None, help="Only this dictionary (name, key or cache folder)."),
+    job: Optional[int] = typer.Option(None, help="Only this job's results and usage."),
+):
+    """Export the store's rows as JSON lines (explanations, scores, per-latent usage, job totals)."""
+    from .jobs.export import export_rows, write_jsonl
+    from .store import open_store
+
+    n = write_jsonl(export_rows(open_store(), dictionary, job), out)
+    typer.echo(f"wrote {n} rows to {out}")
 
 
 def main() -> None:  # pragma: no cover

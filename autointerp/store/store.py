@@ -1,0 +1,371 @@
+"""The store's operations: every read and write of results and jobs goes through `Store` (SQLAlchemy Core on the
+tables in tables.py — bulk writes are one executemany per chunk, not one transaction per row).
+
+Writes that belong together commit together (`Store.tx(write=True)`): a unit's result rows and its job item; a
+dictionary and all its latents. Inserts of results are insert-or-ignore on their identity, so a unit that runs twice
+changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
+
+from ..errors import ConfigError
+from .engine import StoreError, engine_for, resolve_url
+from .tables import (ApiKey, Dictionary, Explanation, ExplanationEmbedding, Job, JobItem, Latent, Score,
+                     SubjectModel, utcnow)
+
+T_SUBJECT, T_DICT, T_LATENT = SubjectModel.__table__, Dictionary.__table__, Latent.__table__
+T_EXPL, T_SCORE, T_JOB, T_ITEM = Explanation.__table__, Score.__table__, Job.__table__, JobItem.__table__
+T_EMB, T_KEY = ExplanationEmbedding.__table__, ApiKey.__table__
+CHUNK = 20_000  # rows per executemany
+
+# the headline metric of each scorer (Score.value: sorting and filtering across scorers)
+HEADLINE = {"detection": "balanced_accuracy", "fuzzing": "balanced_accuracy", "intruder": "accuracy",
+            "simulation": "pearson_r", "embedding": "auc", "surprisal": "auc", "intervention": "accuracy"}
+
+
+def headline(scorer: str, metrics: dict | None) -> float | None:
+    v = (metrics or {}).get(HEADLINE.get(scorer, ""))
+    return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:120] or "dictionary"
+
+
+class Store:
+    def __init__(self, url: str | None = None):
+        self.url = resolve_url(url)
+        self.engine = engine_for(self.url)
+        self.dialect = self.engine.dialect.name
+
+    def __repr__(self) -> str:
+        return f"Store({make_url(self.url).render_as_string()})"
+
+    @contextmanager
+    def tx(self, write: bool = False) -> Iterator[Connection]:
+        """One transaction; `write=True` takes SQLite's write lock at BEGIN (see engine._sqlite_begin)."""
+        with self.engine.connect() as conn:
+            conn.info["write"] = write
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                conn.info.pop("write", None)
+
+    def _insert_ignore(self, table, index_elements: Sequence[str]):
+        ins = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+        return ins.on_conflict_do_nothing(index_elements=list(index_elements))
+
+    def _upsert(self, table, index_elements: Sequence[str], update_cols: Sequence[str]):
+        ins = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+        return ins.on_conflict_do_update(index_elements=list(index_elements),
+                                         set_={c: ins.excluded[c] for c in update_cols})
+
+    # ------------------------------------------------------------------------------------------- dictionaries
+
+    def register_cache(self, cache, name: str | None = None) -> dict:
+        """Register an extraction: its subject model, its dictionary (by checkpoint id and hookpoint) and every
+        latent's statistics, in one transaction (a re-extraction replaces the statistics). Returns the row."""
+        m = cache.manifest
+        d = m["dictionary"]
+        key = f"{d['id']}@{m['hookpoint']}"
+        s = cache.stats
+        n_active = np.asarray(s["n_active"], dtype=np.int64)
+        act_sum, act_max = np.asarray(s["act_sum"], np.float64), np.asarray(s["act_max"], np.float64)
+        hist = np.asarray(cache.array("hist"))
+        n_tokens = max(1, cache.n_tokens)
+        row = {"key": key, "name": name or _slug(f"{d['id'].rstrip('/').split('/')[-1]}-{m['hookpoint']}"),
+               "dictionary_id": d["id"], "hookpoint": m["hookpoint"], "format": d.get("format", ""),
+               "source": str(d.get("source", "")), "n_latents": int(d["n_latents"]), "d_in": int(d.get("d_in", 0)),
+               "n_tokens": int(cache.n_tokens), "ctx_len": int(cache.ctx_len), "cache_path": str(cache.path.resolve()),
+               "n_alive": int((n_active > 0).sum())}
+        with self.tx(write=True) as conn:
+            conn.execute(self._insert_ignore(T_SUBJECT, ["name"]).values(name=m["model"], created=utcnow()))
+            subject_pk = conn.execute(select(T_SUBJECT.c.id).where(T_SUBJECT.c.name == m["model"])).scalar_one()
+            row["subject_model_id"] = subject_pk
+            conn.execute(self._upsert(T_DICT, ["key"], [c for c in row if c not in ("key", "name")])
+                         .values(**row, created=utcnow()))
+            pk = conn.execute(select(T_DICT.c.id).where(T_DICT.c.key == key)).scalar_one()
+            conn.execute(delete(T_LATENT).where(T_LATENT.c.dictionary_pk == pk))
+            for lo in range(0, len(n_active), CHUNK):
+                hi = min(lo + CHUNK, len(n_active))
+                conn.execute(T_LATENT.insert(), [
+                    {"dictionary_pk": pk, "index": i, "n_active": int(n_active[i]),
+                     "frequency": float(n_active[i] / n_tokens), "max_act": float(act_max[i]),
+                     "mean_act": float(act_sum[i] / n_active[i]) if n_active[i] else 0.0,
+                     "hist": hist[i].tolist() if n_active[i] else None}
+                    for i in range(lo, hi)])
+        return self.dictionary(pk)
+
+    def dictionary(self, ref: int | str) -> dict:
+        """A dictionary by primary key, name, key ("<id>@<hookpoint>"), checkpoint id or cache folder."""
+        with self.tx() as conn:
+            q = select(T_DICT)
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                rows = conn.execute(q.where(T_DICT.c.id == int(ref))).mappings().all()
+            else:
+                from pathlib import Path
+
+                path = str(Path(ref).expanduser().resolve()) if Path(ref).expanduser().exists() else None
+                rows = conn.execute(q.where(or_(T_DICT.c.name == ref, T_DICT.c.key == ref,
+                                                T_DICT.c.dictionary_id == ref, T_DICT.c.cache_path == path)))\
+                    .mappings().all()
+        if len(rows) == 1:
+            return dict(rows[0])
+        if len(rows) > 1:
+            raise ConfigError(f"dictionary {ref!r} is ambiguous: it names {len(rows)} dictionaries "
+                              f"({', '.join(r['name'] for r in rows[:5])}); use one of those names")
+        known = [d["name"] for d in self.dictionaries()[:10]]
+        raise ConfigError(f"unknown dictionary {ref!r} (known: {', '.join(known) or 'none; run autointerp extract'})")
+
+    def dictionaries(self) -> list[dict]:
+        with self.tx() as conn:
+            rows = conn.execute(select(T_DICT, T_SUBJECT.c.name.label("subject_model"))
+                                .join(T_SUBJECT, T_SUBJECT.c.id == T_DICT.c.subject_model_id)
+                                .order_by(T_DICT.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def latent(self, dictionary_pk: int, index: int) -> dict:
+        with self.tx() as conn:
+            row = conn.execute(select(T_LATENT).where(T_LATENT.c.dictionary_pk == dictionary_pk,
+                                                      T_LATENT.c.index == index)).mappings().first()
+        if row is None:
+            raise ConfigError(f"latent {index}: not in dictionary {dictionary_pk} "
+                              f"(has it been extracted? the dictionary's latents are 0..n_latents-1)")
+        return dict(row)
+
+    # ------------------------------------------------------------------------------------------- results
+
+    def find_explanation(self, dictionary_pk: int, latent: int, explain_key: str, conn=None) -> dict | None:
+        q = select(T_EXPL).where(T_EXPL.c.dictionary_pk == dictionary_pk, T_EXPL.c.latent == latent,
+                                 T_EXPL.c.explain_key == explain_key)
+        if conn is not None:
+            row = conn.execute(q).mappings().first()
+        else:
+            with self.tx() as c:
+                row = c.execute(q).mappings().first()
+        return None if row is None else dict(row)
+
+    def score_keys_done(self, explanation_id: int) -> set[str]:
+        with self.tx() as conn:
+            return set(conn.execute(select(T_SCORE.c.score_key).where(T_SCORE.c.explanation_id == explanation_id))
+                       .scalars())
+
+    def insert_explanation(self, conn: Connection, row: dict) -> int:
+        """Insert-or-ignore on (dictionary, latent, explain_key); the id of the row that is there afterwards."""
+        conn.execute(self._insert_ignore(T_EXPL, ["dictionary_pk", "latent", "explain_key"])
+                     .values(**row, created=utcnow()))
+        return self.find_explanation(row["dictionary_pk"], row["latent"], row["explain_key"], conn)["id"]
+
+    def insert_score(self, conn: Connection, row: dict) -> None:
+        conn.execute(self._insert_ignore(T_SCORE, ["explanation_id", "score_key"]).values(**row, created=utcnow()))
+
+    def explanations(self, dictionary_pk: int | None = None, *, latents: Iterable[int] | None = None,
+                     explainer: str | None = None, exclude_explainer: str | None = None,
+                     with_text: bool = False) -> list[dict]:
+        q = select(T_EXPL)
+        if dictionary_pk is not None:
+            q = q.where(T_EXPL.c.dictionary_pk == dictionary_pk)
+        if latents is not None:
+            q = q.where(T_EXPL.c.latent.in_(list(latents)))
+        if explainer is not None:
+            q = q.where(T_EXPL.c.explainer == explainer)
+        if exclude_explainer is not None:
+            q = q.where(T_EXPL.c.explainer != exclude_explainer)
+        if with_text:
+            q = q.where(T_EXPL.c.text.is_not(None))
+        with self.tx() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(T_EXPL.c.id)).mappings()]
+
+    def scores(self, explanation_ids: Iterable[int]) -> list[dict]:
+        ids = list(explanation_ids)
+        out: list[dict] = []
+        with self.tx() as conn:
+            for lo in range(0, len(ids), 1000):
+                out += [dict(r) for r in conn.execute(select(T_SCORE).where(T_SCORE.c.explanation_id.in_(
+                    ids[lo:lo + 1000])).order_by(T_SCORE.c.id)).mappings()]
+        return out
+
+    # ------------------------------------------------------------------------------------------- jobs
+
+    def find_job(self, key: str) -> dict | None:
+        with self.tx() as conn:
+            row = conn.execute(select(T_JOB).where(T_JOB.c.key == key, T_JOB.c.status != "cancelled")
+                               .order_by(T_JOB.c.id.desc())).mappings().first()
+        return None if row is None else dict(row)
+
+    def create_job(self, key: str, spec: dict, dictionary_pk: int, budget_usd: float | None,
+                   items: Iterable[tuple[int, str]]) -> int:
+        """The job row and its items, in one transaction (nothing queued when any of it fails)."""
+        with self.tx(write=True) as conn:
+            job_id = conn.execute(T_JOB.insert().values(key=key, spec=spec, dictionary_pk=dictionary_pk,
+                                                        budget_usd=budget_usd, status="pending", created=utcnow(),
+                                                        updated=utcnow())).inserted_primary_key[0]
+            n = 0
+            batch: list[dict] = []
+            now = utcnow()
+            for latent, stage in items:
+                batch.append({"job_id": job_id, "latent": latent, "stage": stage, "status": "pending",
+                              "updated": now})
+                if len(batch) >= CHUNK:
+                    conn.execute(T_ITEM.insert(), batch)
+                    n += len(batch)
+                    batch = []
+            if batch:
+                conn.execute(T_ITEM.insert(), batch)
+                n += len(batch)
+            conn.execute(update(T_JOB).where(T_JOB.c.id == job_id).values(n_items=n))
+        return int(job_id)
+
+    def job(self, job_id: int) -> dict:
+        with self.tx() as conn:
+            row = conn.execute(select(T_JOB).where(T_JOB.c.id == job_id)).mappings().first()
+        if row is None:
+            raise ConfigError(f"unknown job {job_id}")
+        return dict(row)
+
+    def jobs(self, limit: int = 50) -> list[dict]:
+        with self.tx() as conn:
+            return [dict(r) for r in conn.execute(select(T_JOB).order_by(T_JOB.c.id.desc()).limit(limit)).mappings()]
+
+    def set_job(self, job_id: int, **values: Any) -> None:
+        with self.tx(write=True) as conn:
+            conn.execute(update(T_JOB).where(T_JOB.c.id == job_id).values(**values, updated=utcnow()))
+
+    def claim_latents(self, job_id: int, worker: str, limit: int, lease_s: float,
+                      latents: Sequence[int] | None = None) -> list[tuple[int, list[str]]]:
+        """Lease up to `limit` latents with work left (pending items, or running ones whose lease expired):
+        [(latent, [stages])]. Taken in latent order; one transaction, so two workers never lease the same item."""
+        now = utcnow()
+        claimable = and_(T_ITEM.c.job_id == job_id,
+                         or_(T_ITEM.c.status == "pending",
+                             and_(T_ITEM.c.status == "running", T_ITEM.c.lease_until < now)))
+        with self.tx(write=True) as conn:
+            q = select(T_ITEM.c.latent).where(claimable)
+            if latents is not None:
+                q = q.where(T_ITEM.c.latent.in_(list(latents)))
+            chosen = list(conn.execute(q.distinct().order_by(T_ITEM.c.latent).limit(limit)).scalars())
+            if not chosen:
+                return []
+            rows = conn.execute(select(T_ITEM.c.latent, T_ITEM.c.stage)
+                                .where(claimable, T_ITEM.c.latent.in_(chosen))).all()
+            conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(chosen))
+                         .values(status="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
+                                 attempts=T_ITEM.c.attempts + 1, updated=now))
+        out: dict[int, list[str]] = {}
+        for latent, stage in rows:
+            out.setdefault(int(latent), []).append(stage)
+        return sorted(out.items())
+
+    def renew_leases(self, job_id: int, worker: str, latents: Sequence[int], lease_s: float) -> None:
+        if not latents:
+            return
+        with self.tx(write=True) as conn:
+            conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.worker == worker,
+                                              T_ITEM.c.status == "running", T_ITEM.c.latent.in_(list(latents)))
+                         .values(lease_until=utcnow() + timedelta(seconds=lease_s)))
+
+    def finish_item(self, conn: Connection, job_id: int, latent: int, stage: str, status: str,
+                    usage=None, error: str | None = None) -> None:
+        """Mark an item done/failed/skipped/pending and add this attempt's spend (inside the unit's transaction)."""
+        u = usage.as_dict() if usage is not None else {}
+        conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.latent == latent,
+                                          T_ITEM.c.stage == stage)
+                     .values(status=status, error=error, lease_until=None, updated=utcnow(),
+                             prompt_tokens=T_ITEM.c.prompt_tokens + int(u.get("prompt_tokens", 0)),
+                             completion_tokens=T_ITEM.c.completion_tokens + int(u.get("completion_tokens", 0)),
+                             calls=T_ITEM.c.calls + int(u.get("calls", 0)),
+                             cost_usd=T_ITEM.c.cost_usd + float(u.get("cost_usd", 0.0))))
+
+    def release_items(self, job_id: int, latents: Sequence[int], worker: str) -> None:
+        """Give leased, unfinished items back (a runner stopping early: cancel, budget, Ctrl-C)."""
+        if not latents:
+            return
+        with self.tx(write=True) as conn:
+            conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.worker == worker,
+                                              T_ITEM.c.status == "running", T_ITEM.c.latent.in_(list(latents)))
+                         .values(status="pending", lease_until=None, updated=utcnow()))
+
+    def fail_unfinished(self, job_id: int, latent: int, stages: Sequence[str], error: str) -> None:
+        with self.tx(write=True) as conn:
+            conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.latent == latent,
+                                              T_ITEM.c.stage.in_(list(stages)),
+                                              T_ITEM.c.status.in_(("pending", "running")))
+                         .values(status="failed", error=error, lease_until=None, updated=utcnow()))
+
+    def reset_items(self, job_id: int, from_status: str) -> int:
+        with self.tx(write=True) as conn:
+            r = conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.status == from_status)
+                             .values(status="pending", error=None, updated=utcnow()))
+        return r.rowcount
+
+    def item_counts(self, job_id: int) -> dict[str, dict[str, int]]:
+        """{stage: {status: count}}"""
+        with self.tx() as conn:
+            rows = conn.execute(select(T_ITEM.c.stage, T_ITEM.c.status, func.count())
+                                .where(T_ITEM.c.job_id == job_id).group_by(T_ITEM.c.stage, T_ITEM.c.status)).all()
+        out: dict[str, dict[str, int]] = {}
+        for stage, status, n in rows:
+            out.setdefault(stage, {})[status] = int(n)
+        return out
+
+    def latent_progress(self, job_id: int, latents: Sequence[int] | None = None,
+                        statuses: Sequence[str] = ("pending", "running")) -> tuple[int, int]:
+        """(latents in the job, latents with an item in one of `statuses`), optionally among `latents`."""
+        cond = [T_ITEM.c.job_id == job_id]
+        if latents is not None:
+            cond.append(T_ITEM.c.latent.in_(list(latents)))
+        with self.tx() as conn:
+            total = conn.execute(select(func.count(func.distinct(T_ITEM.c.latent))).where(*cond)).scalar_one()
+            some = conn.execute(select(func.count(func.distinct(T_ITEM.c.latent)))
+                                .where(*cond, T_ITEM.c.status.in_(list(statuses)))).scalar_one()
+        return int(total), int(some)
+
+    def job_spend(self, job_id: int) -> dict:
+        with self.tx() as conn:
+            r = conn.execute(select(func.coalesce(func.sum(T_ITEM.c.prompt_tokens), 0),
+                                    func.coalesce(func.sum(T_ITEM.c.completion_tokens), 0),
+                                    func.coalesce(func.sum(T_ITEM.c.calls), 0),
+                                    func.coalesce(func.sum(T_ITEM.c.cost_usd), 0.0))
+                             .where(T_ITEM.c.job_id == job_id)).one()
+        return {"prompt_tokens": int(r[0]), "completion_tokens": int(r[1]), "calls": int(r[2]),
+                "cost_usd": float(r[3])}
+
+    def item_errors(self, job_id: int, limit: int = 20) -> list[dict]:
+        with self.tx() as conn:
+            return [dict(r) for r in conn.execute(
+                select(T_ITEM.c.latent, T_ITEM.c.stage, T_ITEM.c.error, T_ITEM.c.attempts)
+                .where(T_ITEM.c.job_id == job_id, T_ITEM.c.status == "failed")
+                .order_by(T_ITEM.c.latent).limit(limit)).mappings()]
+
+    # ------------------------------------------------------------------------------------------- api keys
+
+    def create_api_key(self, name: str, key: str) -> None:
+        with self.tx(write=True) as conn:
+            conn.execute(T_KEY.insert().values(name=name, key_hash=hashlib.sha256(key.encode()).hexdigest(),
+                                               created=utcnow(), revoked=False))
+
+    def api_key_valid(self, key: str) -> bool:
+        h = hashlib.sha256(key.encode()).hexdigest()
+        with self.tx() as conn:
+            return conn.execute(select(T_KEY.c.id).where(T_KEY.c.key_hash == h, T_KEY.c.revoked.is_(False)))\
+                .first() is not None
+
+
+def open_store(url: str | None = None) -> Store:
+    """The store at `url` ($AUTOINTERP_DATABASE_URL, else the SQLite file under the cache folder)."""
+    return Store(url)
+
+
+__all__ = ["Store", "StoreError", "open_store", "headline", "HEADLINE"]
