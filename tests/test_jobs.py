@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from autointerp import cli
 from autointerp.errors import ConfigError
-from autointerp.extract import extract
 from autointerp.jobs import JobSpec, parse_job_spec, retry_failed, run, status, submit
 from autointerp.jobs.export import export_rows, import_jsonl, read_jsonl, write_jsonl
 from autointerp.llm import LLMError, PermanentLLMError, Usage
@@ -31,13 +30,9 @@ SMALL_SAMPLING = SamplingConfig(n_explain=5, n_test=10, n_negatives=10, n_explai
 FAST_LLM = {"api_key_env": None, "response_cache": False, "max_retries": 1, "backoff_base_s": 0.01}
 
 
-@pytest.fixture(scope="module")
-def cache(subject, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    (c,) = extract(subject, "topk-neurons:8", "mlp_neurons.2", "builtin", out, n_tokens=6144, ctx_len=32,
-                   batch_size=16, top_k=20, n_sample=20, pool_size=40, progress=False)
-    c.attach_tokenizer(subject.tokenizer)
-    return c
+@pytest.fixture
+def cache(small_cache):
+    return small_cache
 
 
 def _spec(cache, latents, srv, model="judge", **kw) -> dict:

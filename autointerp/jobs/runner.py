@@ -128,6 +128,29 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_dead_local_workers(store: Store, job_id: int) -> int:
+    """Items leased by a runner of this machine whose process is gone (Ctrl-C'd hard, killed, crashed) go back
+    to pending at once, instead of after their lease (a laptop user re-running a command should not wait)."""
+    host = socket.gethostname()
+    n = 0
+    for w in store.running_workers(job_id):
+        h, _, rest = w.partition(":")
+        pid = rest.partition(":")[0]
+        if h == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            n += store.release_worker(job_id, w)
+    return n
+
+
 def _random_pool(store: Store, dictionary: dict) -> dict[int, str]:
     rows = store.explanations(dictionary["id"], exclude_explainer="random", with_text=True)
     if not rows:
@@ -152,6 +175,7 @@ async def run_embedded(store: Store, job_id: int, *, progress: bool = True, late
     ctx = job_context(store, job)
     spec = ctx.spec
     worker = worker or _worker_name()
+    release_dead_local_workers(store, job_id)
     summary = JobSummary(job_id, "running")
     spent0 = store.job_spend(job_id)["cost_usd"]
     store.set_job(job_id, status="running", started=job["started"] or utcnow(), finished=None, error=None)

@@ -246,27 +246,35 @@ class Store:
     def claim_latents(self, job_id: int, worker: str, limit: int, lease_s: float,
                       latents: Sequence[int] | None = None) -> list[tuple[int, list[str]]]:
         """Lease up to `limit` latents with work left (pending items, or running ones whose lease expired):
-        [(latent, [stages])]. Taken in latent order; one transaction, so two workers never lease the same item."""
-        now = utcnow()
-        claimable = and_(T_ITEM.c.job_id == job_id,
-                         or_(T_ITEM.c.status == "pending",
-                             and_(T_ITEM.c.status == "running", T_ITEM.c.lease_until < now)))
-        with self.tx(write=True) as conn:
-            q = select(T_ITEM.c.latent).where(claimable)
-            if latents is not None:
-                q = q.where(T_ITEM.c.latent.in_(list(latents)))
-            chosen = list(conn.execute(q.distinct().order_by(T_ITEM.c.latent).limit(limit)).scalars())
-            if not chosen:
-                return []
-            rows = conn.execute(select(T_ITEM.c.latent, T_ITEM.c.stage)
-                                .where(claimable, T_ITEM.c.latent.in_(chosen))).all()
-            conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(chosen))
-                         .values(status="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
-                                 attempts=T_ITEM.c.attempts + 1, updated=now))
-        out: dict[int, list[str]] = {}
-        for latent, stage in rows:
-            out.setdefault(int(latent), []).append(stage)
-        return sorted(out.items())
+        [(latent, [stages])], in latent order. What is returned is what this call's UPDATE changed (RETURNING), so
+        two workers never lease the same item, whatever the isolation level; on PostgreSQL candidates locked by
+        another claimer are skipped (SKIP LOCKED) instead of waited for."""
+        for _ in range(5):
+            now = utcnow()
+            claimable = and_(T_ITEM.c.job_id == job_id,
+                             or_(T_ITEM.c.status == "pending",
+                                 and_(T_ITEM.c.status == "running", T_ITEM.c.lease_until < now)))
+            with self.tx(write=True) as conn:
+                q = select(T_ITEM.c.latent).where(claimable)
+                if latents is not None:
+                    q = q.where(T_ITEM.c.latent.in_(list(latents)))
+                q = q.order_by(T_ITEM.c.latent).limit(limit * 16)
+                if self.dialect == "postgresql":
+                    q = q.with_for_update(skip_locked=True)
+                chosen = list(dict.fromkeys(conn.execute(q).scalars()))[:limit]
+                if not chosen:
+                    return []
+                rows = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(chosen))
+                                    .values(status="running", worker=worker,
+                                            lease_until=now + timedelta(seconds=lease_s),
+                                            attempts=T_ITEM.c.attempts + 1, updated=now)
+                                    .returning(T_ITEM.c.latent, T_ITEM.c.stage)).all()
+            if rows:
+                out: dict[int, list[str]] = {}
+                for latent, stage in rows:
+                    out.setdefault(int(latent), []).append(stage)
+                return sorted(out.items())
+        return []  # only contended candidates, five times over: the caller comes back later
 
     def renew_leases(self, job_id: int, worker: str, latents: Sequence[int], lease_s: float) -> None:
         if not latents:
@@ -287,6 +295,20 @@ class Store:
                              completion_tokens=T_ITEM.c.completion_tokens + int(u.get("completion_tokens", 0)),
                              calls=T_ITEM.c.calls + int(u.get("calls", 0)),
                              cost_usd=T_ITEM.c.cost_usd + float(u.get("cost_usd", 0.0))))
+
+    def running_workers(self, job_id: int) -> list[str]:
+        with self.tx() as conn:
+            return [w for w in conn.execute(select(T_ITEM.c.worker).where(T_ITEM.c.job_id == job_id,
+                                                                        T_ITEM.c.status == "running")
+                                            .distinct()).scalars() if w]
+
+    def release_worker(self, job_id: int, worker: str) -> int:
+        """All items a (dead) worker holds go back to pending; returns how many."""
+        with self.tx(write=True) as conn:
+            r = conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.worker == worker,
+                                                  T_ITEM.c.status == "running")
+                             .values(status="pending", lease_until=None, updated=utcnow()))
+        return r.rowcount
 
     def release_items(self, job_id: int, latents: Sequence[int], worker: str) -> None:
         """Give leased, unfinished items back (a runner stopping early: cancel, budget, Ctrl-C)."""
