@@ -5,13 +5,22 @@ that latent's rows — O(1) in the number of latents):
 
     manifest.json            model, hookpoint, dictionary, corpus spec, seed, n_tokens, config, versions
     windows.npy   [W, T]     int32 token ids; every window that any latent (or the pool) refers to, stored once
-    top_rows.npy  [n, K]     int32 row in windows.npy of each latent's top-K windows (-1 = empty), sorted by max act
-    top_acts.npy  [n, K, T]  float16 per-token activations of that latent in those windows
-    sample_rows.npy / sample_acts.npy   the same for the uniform random sample of activating windows
+    top_ptr.npy   [n+1]      int64: latent l's top windows are slots top_ptr[l]:top_ptr[l+1], sorted by max act
+    top_rows.npy  [s]        int32 row in windows.npy of each slot's window
+    top_max.npy   [s]        float32 the latent's exact max activation in that window
+    top_nnz.npy   [s]        uint16 how many tokens of the window it fires on
+    top_eptr.npy  [n+1]      int64: latent l's entries are top_pos/top_q[top_eptr[l]:top_eptr[l+1]], slot by slot
+    top_pos.npy   [e]        uint8 (uint16 when ctx > 256) position of each firing token in its window
+    top_q.npy     [e]        uint8 its activation as round(act / window max × 255), >= 1 (255 = the max, exact)
+    sample_*                 the same for the uniform random sample of activating windows
     stats.npz                n_active, act_sum, act_max per latent (+ hist_edges)
-    hist.npy      [n, bins]  int64 histogram of the latent's nonzero activations (log-spaced bins)
+    hist.npy      [n, bins]  int32 (int64 past 2**31 tokens) histogram of the latent's nonzero activations
     pool_rows.npy [P]        rows of the shared random pool of windows (for negatives)
     pool_indptr.npy [P+1], pool_latents.npy, pool_max.npy   CSR: which latents fire in each pool window, and max act
+
+Format 1 (read, no longer written) kept dense per-token float16 activations instead: top_rows/sample_rows [n, K]
+(-1 = empty) and top_acts/sample_acts [n, K, T]. Format 2 stores ~2 bytes per firing token of a kept window
+instead of 2 × T bytes per kept window; activations read back within half a quantisation step (window max / 510).
 
 A cache is written to `<dir>/.partial/` and published by renaming files into place after `manifest.json` with
 `"complete": false` is replaced by the final one — readers refuse a folder whose manifest is not complete.
@@ -28,14 +37,42 @@ import numpy as np
 from .errors import ConfigError
 from .records import Examples, LatentRecord, LatentStats
 
-FORMAT_VERSION = 1
-ARRAYS = ("windows", "top_rows", "top_acts", "sample_rows", "sample_acts", "hist",
-          "pool_rows", "pool_indptr", "pool_latents", "pool_max")
+FORMAT_VERSION = 2
+READS = (1, 2)
+KEPT = ("ptr", "rows", "max", "nnz", "eptr", "pos", "q")  # per buffer (top_*, sample_*)
+SHARED = ("windows", "hist", "pool_rows", "pool_indptr", "pool_latents", "pool_max")
+ARRAYS = SHARED + tuple(f"{b}_{a}" for b in ("top", "sample") for a in KEPT)
+ARRAYS_V1 = SHARED + ("top_rows", "top_acts", "sample_rows", "sample_acts")
+QMAX = 255
 
 
 def hist_edges(n_bins: int = 80, lo_exp: float = -10.0, per_octave: int = 4) -> np.ndarray:
     """Log2-spaced bin edges starting at 2**lo_exp; activations outside fall into the first/last bin."""
     return (2.0 ** (lo_exp + np.arange(n_bins + 1) / per_octave)).astype(np.float64)
+
+
+def write_kept(folder: Path, buffer: str, chunks, n_latents: int, n_slots: int, n_entries: int, row_of,
+               ctx_len: int) -> None:
+    """Write one buffer's kept windows (the chunks of `KeyedTopK.export`) in format 2, through memory maps (a
+    million latents' slots are never concatenated in memory); `row_of` maps window ids to rows of windows.npy."""
+    pos_dtype = np.uint8 if ctx_len <= 256 else np.uint16
+    spec = {"ptr": (np.int64, n_latents + 1), "rows": (np.int32, n_slots), "max": (np.float32, n_slots),
+            "nnz": (np.uint16, n_slots), "eptr": (np.int64, n_latents + 1), "pos": (pos_dtype, n_entries),
+            "q": (np.uint8, n_entries)}
+    out = {a: np.lib.format.open_memmap(folder / f"{buffer}_{a}.npy", "w+", dt, (size,)) for a, (dt, size) in spec.items()}
+    out["ptr"][0] = out["eptr"][0] = 0
+    r = s = e = 0
+    for per_latent, ids, wmax, nnz, pos, q in chunks:
+        slot_end = np.cumsum(per_latent)
+        entry_end = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])[slot_end]
+        out["ptr"][r + 1:r + 1 + len(per_latent)] = s + slot_end
+        out["eptr"][r + 1:r + 1 + len(per_latent)] = e + entry_end
+        out["rows"][s:s + len(ids)], out["max"][s:s + len(ids)], out["nnz"][s:s + len(ids)] = row_of(ids), wmax, nnz
+        out["pos"][e:e + len(pos)], out["q"][e:e + len(q)] = pos, q
+        r, s, e = r + len(per_latent), s + len(ids), e + len(pos)
+    assert (r, s, e) == (n_latents, n_slots, n_entries), (buffer, r, s, e)
+    for m in out.values():
+        m.flush()
 
 
 class LatentCache:
@@ -50,9 +87,10 @@ class LatentCache:
             raise ConfigError(f"{mpath}: invalid JSON ({e.msg})") from None
         if not self.manifest.get("complete"):
             raise ConfigError(f"{self.path}: cache is incomplete (extraction was interrupted; re-run it to resume)")
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{mpath}: format_version {self.manifest.get('format_version')} "
-                              f"(this autointerp reads {FORMAT_VERSION})")
+        self.format_version = self.manifest.get("format_version")
+        if self.format_version not in READS:
+            raise ConfigError(f"{mpath}: format_version {self.format_version} "
+                              f"(this autointerp reads {', '.join(map(str, READS))})")
         self._arrays: dict[str, np.ndarray] = {}
         self._decode = None
 
@@ -93,13 +131,26 @@ class LatentCache:
         self.set_decoder(lambda ids: [tokenizer.decode([i]) for i in ids])
 
     def _examples(self, rows: np.ndarray, acts: np.ndarray) -> Examples:
-        keep = rows >= 0
-        rows = np.asarray(rows[keep], dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
         tokens = self.array("windows")[np.sort(rows)] if len(rows) else np.zeros((0, self.ctx_len), np.int32)
         # fancy-index a memmap in sorted order (sequential reads), then restore the record's order
         order = np.argsort(np.argsort(rows, kind="stable"), kind="stable")
-        return Examples(rows, np.asarray(tokens)[order].astype(np.int32),
-                        np.asarray(acts[keep], dtype=np.float32))
+        return Examples(rows, np.asarray(tokens)[order].astype(np.int32), np.asarray(acts, dtype=np.float32))
+
+    def kept(self, buffer: str, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """(window rows, dense activations [n, T]) of one latent's `top` or `sample` windows, in stored order."""
+        if self.format_version == 1:
+            rows, acts = self.array(f"{buffer}_rows")[latent], self.array(f"{buffer}_acts")[latent]
+            return rows[rows >= 0], acts[rows >= 0]
+        a, b = (int(i) for i in self.array(f"{buffer}_ptr")[latent:latent + 2])
+        e0, e1 = (int(i) for i in self.array(f"{buffer}_eptr")[latent:latent + 2])
+        slot = np.repeat(np.arange(b - a), np.asarray(self.array(f"{buffer}_nnz")[a:b], np.int64))
+        wmax = np.asarray(self.array(f"{buffer}_max")[a:b], np.float32)
+        q = np.asarray(self.array(f"{buffer}_q")[e0:e1], np.float32)
+        acts = np.zeros((b - a, self.ctx_len), np.float32)
+        # q / QMAX is exactly 1 at the window's max, so maxima (order, deciles) read back exact
+        acts[slot, np.asarray(self.array(f"{buffer}_pos")[e0:e1], np.int64)] = wmax[slot] * (q / np.float32(QMAX))
+        return np.asarray(self.array(f"{buffer}_rows")[a:b]), acts
 
     @cached_property
     def _pool_index(self) -> tuple[np.ndarray, np.ndarray]:
@@ -137,8 +188,8 @@ class LatentCache:
             raise ConfigError(f"latent {latent} out of range (the dictionary has {self.n_latents} latents)")
         return LatentRecord(
             latent=latent,
-            top=self._examples(self.array("top_rows")[latent], self.array("top_acts")[latent]),
-            sample=self._examples(self.array("sample_rows")[latent], self.array("sample_acts")[latent]),
+            top=self._examples(*self.kept("top", latent)),
+            sample=self._examples(*self.kept("sample", latent)),
             negatives=self.negatives_for(latent),
             stats=self.latent_stats(latent),
             dictionary_id=self.dictionary_id,

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .cache import ARRAYS, FORMAT_VERSION, LatentCache, hist_edges
+from .cache import ARRAYS, ARRAYS_V1, FORMAT_VERSION, LatentCache, hist_edges, write_kept
 from .collector import Collector, CollectorConfig, SparseCodes
 from .corpus import CorpusSpec, count_windows, is_local, iter_windows
 from .errors import ConfigError
@@ -48,7 +48,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "dictionary"
 
 
-def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device, norm_scaling_factor=None):
+def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device, norm_scaling_factor=None,
+                     dtype=torch.float32):
     from .dictionaries import load_dictionary
 
     if not isinstance(spec, str):
@@ -57,7 +58,8 @@ def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device,
         if not hookpoint:
             raise ConfigError(f"--dictionary {spec}: raw neurons need --hookpoint (e.g. mlp_neurons.12)")
         return load_dictionary(spec, d_in=subject.width(hookpoint), hookpoint=hookpoint, device=device)
-    return load_dictionary(spec, device=device, norm_scaling_factor=norm_scaling_factor)
+    # loaded straight in the encode dtype: a bf16 checkpoint of 1M latents is never widened to fp32 on the way
+    return load_dictionary(spec, device=device, norm_scaling_factor=norm_scaling_factor, dtype=dtype)
 
 
 def _encode_dtype(name: str | None) -> torch.dtype:
@@ -72,7 +74,7 @@ def _encode_dtype(name: str | None) -> torch.dtype:
 
 
 def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
-             norm_scaling_factor: float | None = None) -> list[tuple]:
+             norm_scaling_factor: float | None = None, dtype=torch.float32) -> list[tuple]:
     """A local parent folder holding several dictionaries (a sparsify set: one subfolder per hookpoint) expands to
     its members, each at its own hookpoint; with a hookpoint given, to the member at that hookpoint (matched by
     subfolder name or by what the name means, e.g. layers.12 = resid_post.12). Anything else is one target.
@@ -80,14 +82,14 @@ def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
     from .dictionaries.loader import _children, _formats_in, load_dictionary_set
 
     if isinstance(spec, str) and hookpoint is not None and not Path(spec).expanduser().exists():
-        hub_set = _hub_member(spec, hookpoint, device, norm_scaling_factor)
+        hub_set = _hub_member(spec, hookpoint, device, dict(norm_scaling_factor=norm_scaling_factor, dtype=dtype))
         if hub_set is not None:
             return [hub_set]
     p = Path(spec).expanduser() if isinstance(spec, str) else None
     kids = _children(p, "auto") if p is not None and p.is_dir() and not _formats_in(p) else []
     if len(kids) < 2:
         return [(spec, hookpoint)]
-    kw = dict(norm_scaling_factor=norm_scaling_factor)
+    kw = dict(norm_scaling_factor=norm_scaling_factor, dtype=dtype)
     if hookpoint is None:
         return [(d, None) for d in load_dictionary_set(spec, device=device, **kw).values()]
     want = translate_hookpoint(hookpoint)
@@ -103,7 +105,7 @@ def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
     return [(pick[0], want)]
 
 
-def _hub_member(spec: str, hookpoint: str, device, norm_scaling_factor) -> tuple | None:
+def _hub_member(spec: str, hookpoint: str, device, kw: dict) -> tuple | None:
     """A hub repo id without subpath, with --hookpoint: the repo's subfolder of that name (a sparsify set on the hub,
     e.g. EleutherAI/sae-pythia-70m-32k + layers.3), extracted at what the name means; or, when the repo root itself
     holds the dictionary, that one, applied at --hookpoint. None for anything but such a hub id."""
@@ -114,10 +116,10 @@ def _hub_member(spec: str, hookpoint: str, device, norm_scaling_factor) -> tuple
     if ref is None or ref.subpath is not None:
         return None
     try:
-        d = load_dictionary(spec, hookpoint=hookpoint, device=device, norm_scaling_factor=norm_scaling_factor)
+        d = load_dictionary(spec, hookpoint=hookpoint, device=device, **kw)
     except ConfigError as member_error:
         try:
-            root = load_dictionary(spec, device=device, norm_scaling_factor=norm_scaling_factor)
+            root = load_dictionary(spec, device=device, **kw)
         except ConfigError:
             raise member_error from None  # neither a member nor a root dictionary: the member's error says more
         return root, hookpoint
@@ -125,7 +127,7 @@ def _hub_member(spec: str, hookpoint: str, device, norm_scaling_factor) -> tuple
 
 
 def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list[str | None], out: Path,
-                     device, norm_scaling_factor: float | None = None) -> list[Target]:
+                     device, norm_scaling_factor: float | None = None, dtype=torch.float32) -> list[Target]:
     if len(hookpoints) == 1 and len(dictionaries) > 1:
         hookpoints = hookpoints * len(dictionaries)
     if len(hookpoints) != len(dictionaries):
@@ -133,9 +135,9 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
                           f"{len(hookpoints)} hookpoints)")
     targets = []
     members = [m for spec, hp in zip(dictionaries, hookpoints)
-               for m in _members(spec, hp, subject, device, norm_scaling_factor)]
+               for m in _members(spec, hp, subject, device, norm_scaling_factor, dtype)]
     for spec, hp in members:
-        d = _load_dictionary(spec, subject, hp, device, norm_scaling_factor)
+        d = _load_dictionary(spec, subject, hp, device, norm_scaling_factor, dtype)
         if hp is None:
             if not getattr(d, "hookpoint", None):
                 raise ConfigError(f"dictionary {getattr(d, 'source', spec)} names no hookpoint: pass --hookpoint")
@@ -197,7 +199,7 @@ def _describe(m: dict) -> str:
             f"corpus {m.get('corpus', {}).get('source')} n_tokens={m.get('corpus', {}).get('n_tokens')}")
 
 
-CACHE_FILES = {f"{a}.npy" for a in ARRAYS} | {"stats.npz", "manifest.json"}
+CACHE_FILES = {f"{a}.npy" for a in ARRAYS + ARRAYS_V1} | {"stats.npz", "manifest.json"}
 
 
 def _check_out_dir(t: Target, overwrite: bool) -> str:
@@ -305,23 +307,20 @@ class _Checkpoint:
 def _publish(t: Target, collector: Collector, windows: np.ndarray, extra: dict) -> None:
     """Write the final cache into <out>/.partial/publish-<slug>/ and move it into place, manifest last."""
     c = collector
-    top_ids, sample_ids = c.top.ids.cpu().numpy(), c.sample.ids.cpu().numpy()
     pool_ids = np.sort(c.pool_ids.cpu().numpy())
-    used = np.unique(np.concatenate([top_ids[top_ids >= 0], sample_ids[sample_ids >= 0], pool_ids]))
+    kept_ids = [b.ids[b.ids >= 0].cpu().numpy() for b in (c.top, c.sample)]
+    used = np.unique(np.concatenate([*kept_ids, pool_ids]))
 
     def rows(ids):
-        r = np.searchsorted(used, ids).astype(np.int32)
-        return np.where(ids >= 0, r, -1).astype(np.int32)
+        return np.searchsorted(used, ids).astype(np.int32)
 
     stage = t.out_dir / ".partial" / "publish"
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     np.save(stage / "windows.npy", np.asarray(windows[used], dtype=np.int32))
-    np.save(stage / "top_rows.npy", rows(top_ids))
-    np.save(stage / "top_acts.npy", c.top.sorted_acts().cpu().numpy())
-    np.save(stage / "sample_rows.npy", rows(sample_ids))
-    np.save(stage / "sample_acts.npy", c.sample.sorted_acts().cpu().numpy())
+    for name, buf, ids in (("top", c.top, kept_ids[0]), ("sample", c.sample, kept_ids[1])):
+        write_kept(stage, name, buf.export(), c.n, len(ids), buf.live, rows, windows.shape[1])
     np.save(stage / "hist.npy", c.hist.cpu().numpy())
     np.savez(stage / "stats.npz", n_active=c.n_active.cpu().numpy(), act_sum=c.act_sum.cpu().numpy(),
              act_max=c.act_max.cpu().numpy(), hist_edges=hist_edges(c.cfg.hist_bins))
@@ -357,8 +356,8 @@ def extract(
     ctx_len: int = 64,
     batch_size: int = 32,
     seed: int = 0,
-    top_k: int = 100,
-    n_sample: int = 200,
+    top_k: int = CollectorConfig.top_k,
+    n_sample: int = CollectorConfig.n_sample,
     pool_size: int = 1000,
     text_column: str = "text",
     split: str = "train",
@@ -394,7 +393,7 @@ def extract(
     dictionaries = dictionary if isinstance(dictionary, list) else [dictionary]
     hookpoints = hookpoint if isinstance(hookpoint, list) else [hookpoint]
     enc_dtype = _encode_dtype(encode_dtype)
-    targets = _resolve_targets(subject, dictionaries, hookpoints, out, dev, norm_scaling_factor)
+    targets = _resolve_targets(subject, dictionaries, hookpoints, out, dev, norm_scaling_factor, enc_dtype)
     for t in targets:
         t.dictionary.to(dev, enc_dtype)
     cfg = CollectorConfig(top_k=top_k, n_sample=n_sample, pool_size=pool_size, seed=seed)

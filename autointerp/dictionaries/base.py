@@ -26,6 +26,10 @@ from autointerp.errors import ConfigError
 #   gated       (x W + b_gate > 0) * relu(x W e^r_mag + b_mag)  SAELens gated
 ACTIVATIONS = ("relu", "tanh_relu", "relu_topk", "topk_relu", "groupmax", "jumprelu", "gated")
 
+# Bytes of pre-activations one top-k encode step may hold: tokens × n_latents never exists at once (a batch of 2048
+# tokens through a 1M-latent encoder would be 8 GiB in fp32). 16k latents fit a whole batch, as before.
+ENCODE_CHUNK_BYTES = 256 << 20
+
 
 class Dictionary:
     """Common metadata and the encode contract. Codes are dense float32 [..., n_latents]."""
@@ -162,7 +166,13 @@ class LinearDictionary(Dictionary):
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         if self.activation not in ("relu_topk", "topk_relu"):
             return None
-        return self._encode(x)
+        rows = max(1, ENCODE_CHUNK_BYTES // (4 * self.n_latents))
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= rows:
+            return self._encode(x)
+        parts = [self._encode(chunk) for chunk in flat.split(rows)]  # rows are independent: the same codes
+        shape = (*x.shape[:-1], self.k)
+        return torch.cat([p[0] for p in parts]).view(shape), torch.cat([p[1] for p in parts]).view(shape)
 
     def _encode(self, x: Tensor):
         """Dense codes; for the top-k rules (values, indices) instead."""
