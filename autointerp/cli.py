@@ -568,6 +568,117 @@ def export_results(
     typer.echo(f"wrote {n} rows to {out}")
 
 
+@job_app.command("watch")
+@_friendly
+def job_watch(job_id: int = typer.Argument(...),
+              interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes.")):
+    """Live progress bars per stage (done / skipped / failed of all latents) with spend, until the job ends; then
+    its status. Exit 1 when it ended failed, stopped, cancelled or over budget."""
+    import time
+
+    from tqdm import tqdm
+
+    from .jobs import status
+    from .store import open_store
+
+    store = open_store()
+    st = status(store, job_id)
+    bars = {stage: tqdm(total=sum(c.values()), desc=f"{stage:<18}", unit="latent", position=i, leave=True,
+                        dynamic_ncols=True) for i, (stage, c) in enumerate(sorted(st.stages.items()))}
+    final = ("done", "failed", "stopped", "cancelled", "budget_exhausted")
+    try:
+        while True:
+            for stage, bar in bars.items():
+                c = st.stages.get(stage, {})
+                bar.n = c.get("done", 0) + c.get("skipped", 0) + c.get("failed", 0)
+                bar.set_postfix_str(f"running {c.get('running', 0)} failed {c.get('failed', 0)} "
+                                    f"${st.spend['cost_usd']:.4f}", refresh=False)
+                bar.refresh()
+            if st.status in final:
+                break
+            time.sleep(interval)
+            st = status(store, job_id)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    typer.echo(_fmt_status(st))
+    if st.status != "done":
+        typer.echo(f"error: job {job_id} ended {st.status}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("worker")
+@_friendly
+def worker(
+    queues: str = typer.Option("llm", help="Comma-separated queues to consume: gpu, llm, cpu."),
+    concurrency: int = typer.Option(1, min=1, help="Worker processes; each keeps its job's `concurrency` latents "
+                                                   "(and many LLM requests) in flight."),
+    pool: str = typer.Option("prefork", help="Celery pool: prefork, threads or solo."),
+    hostname: Optional[str] = typer.Option(None, help="Node name (default QUEUES.PID@HOST)."),
+    dispatch: bool = typer.Option(True, help="Run the dispatcher thread: it feeds the queues from the store, sweeps "
+                                             "expired leases and finishes jobs (safe to run in every worker)."),
+    loglevel: str = typer.Option("INFO", help="Celery log level."),
+):
+    """A Celery worker (broker $AUTOINTERP_BROKER_URL, store $AUTOINTERP_DATABASE_URL): it runs the jobs that
+    `autointerp job submit` queues. Flower works against it (`celery -A workers.app flower`)."""
+    from .errors import ConfigError
+    from .jobs.dispatch import QUEUES, Settings
+
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    bad = [q for q in names if q not in QUEUES]
+    if bad or not names:
+        raise ConfigError(f"--queues {queues!r}: expected a comma-separated subset of {', '.join(QUEUES)}")
+    if pool not in ("prefork", "threads", "solo"):
+        raise ConfigError(f"--pool {pool!r}: expected prefork, threads or solo")
+    if not dispatch:
+        os.environ["AUTOINTERP_DISPATCH"] = "0"
+    settings = Settings.from_env()  # a bad setting fails here, with one line
+    from .jobs.celery_app import app as celery_app
+
+    name = hostname or f"{'-'.join(names)}.{os.getpid()}@%h"
+    celery_app.worker_main(["worker", "-Q", ",".join(settings.queue(q) for q in names), "-c", str(concurrency),
+                            "-P", pool, "-l", loglevel, "-n", name, "--without-gossip", "--without-mingle"])
+
+
+@app.command("search")
+@_friendly
+def search_cmd(
+    query: str = typer.Argument(..., help="What the latents should be about, in words."),
+    k: int = typer.Option(20, "-k", min=1, max=1000, help="Results."),
+    keyword: bool = typer.Option(False, "--keyword", help="Match words (full-text) instead of meaning."),
+    dictionary: Optional[str] = typer.Option(None, help="Only this dictionary (name, key or cache folder)."),
+    subject_model: Optional[str] = typer.Option(None, help="Only dictionaries of this subject model."),
+    hookpoint: Optional[str] = typer.Option(None, help="Only this hookpoint."),
+    explainer: Optional[str] = typer.Option(None, help="Only explanations of this explainer kind."),
+    scorer: Optional[str] = typer.Option(None, help="With --min-score: the scorer whose score is filtered."),
+    min_score: Optional[float] = typer.Option(None, help="Minimum headline score by --scorer."),
+    min_frequency: Optional[float] = typer.Option(None, help="Minimum firing frequency."),
+    max_frequency: Optional[float] = typer.Option(None, help="Maximum firing frequency."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Search explanations across every dictionary in the store (semantic by default)."""
+    from .search import SearchFilters, embed_explanations, search
+    from .store import open_store
+
+    store = open_store()
+    f = SearchFilters(dictionary, subject_model, hookpoint, explainer, scorer, min_score, min_frequency, max_frequency)
+    if not keyword:
+        embed_explanations(store, progress=True)  # the ones not embedded yet (none, after the first search)
+    hits = search(store, query, k, "keyword" if keyword else "semantic", f)
+    if as_json:
+        typer.echo(json.dumps([h.as_dict() for h in hits], indent=1))
+        return
+    if not hits:
+        typer.echo("no match")
+        raise typer.Exit(1)
+    typer.echo(f"{'sim':>6} {'dictionary':<24} {'latent':>7} {'freq':>9}  {'scores':<26} explanation")
+    for h in hits:
+        sc = " ".join(f"{k[:4]}={v:.2f}" for k, v in sorted(h.scores.items()) if v is not None)
+        sim = "" if h.similarity is None else f"{h.similarity:.3f}"
+        freq = "" if h.frequency is None else f"{h.frequency:.2e}"
+        typer.echo(f"{sim:>6} {h.dictionary[:24]:<24} {h.latent:>7} {freq:>9}  {sc[:26]:<26} {h.text[:80]}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,53 @@
+"""Search across dictionaries on SQLite and PostgreSQL: explanations embedded once, semantic and keyword queries,
+filters, hostile queries."""
+
+from __future__ import annotations
+
+import pytest
+
+from autointerp.errors import ConfigError
+from autointerp.jobs import run, submit
+from autointerp.search import SearchFilters, embed_explanations, keyword_search, semantic_search
+from autointerp.store import open_store
+
+
+@pytest.fixture
+def explained(store_url, small_cache):
+    store = open_store()
+    latents = [int(i) for i in small_cache.alive_latents()[:40]]
+    job = submit(store, {"dictionary": str(small_cache.path), "latents": latents, "explainer": "token_frequency",
+                         "scorers": [], "hard_negatives": False})
+    run(store, job, progress=False)
+    return store
+
+
+def test_explanations_are_embedded_once_and_found_by_meaning_and_by_word(explained):
+    store = explained
+    n = embed_explanations(store)
+    texts = [e for e in store.explanations() if e["text"]]
+    assert n == len(texts) > 10 and embed_explanations(store) == 0  # once
+    target = texts[7]
+    hits = semantic_search(store, target["text"], k=5)
+    assert hits[0].explanation_id == target["id"] and hits[0].similarity == pytest.approx(1.0, abs=1e-4)
+    assert all(a.similarity >= b.similarity for a, b in zip(hits, hits[1:]))
+    word = target["text"].replace("fires on:", "").split(",")[0].strip()
+    kw = keyword_search(store, word, k=50)
+    assert target["id"] in {h.explanation_id for h in kw}
+    assert all(word.lower() in h.text.lower() or h.text for h in kw)
+    # filters: an explainer nobody used, a frequency range that excludes everything
+    assert semantic_search(store, target["text"], filters=SearchFilters(explainer="cot")) == []
+    assert keyword_search(store, word, filters=SearchFilters(min_frequency=2.0)) == []
+    assert semantic_search(store, target["text"], filters=SearchFilters(dictionary=str(target["dictionary_pk"])))
+
+
+def test_hostile_and_bad_queries(explained):
+    store = explained
+    for q in ['"; DROP TABLE explanation; --', "fires OR 1=1", "NEAR(a b)", "*", "'", "%_%", "a\x00b"]:
+        keyword_search(store, q)  # searched for as words, never run
+    assert len(store.explanations()) >= 10
+    with pytest.raises(ConfigError, match="the query is empty"):
+        semantic_search(store, "   ")
+    with pytest.raises(ConfigError, match="at most 500"):
+        keyword_search(store, "x" * 600)
+    with pytest.raises(ConfigError, match="unknown dictionary 'nope'"):
+        keyword_search(store, "the", filters=SearchFilters(dictionary="nope"))
