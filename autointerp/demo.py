@@ -7,6 +7,7 @@ first time it is asked for, under the autointerp cache folder; later runs load i
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from .corpus import CorpusSpec
@@ -19,29 +20,103 @@ DEMO_HOOKPOINT = "resid_post.15"
 DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 64_000, "seed": 0, "steps": 1000, "version": 4}
 
 
-def demo_dictionary_path() -> Path:
-    return cache_root() / "dictionaries" / "demo-smollm2-v{version}-{n_latents}-k{k}-{n_tokens}tok-{steps}steps".format(**DEMO)
+def demo_dictionary_path(seed: int = 0) -> Path:
+    name = "demo-smollm2-v{version}-{n_latents}-k{k}-{n_tokens}tok-{steps}steps".format(**DEMO)
+    return cache_root() / "dictionaries" / (name if seed == DEMO["seed"] else f"{name}-seed{seed}")
 
 
-def ensure_demo_dictionary(subject=None, progress: bool = True) -> Path:
-    """Path to the demo SAE's sparsify folder (a hookpoint subfolder inside), training it if needed."""
+def _trained(root: Path) -> Path | None:
+    folder = root / DEMO_HOOKPOINT
+    return folder if (folder / "cfg.json").is_file() and (folder / "sae.safetensors").is_file() else None
+
+
+def ensure_demo_dictionary(subject=None, progress: bool = True, seeds: tuple[int, ...] = (0,)) -> Path:
+    """Path to the demo SAE's sparsify folder (a hookpoint subfolder inside), training it if needed. With several
+    `seeds`, SAEs of the other seeds are trained on the same activations (collected once) — two seeds on one layer
+    are what the demo compares; the first seed's folder is returned."""
     from .train_sae import train_topk_sae
 
-    root = demo_dictionary_path()
-    folder = root / DEMO_HOOKPOINT
-    if (folder / "cfg.json").is_file() and (folder / "sae.safetensors").is_file():
-        return folder
-    from .activations import collect_activations
+    missing = [sd for sd in seeds if _trained(demo_dictionary_path(sd)) is None]
+    if missing:
+        from .activations import collect_activations
+        from .subject import load_subject
+
+        if subject is None:
+            subject = load_subject("builtin:smollm2")
+        if not subject.spec.startswith("builtin:smollm2"):
+            raise ConfigError("dictionary builtin:demo is trained for --model builtin:smollm2; pass your own "
+                              "--dictionary")
+        # a corpus seed different from extraction's default, so the SAE is not evaluated on its own training windows
+        spec = CorpusSpec(source="builtin", ctx_len=64, n_tokens=DEMO["n_tokens"], seed=1234)
+        acts = collect_activations(subject, DEMO_HOOKPOINT, spec, progress=progress)
+        for sd in missing:
+            log.info("training the demo dictionary (seed %d) once into %s", sd, demo_dictionary_path(sd))
+            train_topk_sae(acts, n_latents=DEMO["n_latents"], k=DEMO["k"], out_dir=demo_dictionary_path(sd),
+                           hookpoint=DEMO_HOOKPOINT, seed=sd, steps=DEMO["steps"], progress=progress)
+    return demo_dictionary_path(seeds[0]) / DEMO_HOOKPOINT
+
+
+# ----------------------------------------------------------------------------------------------- the demo run
+
+# Smaller test sets than the defaults: the local 135M explainer/judge answers one call at a time on a CPU, and
+# these keep the first run within minutes (explain + 2 detection + 2 fuzzing calls per latent).
+DEMO_SAMPLING = {"n_explain": 12, "n_test": 20, "n_negatives": 20, "n_explain_negatives": 0, "min_explain": 5,
+                 "min_test": 10, "min_negatives": 10}
+DEMO_SCORERS = ["detection", "fuzzing", "embedding"]
+
+
+class _Steps:
+    def __init__(self, total: int, echo):
+        self.n, self.total, self.echo, self.t0 = 0, total, echo, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        self.n += 1
+        self.echo(f"\n[demo {self.n}/{self.total}] {what}  (+{time.perf_counter() - self.t0:.0f} s)")
+
+
+def run_demo(out: Path, *, n_tokens: int = 60_000, n_latents: int = 8, explainer_model: str = "local",
+             judge_model: str | None = None, echo=print, progress: bool = True) -> dict:
+    """The main job end to end through the job seam: subject model, two demo SAEs (two seeds, one layer), one
+    extraction pass for both, LLM explanations scored by detection, fuzzing and embedding beside the token-frequency
+    and random baselines, explanations embedded for search, the two SAEs compared, a plot. Everything lands in the
+    store; a second run reuses all of it. Returns what the summary and the server need."""
+    from .extract import extract
+    from .jobs import run, submit
+    from .plots import write_dictionary_plot
+    from .search import embed_explanations
+    from .store import open_store
     from .subject import load_subject
 
-    if subject is None:
-        subject = load_subject("builtin:smollm2")
-    if not subject.spec.startswith("builtin:smollm2"):
-        raise ConfigError("dictionary builtin:demo is trained for --model builtin:smollm2; pass your own --dictionary")
-    log.info("training the demo dictionary once into %s", root)
-    # a corpus seed different from extraction's default, so the SAE is not evaluated on its own training windows
-    spec = CorpusSpec(source="builtin", ctx_len=64, n_tokens=DEMO["n_tokens"], seed=1234)
-    acts = collect_activations(subject, DEMO_HOOKPOINT, spec, progress=progress)
-    train_topk_sae(acts, n_latents=DEMO["n_latents"], k=DEMO["k"], out_dir=root, hookpoint=DEMO_HOOKPOINT,
-                   seed=DEMO["seed"], steps=DEMO["steps"], progress=progress)
-    return folder
+    step = _Steps(7, echo)
+    step("subject model: SmolLM2-135M (the first run dequantizes the packaged GGUF once)")
+    subject = load_subject("builtin:smollm2")
+    step("two demo SAEs on resid_post.15 (2048 latents, TopK 32; seeds 0 and 1), trained once and cached")
+    a = ensure_demo_dictionary(subject, progress=progress, seeds=(0, 1))
+    b = demo_dictionary_path(1) / DEMO_HOOKPOINT
+    step(f"extraction: both SAEs in one forward pass over {n_tokens} tokens (reused when done)")
+    cache_a, cache_b = extract(subject, [str(a), str(b)], None, "builtin", out, n_tokens=n_tokens,
+                               progress=progress)
+    store = open_store()
+    da, db = store.register_cache(cache_a, name="demo"), store.register_cache(cache_b, name="demo-seed1")
+    common = {"dictionary": str(cache_a.path), "n_latents": n_latents, "scorers": DEMO_SCORERS,
+              "sampling": DEMO_SAMPLING, "judge_model": judge_model or explainer_model,
+              "explainer_model": explainer_model}
+    jobs = {}
+    step(f"explaining {n_latents} latents with {explainer_model} and scoring them ({', '.join(DEMO_SCORERS)})")
+    for kind in ("default", "token_frequency", "random"):  # random draws from the others' explanations
+        if kind != "default":
+            echo(f"  baseline: {kind} explanations, same latents, same scorers")
+        jobs[kind] = submit(store, {**common, "explainer": kind})
+        run(store, jobs[kind], progress=progress)
+    step("explanations of both SAEs for search and comparison (token-frequency baseline, 256 latents each)")
+    for d in (cache_a, cache_b):
+        j = submit(store, {"dictionary": str(d.path), "n_latents": 256, "explainer": "token_frequency",
+                           "scorers": [], "hard_negatives": False})
+        run(store, j, progress=progress)
+    embedded = embed_explanations(store, progress=progress)
+    step("comparing the two SAEs")
+    comparison = compare_demo(store, da, db)
+    step("summary")
+    plot = write_dictionary_plot(store, da["id"], Path(out) / "plots" / "demo.png")
+    return {"store": store, "jobs": jobs, "dictionaries": (da, db), "embedded": embedded, "plot": plot,
+            "comparison": comparison, "elapsed_s": time.perf_counter() - step.t0}
