@@ -149,11 +149,24 @@ def _file_documents(spec: CorpusSpec) -> Iterator[str]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         if f.suffix == ".txt":
-            yield f.read_text(encoding="utf-8", errors="replace")
+            yield _read_txt(f)
         elif f.suffix == ".jsonl":
             yield from _read_jsonl(f, spec.text_column)
         elif f.suffix == ".parquet":
             yield from _read_parquet(f, spec.text_column)
+
+
+def _read_txt(path: Path) -> str:
+    """A .txt document; a byte that is not UTF-8 is one error naming the file, line and column (it used to become
+    a replacement character silently)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {col}); expected a "
+                          "UTF-8 text file") from None
 
 
 # Local files are shuffled through a buffer of this many documents, so memory is bounded by the buffer, never by the

@@ -271,6 +271,18 @@ def test_non_utf8_jsonl_names_file_and_line(subject, tmp_path):
         list(iter_windows(CorpusSpec(source=str(bad), n_tokens=64, ctx_len=32), subject.tokenizer))
 
 
+def test_non_utf8_txt_names_file_line_and_column(tmp_path):
+    """A .txt with a bad byte deep inside used to be read with replacement characters and extracted silently."""
+    from autointerp.corpus import iter_documents
+
+    bad = tmp_path / "notes.txt"
+    bad.write_bytes(b"line one\nline two\nna\xefve\n")
+    with pytest.raises(ConfigError, match=r"notes.txt:3: not valid UTF-8 \(byte 0xef at column 3\)"):
+        list(iter_documents(CorpusSpec(source=str(bad))))
+    (tmp_path / "ok.txt").write_text("caf\u00e9 fine\n", encoding="utf-8")
+    assert list(iter_documents(CorpusSpec(source=str(tmp_path / "ok.txt")))) == ["caf\u00e9 fine\n"]
+
+
 def test_jsonl_line_endings(tmp_path):
     from autointerp.corpus import iter_documents
 
