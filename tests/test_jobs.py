@@ -56,7 +56,7 @@ def _total(usages) -> dict:
     return u
 
 
-def test_rows_carry_provenance_and_rerun_pays_nothing(cache):
+def test_rows_carry_provenance_and_rerun_pays_nothing(cache, store_url):
     latents = [int(i) for i in cache.alive_latents()[:4]]
     with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
         s, rows, job_id = _run(cache, latents, srv)
@@ -99,7 +99,7 @@ def test_rows_carry_provenance_and_rerun_pays_nothing(cache):
         assert len([r for r in rows3 if r["type"] == "explanation"]) == len([r for r in rows if r["type"] == "explanation"])
 
 
-def test_identity_covers_scorer_options_prompts_and_sampling(cache, tmp_path):
+def test_identity_covers_scorer_options_prompts_and_sampling(cache, tmp_path, store_url):
     """The bug this seam fixes: another batch size, prompt folder or sampling used to report 'already done'."""
     latents = [int(i) for i in cache.alive_latents()[:2]]
     prompts = tmp_path / "prompts"
@@ -134,7 +134,7 @@ def test_bad_credentials_stop_the_job_and_record_nothing(cache):
     assert "bad credentials" in store.jobs()[0]["error"]
 
 
-def test_transient_failures_are_recorded_per_item_and_retried_by_a_rerun(cache):
+def test_transient_failures_are_recorded_per_item_and_retried_by_a_rerun(cache, store_url):
     latents = [int(i) for i in cache.alive_latents()[:3]]
     with start_llm_server(judge="judges:rule_judge", models=["judge"], fail_500=1.0) as srv:
         s, rows, job_id = _run(cache, latents, srv)
