@@ -385,6 +385,60 @@ class Store:
                 .first() is not None
 
 
+    # ------------------------------------------------------------------------------------------- queue (workers)
+    # The Celery dispatcher's and workers' view of jobs (autointerp/jobs/dispatch.py): which jobs want work, the
+    # sweeper's re-queue of expired leases, and job completion — each one indexed query, cheap at millions of items.
+
+    def active_jobs(self, statuses: Sequence[str] = ("pending", "running")) -> list[dict]:
+        with self.tx() as conn:
+            return [dict(r) for r in conn.execute(
+                select(T_JOB.c.id, T_JOB.c.spec, T_JOB.c.status, T_JOB.c.budget_usd, T_JOB.c.started)
+                .where(T_JOB.c.status.in_(list(statuses))).order_by(T_JOB.c.id)).mappings()]
+
+    def requeue_expired(self, job_id: int) -> int:
+        """Items whose lease ran out (their worker was killed, or hangs) go back to pending; returns how many.
+        A late finish by the old holder changes nothing (results are insert-or-ignore on their identity)."""
+        now = utcnow()
+        with self.tx(write=True) as conn:
+            r = conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.status == "running",
+                                                  T_ITEM.c.lease_until < now)
+                             .values(status="pending", lease_until=None, updated=now))
+        return r.rowcount
+
+    def has_items(self, job_id: int, statuses: Sequence[str]) -> bool:
+        with self.tx() as conn:
+            return conn.execute(select(T_ITEM.c.latent).where(T_ITEM.c.job_id == job_id,
+                                                              T_ITEM.c.status.in_(list(statuses))).limit(1))\
+                .first() is not None
+
+    def set_job_status_from(self, job_id: int, from_statuses: Sequence[str], status: str, **values: Any) -> bool:
+        """Change a job's status only from one of `from_statuses` (a worker never overwrites a cancel); `started`
+        is kept when already set. True when it changed."""
+        now = utcnow()
+        if values.pop("start", False):
+            values["started"] = func.coalesce(T_JOB.c.started, now)
+        with self.tx(write=True) as conn:
+            r = conn.execute(update(T_JOB).where(T_JOB.c.id == job_id, T_JOB.c.status.in_(list(from_statuses)))
+                             .values(status=status, **values, updated=now))
+        return r.rowcount > 0
+
+    def finish_job_if_complete(self, job_id: int) -> str | None:
+        """`done` (or `failed` when an item failed) once no item is pending or running, for a job still pending
+        or running; returns the new status, None when the job has work left or was not active."""
+        now = utcnow()
+        with self.tx(write=True) as conn:
+            def exists(*statuses):
+                return conn.execute(select(T_ITEM.c.latent).where(T_ITEM.c.job_id == job_id,
+                                                                  T_ITEM.c.status.in_(statuses)).limit(1))\
+                    .first() is not None
+            if exists("pending", "running"):
+                return None
+            status = "failed" if exists("failed") else "done"
+            r = conn.execute(update(T_JOB).where(T_JOB.c.id == job_id, T_JOB.c.status.in_(("pending", "running")))
+                             .values(status=status, finished=now, updated=now))
+        return status if r.rowcount else None
+
+
 def open_store(url: str | None = None) -> Store:
     """The store at `url` ($AUTOINTERP_DATABASE_URL, else the SQLite file under the cache folder)."""
     return Store(url)
