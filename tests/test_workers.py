@@ -331,3 +331,65 @@ def test_bad_specs_are_rejected_at_submit_and_nothing_is_queued(small_cache, tmp
                                    queue_prefix=f"t{uuid.uuid4().hex[:8]}.")
     d = Dispatcher(make_app(settings), settings, store)
     assert d.step()["sent"] == 0 and d.waiting(settings.queue("llm")) == 0
+
+
+def test_budget_is_enforced_across_workers_and_resume_continues(small_cache, workers, tmp_path):
+    """Two workers share one budget (a Redis counter per job): the job stops as `budget_exhausted` just past it
+    (at most the latents already in flight overshoot), no worker claims more; a raised budget resumes it."""
+    cache = small_cache
+    latents = [int(i) for i in cache.alive_latents()[300:500]]
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"judge": {"prompt": 10.0, "completion": 10.0}}))
+    budget = 0.3
+    store = open_store()
+    with start_llm_server(judge="judges:rule_judge", models=["judge"], latency_ms=10) as srv:
+        job_id = submit(store, _spec(cache, latents, srv, budget_usd=budget, llm={**FAST_LLM, "prices": str(prices)}))
+        workers.start("--queues", "llm")
+        workers.start("--queues", "llm")
+        _wait(lambda: store.job(job_id)["status"] == "budget_exhausted", 120, "the budget to stop the job", workers)
+        time.sleep(2.0)  # latents in flight at the stop finish; nothing new is claimed
+        spent = store.job_spend(job_id)["cost_usd"]
+        with store.tx() as c:
+            per_latent = c.execute(select(func.max(T_ITEM.c.cost_usd)).where(T_ITEM.c.job_id == job_id)).scalar_one()
+        n_done = _finished(store, job_id)
+        assert budget <= spent <= budget + 2 * 8 * per_latent  # overshoot: at most what was in flight
+        assert 0 < n_done < 2 * len(latents)
+        time.sleep(2.0)
+        assert _finished(store, job_id) == n_done and store.job(job_id)["status"] == "budget_exhausted"
+        r = subprocess.run([sys.executable, "-m", "autointerp.cli", "job", "resume", str(job_id), "--budget", "1000"],
+                           capture_output=True, text=True, env=os.environ.copy())
+        assert r.returncode == 0, r.stderr
+        _wait(lambda: store.job(job_id)["status"] in ("done", "failed"), 120, "the resumed job to finish", workers)
+    assert store.job(job_id)["status"] == "done"
+    _assert_exactly_once(store, job_id, latents)
+    assert store.job_spend(job_id)["cost_usd"] > spent
+
+
+def test_a_locked_database_delays_the_workers_and_loses_nothing(small_cache, workers):
+    """Another process holds SQLite's write lock for 4 s mid-job: workers wait (busy timeout / task retries), then
+    the job finishes exactly once."""
+    import sqlite3
+
+    cache = small_cache
+    latents = [int(i) for i in cache.alive_latents()[500:800]]
+    store = open_store()
+    path = store.engine.url.database
+    with start_llm_server(judge="judges:rule_judge", models=["judge"], latency_ms=10) as srv:
+        job_id = submit(store, _spec(cache, latents, srv))
+        workers.start("--queues", "llm")
+        _wait(lambda: _finished(store, job_id) >= 2 * 30, 120, "the first latents", workers)
+        con = sqlite3.connect(path, timeout=30, isolation_level=None)
+        con.execute("BEGIN EXCLUSIVE")
+        held = _count_direct(con, job_id)
+        time.sleep(4.0)
+        assert _count_direct(con, job_id) == held  # nobody wrote meanwhile
+        con.execute("COMMIT")
+        con.close()
+        _wait(lambda: store.job(job_id)["status"] in ("done", "failed"), 120, "the job to finish", workers)
+    assert store.job(job_id)["status"] == "done", workers.logs()
+    _assert_exactly_once(store, job_id, latents)
+
+
+def _count_direct(con, job_id) -> int:
+    return con.execute("SELECT count(*) FROM job_item WHERE job_id = ? AND status IN ('done', 'skipped', 'failed')",
+                       (job_id,)).fetchone()[0]

@@ -502,11 +502,13 @@ class Dispatcher:
         jobs = store.active_jobs()
         per_queue: dict[str, list[int]] = {}
         finished = {}
-        for job in jobs:
-            self.swept += store.requeue_expired(job["id"])
-            done = store.finish_job_if_complete(job["id"])
-            if done is not None:
-                finished[job["id"]] = done
+        for job in jobs:  # reads first: a write transaction (SQLite's one lock) only when there is something to do
+            if store.has_expired_leases(job["id"]):
+                self.swept += store.requeue_expired(job["id"])
+            if not store.has_items(job["id"], ACTIVE):
+                done = store.finish_job_if_complete(job["id"])
+                if done is not None:
+                    finished[job["id"]] = done
                 continue
             if not store.has_items(job["id"], ("pending",)):
                 continue  # all leased: nothing to hand out until a lease is finished or expires

@@ -405,6 +405,12 @@ class Store:
                              .values(status="pending", lease_until=None, updated=now))
         return r.rowcount
 
+    def has_expired_leases(self, job_id: int) -> bool:
+        with self.tx() as conn:
+            return conn.execute(select(T_ITEM.c.latent).where(T_ITEM.c.job_id == job_id, T_ITEM.c.status == "running",
+                                                              T_ITEM.c.lease_until < utcnow()).limit(1))\
+                .first() is not None
+
     def has_items(self, job_id: int, statuses: Sequence[str]) -> bool:
         with self.tx() as conn:
             return conn.execute(select(T_ITEM.c.latent).where(T_ITEM.c.job_id == job_id,
