@@ -59,7 +59,8 @@ def write_kept(folder: Path, buffer: str, chunks, n_latents: int, n_slots: int, 
     spec = {"ptr": (np.int64, n_latents + 1), "rows": (np.int32, n_slots), "max": (np.float32, n_slots),
             "nnz": (np.uint16, n_slots), "eptr": (np.int64, n_latents + 1), "pos": (pos_dtype, n_entries),
             "q": (np.uint8, n_entries)}
-    out = {a: np.lib.format.open_memmap(folder / f"{buffer}_{a}.npy", "w+", dt, (size,)) for a, (dt, size) in spec.items()}
+    out = {a: np.lib.format.open_memmap(folder / f"{buffer}_{a}.npy", "w+", dt, (size,))
+           for a, (dt, size) in spec.items()}
     out["ptr"][0] = out["eptr"][0] = 0
     r = s = e = 0
     for per_latent, ids, wmax, nnz, pos, q in chunks:

@@ -38,6 +38,21 @@ class CollectorConfig:
 
 
 _M32 = 0xFFFFFFFF
+SLOT_BYTES = 4 + 4 + 4 + 8 + 2  # key, window id, window max, arena offset, entry count
+MERGE_BYTES = 48  # per element of one batch's [rows, K + B] merge: keys, sort values and indices, ids, slots
+
+
+def planned_bytes(n_latents: int, ctx_len: int, cfg: CollectorConfig, nnz_per_token: int, n_tokens: int,
+                  batch_windows: int) -> dict[str, int]:
+    """Upper bounds of the collector's memory: the fixed [n, K + S] slots and statistics, the entry arenas at
+    their fullest (live entries are bounded by the slots and by the firing tokens seen; a rebuild holds the old and
+    the new arena, hence 4 × live), and one batch's merge (rows = latents firing in the batch)."""
+    entry = (1 if ctx_len <= 256 else 2) + 1
+    live = sum(min(n_latents * k * ctx_len, nnz_per_token * n_tokens) for k in (cfg.top_k, cfg.n_sample))
+    rows = min(n_latents, nnz_per_token * batch_windows * ctx_len)
+    return {"slots": n_latents * (cfg.top_k + cfg.n_sample) * SLOT_BYTES,
+            "stats": n_latents * (20 + 4 * cfg.hist_bins), "arena": 4 * live * entry,
+            "merge": rows * (max(cfg.top_k, cfg.n_sample) + batch_windows) * MERGE_BYTES}
 
 
 def hash_uniform(window_ids: torch.Tensor, latents: torch.Tensor, seed: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .cache import ARRAYS, ARRAYS_V1, FORMAT_VERSION, LatentCache, hist_edges, write_kept
-from .collector import Collector, CollectorConfig, SparseCodes
+from .collector import Collector, CollectorConfig, SparseCodes, planned_bytes
 from .corpus import CorpusSpec, count_windows, is_local, iter_windows
 from .errors import ConfigError
 from .subject import SubjectModel, load_subject, mlp_read_and_write, translate_hookpoint
@@ -304,6 +305,99 @@ class _Checkpoint:
             self._fh = None
 
 
+GiB = 2**30
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _available_bytes() -> int:
+    """What this process may still take: MemAvailable, or less under a cgroup (container) limit."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    avail = int(info["MemAvailable"].split()[0]) * 1024
+    cg = Path("/sys/fs/cgroup")
+    try:
+        limit, current = (cg / "memory.max").read_text().strip(), (cg / "memory.current").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int(current))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+@dataclass
+class Plan:
+    """Planned peak memory (bytes on the collector's device) and disk of one extraction, by part."""
+
+    loaded: int  # what is resident already: model, dictionaries, on the host or the device
+    collector: int
+    batch: int  # one batch: forward activations, encode chunk, the collector's merge
+    budget: int
+    device: str
+    disk_cache: int
+    disk_running: int  # windows.bin while the run lasts
+
+    @property
+    def peak(self) -> int:
+        return self.loaded + self.collector + self.batch
+
+    def describe(self) -> str:
+        return (f"plan: peak memory <= {self.peak / GiB:.2f} GiB on {self.device} (model + dictionaries "
+                f"{self.loaded / GiB:.2f}, collector {self.collector / GiB:.2f}, per batch {self.batch / GiB:.2f}) of "
+                f"{self.budget / GiB:.1f} GiB available; disk <= {self.disk_cache / 1e6:.0f} MB for the cache "
+                f"(+ {self.disk_running / 1e6:.0f} MB of window tokens while running)")
+
+    def check(self, top_k: int, n_sample: int, batch_size: int, max_memory: float | None) -> None:
+        if self.peak <= self.budget:
+            return
+        fix = (f"lower --top-k/--n-sample ({top_k}/{n_sample})" if self.collector >= self.batch
+               else f"lower --batch-size ({batch_size})")
+        given = "--max-memory" if max_memory is not None else "this machine has"
+        raise ConfigError(f"planned peak memory {self.peak / GiB:.1f} GiB exceeds the {self.budget / GiB:.1f} GiB "
+                          f"{given} available (collector {self.collector / GiB:.1f}, per batch "
+                          f"{self.batch / GiB:.1f}): {fix}")
+
+
+def plan_extraction(subject: SubjectModel, targets: list[Target], cfg: CollectorConfig, n_windows: int,
+                    ctx_len: int, batch_size: int, max_memory: float | None = None) -> Plan:
+    """Bounds, not guesses where a bound exists: the collector's arrays are sized exactly; kept activations are
+    bounded by the slots and by the firing tokens the run can see (top-k dictionaries fire k per token)."""
+    from .dictionaries.base import ENCODE_CHUNK_BYTES
+
+    n_tokens, batch_tok = n_windows * ctx_len, batch_size * ctx_len
+    collector = batch = disk = 0
+    for t in targets:
+        d, n = t.dictionary, t.dictionary.n_latents
+        nnz = getattr(d, "k", None) or n
+        parts = planned_bytes(n, ctx_len, cfg, nnz, n_tokens, batch_size)
+        collector += parts["slots"] + parts["stats"] + parts["arena"]
+        topk = getattr(d, "activation", "") in ("relu_topk", "topk_relu")
+        dense_codes = batch_tok * n * 4
+        encode = 2 * min(dense_codes, ENCODE_CHUNK_BYTES) + batch_tok * nnz * 12 if topk else 3 * dense_codes
+        batch = max(batch, encode + parts["merge"])
+        live_entries = parts["arena"] // 4  # bytes of the live entries, as stored
+        disk += n * (cfg.top_k + cfg.n_sample) * 10 + live_entries + n * (4 * cfg.hist_bins + 36)
+    cfg_m = subject.model.config
+    hidden = getattr(cfg_m, "hidden_size", 1024)
+    heads = getattr(cfg_m, "num_attention_heads", 16)
+    batch += batch_tok * hidden * 4 * 16 + batch_size * heads * ctx_len * ctx_len * 4 * 2  # forward activations
+    dev = subject.device
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        loaded = torch.cuda.memory_allocated(dev)
+        budget = loaded + free
+    else:
+        loaded = _rss_bytes()
+        budget = loaded + _available_bytes()
+    if max_memory is not None:
+        budget = int(max_memory * GiB)
+    disk += min(n_windows, sum(t.dictionary.n_latents for t in targets) * (cfg.top_k + cfg.n_sample)
+                + cfg.pool_size) * ctx_len * 4
+    return Plan(loaded, collector, batch, budget, str(dev), disk, n_tokens * 4)
+
+
 def _publish(t: Target, collector: Collector, windows: np.ndarray, extra: dict) -> None:
     """Write the final cache into <out>/.partial/publish-<slug>/ and move it into place, manifest last."""
     c = collector
@@ -371,6 +465,7 @@ def extract(
     encode_dtype: str | None = None,
     norm_scaling_factor: float | None = None,
     check_corpus: bool = True,
+    max_memory: float | None = None,
 ) -> list[LatentCache]:
     """Run the streaming extraction; returns the caches (one per target). `max_batches` stops early without
     publishing (a clean interruption, used by tests and for chunked scheduling). Positions holding special tokens,
@@ -381,7 +476,8 @@ def extract(
     (the dataset factor they were trained with, which the checkpoint does not store). `check_corpus`: local corpus
     files are tokenized once up front (720k tokens/s here, ~1 % of a CPU run) so that a bad line anywhere in the part
     the run reads fails before anything is created; a bad line found mid-run (check off) leaves a resumable
-    `.partial/`, never a published cache."""
+    `.partial/`, never a published cache. Before anything is written, the planned peak memory and disk are printed
+    (stderr with `progress`, else logged) and a plan over the memory available (or `max_memory` GiB) is refused."""
     out = Path(out)
     spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(
         source=corpus, ctx_len=ctx_len, n_tokens=n_tokens, seed=seed, text_column=text_column, split=split)
@@ -411,6 +507,12 @@ def extract(
             log.warning("corpus %s: %d tokens of text, fewer than --n-tokens %d; extracting what there is",
                         spec.source, n_windows * spec.ctx_len, spec.n_tokens)
 
+    plan = plan_extraction(subject, targets, cfg, n_windows, spec.ctx_len, batch_size, max_memory)
+    plan.check(top_k, n_sample, batch_size, max_memory)
+    if progress:
+        print(plan.describe(), file=sys.stderr, flush=True)
+    else:
+        log.info(plan.describe())
     identities = [t.identity for t in targets]
     for t in targets:
         t.collector = Collector(t.dictionary.n_latents, spec.ctx_len, cfg, dev)
