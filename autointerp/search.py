@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from sqlalchemy import Float, Integer, and_, column, func, select, text
+from sqlalchemy import Float, Integer, and_, cast, column, func, literal, select, table, text
+from sqlalchemy.types import UserDefinedType
 
 from .errors import ConfigError
 from .store import Store
@@ -84,6 +85,10 @@ def embed_explanations(store: Store, embedder: str | None = None, dictionary: st
             conn.execute(store._insert_ignore(T_EMB, ["explanation_id", "embedder"]), [
                 {"explanation_id": i, "embedder": name, "dim": int(v.shape[0]),
                  "vector": np.asarray(v, np.float32).tobytes()} for (i, _), v in zip(part, vecs)])
+            if _pgvector(store) and vecs.shape[1] == PG_DIM:
+                conn.execute(text("INSERT INTO explanation_vec (explanation_id, embedder, vec) "
+                                  "VALUES (:i, :e, CAST(:v AS vector)) ON CONFLICT DO NOTHING"),
+                             [{"i": i, "e": name, "v": _pg_literal(v)} for (i, _), v in zip(part, vecs)])
         bar.update(len(part))
     bar.close()
     return len(todo)
@@ -203,8 +208,50 @@ def semantic_search(store: Store, query: str, k: int = 20, filters: SearchFilter
     return _hits(store, ids, dict(zip(ids, sims)))
 
 
+PG_DIM = 384  # the width mirrored into pgvector (migration 0003)
+T_VEC = table("explanation_vec", column("explanation_id", Integer), column("embedder"), column("vec"))
+
+
+class _Vector(UserDefinedType):
+    cache_ok = True
+
+    def get_col_spec(self, **kw) -> str:
+        return "vector"
+
+
+def _pgvector(store: Store) -> bool:
+    """PostgreSQL with the explanation_vec table (pgvector present when the schema was made)."""
+    if store.dialect != "postgresql":
+        return False
+    if not hasattr(store, "_has_pgvector"):
+        from sqlalchemy import inspect
+
+        with store.engine.connect() as conn:
+            store._has_pgvector = inspect(conn).has_table("explanation_vec")
+    return store._has_pgvector
+
+
+def _pg_literal(v: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in np.asarray(v, np.float32)) + "]"
+
+
+def _pg_nearest(store: Store, vector: np.ndarray, k: int, cond, embedder: str) -> tuple[list[int], list[float]]:
+    """pgvector's HNSW index, filters applied in the same query (ef_search raised so filtered queries still fill
+    k results)."""
+    dist = T_VEC.c.vec.op("<=>", return_type=Float)(cast(literal(_pg_literal(vector)), _Vector()))
+    q = (_joined([T_EXPL.c.id, dist.label("d")])
+         .join(T_VEC, and_(T_VEC.c.explanation_id == T_EXPL.c.id, T_VEC.c.embedder == embedder))
+         .where(*cond).order_by(dist).limit(k))
+    with store.tx() as conn:
+        conn.exec_driver_sql("SET LOCAL hnsw.ef_search = 200")
+        rows = conn.execute(q).all()
+    return [int(r[0]) for r in rows], [1.0 - float(r[1]) for r in rows]
+
+
 def nearest(store: Store, vector: np.ndarray, k: int, cond, embedder: str) -> tuple[list[int], list[float]]:
     """The k explanation ids (of those meeting `cond`) nearest to `vector`."""
+    if _pgvector(store) and len(vector) == PG_DIM:
+        return _pg_nearest(store, vector, k, cond, embedder)
     ids, mat = _vectors(store, embedder, cond)
     if not len(ids):
         return [], []

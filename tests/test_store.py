@@ -136,12 +136,12 @@ def test_a_store_older_than_the_code_says_how_to_upgrade(store_url):
     url = resolve_url(store_url)
     command.upgrade(alembic_config(url), "0001")
     engine_for.cache_clear()
-    with pytest.raises(StoreError, match=r"is at schema 0001, this autointerp needs 0002: run `autointerp db upgrade`"):
+    with pytest.raises(StoreError, match=r"is at schema 0001, this autointerp needs 0003: run `autointerp db upgrade`"):
         open_store()
     r = _cli("job", "list")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "autointerp db upgrade" in r.stderr
     r = _cli("db", "upgrade")
-    assert r.returncode == 0 and "0001 -> 0002" in r.stdout, r.stderr
+    assert r.returncode == 0 and "0001 -> 0003" in r.stdout, r.stderr
     engine_for.cache_clear()
     assert open_store().dictionaries() == []
 
