@@ -1,0 +1,414 @@
+"""The JSON API (mounted at /api/v1). Handlers are thin: they check input, call the library (store queries, search,
+compare, jobs, runtime) and shape the answer with the pydantic schemas."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from pathlib import Path
+from typing import Literal, Optional
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse, Response
+from sqlalchemy import or_, select
+from starlette.background import BackgroundTask
+
+from ..errors import ConfigError
+from ..jobs.spec import JobSpec
+from ..store import Store
+from ..store import queries as Q
+from ..store.store import T_DICT, T_LATENT, T_SUBJECT
+from . import runtime
+from .app import read_access, require_key
+from .schemas import (MAX_QUERY_CHARS, ActivationsOut, ActivationsRequest, ComparisonOut, ComparisonRequest,
+                      DictionaryDetail, DictionaryOut, Health, JobOut, JobStatusOut, JobSubmitted, LatentDetail,
+                      LatentPage, Problem, ResumeRequest, SearchResult, SteerOut, SteerRequest, SubjectModelOut)
+
+log = logging.getLogger(__name__)
+ERRORS = {400: {"model": Problem}, 404: {"model": Problem}, 422: {"model": Problem}}
+AUTH_ERRORS = {**ERRORS, 401: {"model": Problem}}
+router = APIRouter(responses={413: {"model": Problem}})
+reads = APIRouter(dependencies=[Depends(read_access)], responses=AUTH_ERRORS)
+writes = APIRouter(dependencies=[Depends(require_key)], responses=AUTH_ERRORS)
+
+
+def store_of(request: Request) -> Store:
+    return request.app.state.store
+
+
+def lookup_dictionary(store: Store, ref: str) -> dict:
+    """A dictionary by id, name or key only (never a filesystem path: refs come from URLs)."""
+    q = select(T_DICT, T_SUBJECT.c.name.label("subject_model")).join(T_SUBJECT,
+                                                                      T_SUBJECT.c.id == T_DICT.c.subject_model_id)
+    cond = [T_DICT.c.name == ref, T_DICT.c.key == ref]
+    if ref.isdigit() and len(ref) < 18:
+        cond.append(T_DICT.c.id == int(ref))
+    with store.tx() as conn:
+        rows = conn.execute(q.where(or_(*cond))).mappings().all()
+    if not rows:
+        raise HTTPException(404, f"unknown dictionary {ref[:200]!r} (GET /api/v1/dictionaries lists them)")
+    if len(rows) > 1:  # a name that is another's id: the exact name wins
+        named = [r for r in rows if r["name"] == ref]
+        if len(named) != 1:
+            raise HTTPException(400, f"dictionary {ref[:200]!r} is ambiguous: use its id")
+        rows = named
+    return dict(rows[0])
+
+
+def _dict_out(d: dict, counts: dict) -> dict:
+    c = counts.get(d["id"], {})
+    return {**d, **{k: c.get(k, 0) for k in ("n_explained", "n_explanations", "n_scores")},
+            "cost_usd": float(c.get("cost_usd", 0.0)), "has_cache": runtime.open_cache(d) is not None}
+
+
+# ------------------------------------------------------------------------------------------------- reads
+
+
+@router.get("/health", response_model=Health, tags=["meta"])
+def health(request: Request):
+    from .. import __version__
+
+    store = store_of(request)
+    with store.tx() as conn:
+        conn.execute(select(1))
+    return {"status": "ok", "version": __version__, "database": store.dialect}
+
+
+@reads.get("/subject-models", response_model=list[SubjectModelOut], tags=["browse"])
+def list_subject_models(request: Request):
+    return Q.subject_models(store_of(request))
+
+
+@reads.get("/dictionaries", response_model=list[DictionaryOut], tags=["browse"])
+def list_dictionaries(request: Request, subject_model: Optional[str] = Query(None, max_length=500)):
+    store = store_of(request)
+    counts = Q.dictionary_counts(store)
+    ds = store.dictionaries()
+    if subject_model:
+        ds = [d for d in ds if d["subject_model"] == subject_model]
+    return [_dict_out(d, counts) for d in ds]
+
+
+@reads.get("/dictionaries/{ref}", response_model=DictionaryDetail, tags=["browse"])
+def get_dictionary(request: Request, ref: str):
+    store = store_of(request)
+    d = lookup_dictionary(store, ref)
+    table = Q.score_table(store, d["id"])
+    out = _dict_out(d, Q.dictionary_counts(store))
+    return {**out, "scores": table, "explainers": sorted({r["explainer"] for r in table})}
+
+
+@reads.get("/dictionaries/{ref}/plot.png", tags=["browse"], response_class=Response,
+           responses={200: {"content": {"image/png": {}}, "description": "Score distributions (PNG)"},
+                      404: {"model": Problem}})
+def dictionary_plot(request: Request, ref: str):
+    from ..plots import dictionary_plot_png
+
+    store = store_of(request)
+    d = lookup_dictionary(store, ref)
+    png = dictionary_plot_png(store, d["id"])
+    if png is None:
+        raise HTTPException(404, f"dictionary {d['name']} has no scores to plot yet")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
+
+
+@reads.get("/dictionaries/{ref}/latents", response_model=LatentPage, tags=["browse"])
+def list_latents(request: Request, ref: str,
+                 sort: Literal["index", "frequency", "max_act", "mean_act", "score"] = "index",
+                 order: Literal["asc", "desc"] = "asc",
+                 limit: int = Query(50, ge=1, le=200, description="Page size (at most 200)"),
+                 cursor: Optional[str] = Query(None, max_length=200, description="next_cursor of the previous page"),
+                 min_frequency: Optional[float] = Query(None, ge=0, le=1),
+                 max_frequency: Optional[float] = Query(None, ge=0, le=1),
+                 scorer: Optional[str] = Query(None, max_length=50),
+                 min_score: Optional[float] = Query(None, ge=-1e6, le=1e6),
+                 max_score: Optional[float] = Query(None, ge=-1e6, le=1e6),
+                 explained: Optional[bool] = None, alive: Optional[bool] = None):
+    store = store_of(request)
+    d = lookup_dictionary(store, ref)
+    f = Q.LatentFilter(min_frequency, max_frequency, scorer, min_score, max_score, explained, alive)
+    rows, nxt = Q.list_latents(store, d["id"], f=f, sort=sort, order=order, limit=limit, cursor=cursor)
+    return {"items": rows, "next_cursor": nxt}
+
+
+def latent_detail(store: Store, d: dict, index: int, n_top: int = 20) -> dict:
+    if not 0 <= index < d["n_latents"]:
+        raise HTTPException(404, f"latent {index} out of range (dictionary {d['name']} has latents 0.."
+                                 f"{d['n_latents'] - 1})")
+    with store.tx() as conn:
+        row = conn.execute(select(T_LATENT).where(T_LATENT.c.dictionary_pk == d["id"], T_LATENT.c.index == index))\
+            .mappings().first()
+    if row is None:
+        raise HTTPException(404, f"latent {index} of {d['name']} has no statistics (not extracted)")
+    ex = runtime.latent_examples(d, index, n_top=n_top)
+    expl = Q.latent_explanations(store, d["id"], index)
+    for e in expl:
+        e["usage"] = e["usage"] or {}
+        for s in e["scores"]:
+            s["metrics"], s["usage"] = s["metrics"] or {}, s["usage"] or {}
+    return {"dictionary": d["name"], "dictionary_pk": d["id"], **dict(row),
+            "hist_edges": ex["hist_edges"] if ex else None, "top": ex["top"] if ex else [],
+            "quantiles": ex["quantiles"] if ex else [], "examples_available": ex is not None,
+            "explanations": expl, "cost_usd": sum(e["total_cost_usd"] for e in expl)}
+
+
+@reads.get("/dictionaries/{ref}/latents/{index}", response_model=LatentDetail, tags=["browse"])
+def get_latent(request: Request, ref: str, index: int,
+               n_top: int = Query(20, ge=0, le=100, description="Top examples to return")):
+    store = store_of(request)
+    return latent_detail(store, lookup_dictionary(store, ref), index, n_top)
+
+
+def _search_hits(hits) -> list[dict]:
+    return [h.as_dict() for h in hits]
+
+
+@reads.get("/dictionaries/{ref}/latents/{index}/nearest", response_model=SearchResult, tags=["search"])
+def nearest_latents(request: Request, ref: str, index: int, k: int = Query(10, ge=1, le=100)):
+    """The latents of other dictionaries whose explanations are nearest to this latent's best explanation."""
+    store = store_of(request)
+    d = lookup_dictionary(store, ref)
+    hits = nearest_for_latent(store, d, index, k)
+    return {"query": f"{d['name']}#{index}", "mode": "semantic", "hits": _search_hits(hits)}
+
+
+def nearest_for_latent(store: Store, d: dict, index: int, k: int):
+    from .. import search as S
+
+    rows = [{"index": index}]
+    Q._attach_best_explanations(store, d["id"], rows)
+    text = rows[0]["explanation"]
+    if not text:
+        raise HTTPException(404, f"latent {index} of {d['name']} has no explanation to compare by")
+    fn = getattr(S, "nearest_latents", None)
+    if fn is not None:  # the search library's own (issue 9), when it has one
+        try:
+            return fn(store, d["id"], index, k)
+        except TypeError:
+            pass
+    _ensure_embedded(store)
+    from ..embedder import embed, embedder_name
+    from ..store.store import T_EXPL
+
+    vec = embed([text])[0]
+    cond = S._allowed(store, S.SearchFilters()) + [T_EXPL.c.dictionary_pk != d["id"]]
+    ids, sims = S.nearest(store, vec, k, cond, embedder_name(None))
+    return S._hits(store, ids, dict(zip(ids, sims)))
+
+
+_EMBED_LOCK = threading.Lock()
+INLINE_EMBED_MAX = 2000
+
+
+def _ensure_embedded(store: Store) -> None:
+    """Explanations not embedded yet are embedded before a semantic search when they are few (the demo, a fresh
+    import); a large backlog is the CLI's job (`autointerp search` embeds it once)."""
+    from sqlalchemy import func
+
+    from .. import search as S
+    from ..embedder import embedder_name
+    from ..store.store import T_EMB, T_EXPL
+
+    name = embedder_name(None)
+    done = select(T_EMB.c.explanation_id).where(T_EMB.c.embedder == name)
+    with store.tx() as conn:
+        n = conn.execute(select(func.count()).select_from(T_EXPL).where(T_EXPL.c.text.is_not(None),
+                                                                         T_EXPL.c.id.not_in(done))).scalar_one()
+    if 0 < n <= INLINE_EMBED_MAX:
+        with _EMBED_LOCK:
+            S.embed_explanations(store)
+
+
+@reads.get("/search", response_model=SearchResult, tags=["search"])
+def search(request: Request, q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
+           mode: Literal["semantic", "keyword"] = "semantic", k: int = Query(20, ge=1, le=200),
+           dictionary: Optional[str] = Query(None, max_length=1000),
+           subject_model: Optional[str] = Query(None, max_length=500),
+           hookpoint: Optional[str] = Query(None, max_length=300), explainer: Optional[str] = Query(None, max_length=50),
+           scorer: Optional[str] = Query(None, max_length=50), min_score: Optional[float] = Query(None, ge=-1e6, le=1e6),
+           min_frequency: Optional[float] = Query(None, ge=0, le=1),
+           max_frequency: Optional[float] = Query(None, ge=0, le=1)):
+    from .. import search as S
+
+    store = store_of(request)
+    if not q.strip():
+        raise HTTPException(422, "q: the query is empty")
+    if dictionary is not None:
+        dictionary = lookup_dictionary(store, dictionary)["key"]
+    if min_score is not None and not scorer:
+        raise HTTPException(422, "min_score needs a scorer (which score it applies to)")
+    f = S.SearchFilters(dictionary, subject_model, hookpoint, explainer, scorer, min_score, min_frequency,
+                        max_frequency)
+    if mode == "semantic":
+        _ensure_embedded(store)
+    hits = S.search(store, q, k, mode, f)
+    return {"query": q, "mode": mode, "hits": _search_hits(hits)}
+
+
+@reads.get("/comparisons", response_model=list[ComparisonOut], tags=["compare"])
+def list_comparisons(request: Request, limit: int = Query(50, ge=1, le=200)):
+    return Q.comparisons(store_of(request), limit)
+
+
+@reads.get("/comparisons/{comparison_id}", response_model=ComparisonOut, tags=["compare"])
+def get_comparison(request: Request, comparison_id: int):
+    return Q.comparison(store_of(request), comparison_id)
+
+
+@reads.get("/jobs", response_model=list[JobOut], tags=["jobs"])
+def list_jobs(request: Request, limit: int = Query(50, ge=1, le=200),
+              before: Optional[int] = Query(None, description="Jobs with an id below this (keyset pagination)"),
+              status: Optional[str] = Query(None, max_length=30)):
+    return Q.jobs(store_of(request), limit, before, status)
+
+
+@reads.get("/jobs/{job_id}", response_model=JobStatusOut, tags=["jobs"])
+def get_job(request: Request, job_id: int):
+    from ..jobs import status
+
+    return status(store_of(request), job_id).as_dict()
+
+
+EXPORT_FORMATS = ("jsonl", "neuronpedia", "delphi", "parquet")
+
+
+@reads.get("/dictionaries/{ref}/export", tags=["export"], response_class=FileResponse,
+           responses={200: {"content": {"application/zip": {}, "application/x-ndjson": {}},
+                            "description": "jsonl: the JSON-lines export; neuronpedia, delphi, parquet: a zip of the "
+                                           "folder layout"}})
+def export(request: Request, ref: str, format: Literal["jsonl", "neuronpedia", "delphi", "parquet"] = "jsonl"):
+    """The dictionary's results in one of the export formats (Neuronpedia's dataset layout, delphi result folders,
+    parquet tables, our JSON lines)."""
+    import shutil
+
+    from .. import exports
+
+    store = store_of(request)
+    d = lookup_dictionary(store, ref)
+    tmp = Path(tempfile.mkdtemp(prefix="autointerp-export-"))
+    cleanup = BackgroundTask(shutil.rmtree, tmp, ignore_errors=True)
+    try:
+        if format == "jsonl":
+            from ..jobs.export import export_rows, write_jsonl
+
+            path = tmp / f"{d['name']}.jsonl"
+            write_jsonl(export_rows(store, d["id"]), path)
+            return FileResponse(path, media_type="application/x-ndjson", filename=path.name, background=cleanup)
+        folder = tmp / "out"
+        {"neuronpedia": exports.export_neuronpedia, "delphi": exports.export_delphi,
+         "parquet": exports.export_parquet}[format](store, d["id"], folder)
+        archive = shutil.make_archive(str(tmp / f"{d['name']}-{format}"), "zip", folder)
+        return FileResponse(archive, media_type="application/zip", filename=Path(archive).name, background=cleanup)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------- writes
+
+
+@writes.post("/comparisons", response_model=ComparisonOut, status_code=201, tags=["compare"],
+             responses={501: {"model": Problem}})
+def start_comparison(request: Request, body: ComparisonRequest):
+    """Compare two dictionaries (by explanation embeddings, decoder/encoder cosine or activations) and store the
+    result."""
+    store = store_of(request)
+    a, b = lookup_dictionary(store, body.a), lookup_dictionary(store, body.b)
+    try:
+        from .. import compare as C
+    except ImportError:
+        raise HTTPException(501, "comparison is not available in this installation (autointerp.compare missing)")
+    fn = getattr(C, "compare", None)
+    if fn is None:
+        raise HTTPException(501, "comparison is not available in this installation (autointerp.compare.compare)")
+    out = fn(store, a["key"], b["key"], method=body.method)
+    cid = out.get("id") if isinstance(out, dict) else getattr(out, "id", None)
+    if cid is None:
+        cid = Q.comparisons(store, 1)[0]["id"]
+    return Q.comparison(store, int(cid))
+
+
+def _start_runner(request: Request, job_id: int) -> bool:
+    """Run the job in this server process (a thread with its own event loop) unless one already runs it."""
+    if not request.app.state.settings.embedded_runner:
+        return False
+    runners: dict = request.app.state.runners
+    t = runners.get(job_id)
+    if t is not None and t.is_alive():
+        return True
+    store = store_of(request)
+
+    def work():
+        from ..jobs import run
+
+        try:
+            run(store, job_id, progress=False)
+        except BaseException as e:  # noqa: BLE001 — recorded on the job row by the runner
+            log.warning("job %d stopped: %s", job_id, e)
+
+    t = threading.Thread(target=work, name=f"job-{job_id}", daemon=True)
+    runners[job_id] = t
+    t.start()
+    return True
+
+
+@writes.post("/jobs", response_model=JobSubmitted, status_code=201, tags=["jobs"])
+def submit_job(request: Request, spec: JobSpec,
+               run: bool = Query(True, description="Start it in this server's embedded runner (else workers pick "
+                                                   "it up)")):
+    from ..jobs import status, submit
+
+    store = store_of(request)
+    ref = spec.dictionary
+    if "\x00" in ref or not ref.strip():
+        raise HTTPException(422, "dictionary: expected a dictionary name, key or cache folder")
+    job_id = submit(store, spec)
+    here = _start_runner(request, job_id) if run else False
+    return {"job_id": job_id, "status": status(store, job_id).as_dict(), "running_here": here}
+
+
+@writes.post("/jobs/{job_id}/cancel", response_model=JobStatusOut, tags=["jobs"])
+def cancel_job(request: Request, job_id: int):
+    from ..jobs import cancel, status
+
+    store = store_of(request)
+    cancel(store, job_id)
+    return status(store, job_id).as_dict()
+
+
+@writes.post("/jobs/{job_id}/resume", response_model=JobSubmitted, tags=["jobs"])
+def resume_job(request: Request, job_id: int, body: Optional[ResumeRequest] = None, run: bool = Query(True)):
+    from ..jobs import resume, status
+
+    store = store_of(request)
+    resume(store, job_id, None if body is None else body.budget_usd)
+    here = _start_runner(request, job_id) if run else False
+    return {"job_id": job_id, "status": status(store, job_id).as_dict(), "running_here": here}
+
+
+@writes.post("/activations", response_model=ActivationsOut, tags=["model"])
+def activations(request: Request, body: ActivationsRequest):
+    """Which latents fire on this text: the subject model and dictionary run on it; per token, the top latents with
+    their activations and best explanations."""
+    store = store_of(request)
+    d = lookup_dictionary(store, body.dictionary)
+    out = runtime.activations(d, body.text, body.top_k, request.app.state.settings.device)
+    labels = Q.explanation_texts(store, d["id"], [l["latent"] for t in out["tokens"] for l in t["latents"]])
+    for t in out["tokens"]:
+        for l in t["latents"]:
+            l["explanation"] = labels.get(l["latent"])
+    return out
+
+
+@writes.post("/steer", response_model=SteerOut, tags=["model"])
+def steer(request: Request, body: SteerRequest):
+    """Greedy completions of a prompt with the latent's decoder direction added at each strength."""
+    store = store_of(request)
+    d = lookup_dictionary(store, body.dictionary)
+    return runtime.steer(d, body.latent, body.prompt, body.strengths, body.max_new_tokens,
+                         request.app.state.settings.device)
+
+
+router.include_router(reads)
+router.include_router(writes)

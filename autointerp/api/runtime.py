@@ -1,0 +1,226 @@
+"""What the API needs beyond the store: a latent's display examples from its extraction cache (decoded tokens with
+per-token activations), and the subject model + dictionary for "which latents fire on this text" and steering.
+
+Everything heavy is loaded once per process and kept (caches, tokenizers, models: small LRU maps); model use is
+serialised by the model's own lock (autointerp.steering.model_lock), since hooks are global to a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+_LOCK = threading.Lock()
+
+
+class _LRU:
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = make()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+
+_CACHES = _LRU(16)
+_MODELS = _LRU(2)
+_DICTS = _LRU(4)
+
+
+def open_cache(dictionary: dict):
+    """The extraction cache a dictionary row points to, or None when it has none or it is gone."""
+    from ..cache import LatentCache
+
+    path = dictionary.get("cache_path")
+    if not path or not (Path(path) / "manifest.json").is_file():
+        return None
+
+    def make():
+        try:
+            return LatentCache(path)
+        except ConfigError as e:
+            log.warning("dictionary %s: cache unreadable (%s)", dictionary.get("name"), e)
+            return None
+
+    return _CACHES.get(str(path), make)
+
+
+@lru_cache(maxsize=8)
+def tokenizer_for(model_spec: str):
+    """The subject model's tokenizer, or None when it cannot be loaded here (tokens then show as ids)."""
+    from ..hf_loading import load_tokenizer
+
+    try:
+        return load_tokenizer(model_spec)
+    except Exception as e:  # noqa: BLE001 — a display nicety; the ids are still shown
+        log.warning("tokenizer of %s not loadable (%s): tokens are shown as ids", model_spec, e)
+        return None
+
+
+class TokenDecoder:
+    """id -> display string, memoised (a page shows a few thousand tokens drawn from a small vocabulary)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.memo: dict[int, str] = {}
+
+    def __call__(self, ids) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            s = self.memo.get(i)
+            if s is None:
+                s = self.tok.decode([i]) if self.tok is not None else f"#{i}"
+                self.memo[i] = s
+            out.append(s)
+        return out
+
+
+_DECODERS: dict[str, TokenDecoder] = {}
+
+
+def decoder_for(model_spec: str) -> TokenDecoder:
+    with _LOCK:
+        d = _DECODERS.get(model_spec)
+    if d is None:
+        d = TokenDecoder(tokenizer_for(model_spec))
+        with _LOCK:
+            _DECODERS[model_spec] = d
+    return d
+
+
+def _rows(examples, decode, limit: int | None = None) -> list[dict]:
+    out = []
+    n = len(examples) if limit is None else min(limit, len(examples))
+    for j in range(n):
+        acts = np.asarray(examples.acts[j], np.float32)
+        toks = examples.tokens[j]
+        out.append({"window": int(examples.window_ids[j]), "tokens": decode(toks), "token_ids": [int(t) for t in toks],
+                    "acts": [round(float(a), 4) for a in acts], "max_act": round(float(acts.max()), 4) if len(acts)
+                    else 0.0})
+    return out
+
+
+def latent_examples(dictionary: dict, index: int, n_top: int = 20, n_quantiles: int = 4,
+                    per_quantile: int = 5) -> dict[str, Any] | None:
+    """{top: [...], quantiles: [{label, lo, hi, examples}], hist_edges} from the cache, or None without one.
+    Quantiles: the uniform random sample of activating windows, split by window max into equal-count strata
+    (highest first), as the explainers' quantile sampling sees them."""
+    cache = open_cache(dictionary)
+    if cache is None or not 0 <= index < cache.n_latents:
+        return None
+    decode = decoder_for(cache.manifest["model"])
+    rows, acts = cache.kept("top", index)
+    top = cache._examples(rows, acts)
+    srows, sacts = cache.kept("sample", index)
+    sample = cache._examples(srows, sacts)
+    quantiles = []
+    if len(sample):
+        order = np.argsort(-sample.max_acts, kind="stable")
+        for q, part in enumerate(np.array_split(order, min(n_quantiles, len(order)))):
+            if not len(part):
+                continue
+            ex = sample.take(part[np.linspace(0, len(part) - 1, min(per_quantile, len(part))).astype(int)])
+            m = sample.max_acts[part]
+            quantiles.append({"label": f"Q{q + 1}", "lo": float(m.min()), "hi": float(m.max()),
+                              "examples": _rows(ex, decode)})
+    edges = cache.stats.get("hist_edges")
+    return {"top": _rows(top, decode, n_top), "quantiles": quantiles,
+            "hist_edges": None if edges is None else [float(e) for e in edges], "ctx_len": cache.ctx_len,
+            "tokens_decoded": decode.tok is not None}
+
+
+# ------------------------------------------------------------------------------------------ model-backed endpoints
+
+
+def subject_for(model_spec: str, device: str | None = None):
+    from ..subject import load_subject
+
+    return _MODELS.get((model_spec, device), lambda: load_subject(model_spec, device=device))
+
+
+def dictionary_for(cache, device: str | None = None):
+    from ..dictionaries import load_cached_dictionary
+
+    entry = cache.manifest["dictionary"]
+    return _DICTS.get((str(entry["id"]), str(device)), lambda: load_cached_dictionary(entry, device=device or "cpu"))
+
+
+def _need_cache(dictionary: dict):
+    cache = open_cache(dictionary)
+    if cache is None:
+        raise ConfigError(f"dictionary {dictionary['name']}: its extraction cache ({dictionary.get('cache_path')}) "
+                          "is not on this machine; the subject model and checkpoint are found through it")
+    return cache
+
+
+def activations(dictionary: dict, text: str, top_k: int = 5, device: str | None = None) -> dict:
+    """Run the subject model on `text` to the dictionary's hookpoint, encode, and return per token the `top_k`
+    latents with their activations (special tokens included, marked)."""
+    import torch
+
+    from ..steering import model_lock
+
+    cache = _need_cache(dictionary)
+    subject = subject_for(cache.manifest["model"], device)
+    d = dictionary_for(cache, str(subject.device))
+    hook = cache.manifest["hookpoint"]
+    with model_lock(subject.model):
+        ids = subject.tokenizer(text, return_tensors="pt").input_ids
+        limit = subject.max_context or 2048
+        ids = ids[:, :limit]
+        x = subject.capture(ids, [hook])[hook][0]
+        with torch.no_grad():
+            codes = d.encode(x.to(dtype=torch.float32))
+        if hasattr(codes, "to_dense"):
+            codes = codes.to_dense()
+        codes = torch.as_tensor(codes).float().cpu()
+    special = subject.special_token_mask(ids)[0].tolist()
+    k = max(1, min(top_k, codes.shape[-1]))
+    vals, idx = torch.topk(codes, k, dim=-1)
+    decode = decoder_for(cache.manifest["model"])
+    strings = decode(ids[0].tolist())
+    tokens = []
+    for t in range(codes.shape[0]):
+        lat = [{"latent": int(i), "activation": round(float(v), 4)} for v, i in zip(vals[t], idx[t]) if v > 0]
+        tokens.append({"position": t, "token": strings[t], "token_id": int(ids[0, t]), "special": bool(special[t]),
+                       "latents": lat})
+    return {"dictionary": dictionary["name"], "hookpoint": hook, "model": cache.manifest["model"], "tokens": tokens}
+
+
+def steer(dictionary: dict, latent: int, prompt: str, strengths: list[float], max_new_tokens: int,
+          device: str | None = None) -> dict:
+    """Greedy completions of `prompt` with the latent's unit decoder direction added at each strength (multiples of
+    the median activation norm at the hookpoint; 0 = the clean completion), as the intervention scorer steers."""
+    from ..scorers.intervention import SteeringTarget
+
+    cache = _need_cache(dictionary)
+    if not 0 <= latent < cache.n_latents:
+        raise ConfigError(f"latent {latent} out of range (the dictionary has {cache.n_latents} latents)")
+    subject = subject_for(cache.manifest["model"], device)
+    d = dictionary_for(cache, str(subject.device))
+    target = _DICTS.get(("target", str(dictionary["id"]), str(subject.device)),
+                        lambda: SteeringTarget.from_subject(subject, d, cache.manifest["hookpoint"]))
+    out = []
+    for s in strengths:
+        texts, _ = target.run([prompt], latent if s else None, float(s), max_new_tokens)
+        out.append({"strength": float(s), "completion": texts[0]})
+    return {"dictionary": dictionary["name"], "latent": latent, "prompt": prompt, "hookpoint": target.hookpoint.name,
+            "norm": float(target.norm), "completions": out}
