@@ -393,3 +393,22 @@ def test_a_locked_database_delays_the_workers_and_loses_nothing(small_cache, wor
 def _count_direct(con, job_id) -> int:
     return con.execute("SELECT count(*) FROM job_item WHERE job_id = ? AND status IN ('done', 'skipped', 'failed')",
                        (job_id,)).fetchone()[0]
+
+
+def test_workers_on_postgresql_kill_9_exactly_once(small_cache, workers, pg_url):
+    """The same guarantees on PostgreSQL (claims by UPDATE … RETURNING with SKIP LOCKED): two workers, one killed
+    with SIGKILL mid-job, every latent explained and scored once."""
+    cache = small_cache
+    latents = [int(i) for i in cache.alive_latents()[800:1000]]
+    workers.env["AUTOINTERP_DATABASE_URL"] = pg_url
+    store = open_store()
+    assert store.dialect == "postgresql"
+    with start_llm_server(judge="judges:rule_judge", models=["judge"], latency_ms=20) as srv:
+        job_id = submit(store, _spec(cache, latents, srv))
+        a = workers.start("--queues", "llm")
+        workers.start("--queues", "llm")
+        _wait(lambda: _finished(store, job_id) >= 2 * 40, 120, "the first 40 latents", workers)
+        workers.kill9(a)
+        _wait(lambda: store.job(job_id)["status"] in ("done", "failed"), 180, "the job to finish", workers)
+    assert store.job(job_id)["status"] == "done", workers.logs()
+    _assert_exactly_once(store, job_id, latents)

@@ -88,8 +88,8 @@ def submit(store: Store, spec: JobSpec | dict | str) -> int:
         store.set_job(existing["id"], budget_usd=spec.budget_usd, spec=spec.model_dump(mode="json"))
         return int(existing["id"])
     stages = spec.stages()
-    items = ((latent, stage) for latent in latents for stage in stages)
-    return store.create_job(key, spec.model_dump(mode="json"), dictionary["id"], spec.budget_usd, items)
+    return store.create_job_bulk(key, spec.model_dump(mode="json"), dictionary["id"], spec.budget_usd, latents,
+                                 stages)
 
 
 class _AnyJudge:

@@ -445,6 +445,35 @@ class Store:
         return status if r.rowcount else None
 
 
+    def create_job_bulk(self, key: str, spec: dict, dictionary_pk: int, budget_usd: float | None,
+                        latents: Sequence[int], stages: Sequence[str]) -> int:
+        """`create_job` for big jobs: the same rows in one transaction, written by the driver itself (sqlite3
+        executemany of tuples; PostgreSQL COPY) instead of SQLAlchemy's per-row parameter processing, which was 85 %
+        of a million-latent submit."""
+        now = utcnow()
+        proc = T_ITEM.c.updated.type._cached_bind_processor(self.engine.dialect)
+        stamp = proc(now) if proc else now
+        cols = "job_id, latent, stage, status, attempts, prompt_tokens, completion_tokens, calls, cost_usd, updated"
+        with self.tx(write=True) as conn:
+            job_id = int(conn.execute(T_JOB.insert().values(key=key, spec=spec, dictionary_pk=dictionary_pk,
+                                                            budget_usd=budget_usd, status="pending", created=now,
+                                                            updated=now)).inserted_primary_key[0])
+            if self.dialect == "postgresql":
+                with conn.connection.driver_connection.cursor() as cur, \
+                        cur.copy(f"COPY job_item ({cols}) FROM STDIN") as cp:
+                    for latent in latents:
+                        for stage in stages:
+                            cp.write_row((job_id, int(latent), stage, "pending", 0, 0, 0, 0, 0.0, stamp))
+            else:
+                sql = f"INSERT INTO job_item ({cols}) VALUES (?, ?, ?, 'pending', 0, 0, 0, 0, 0.0, ?)"
+                step = max(1, CHUNK // max(1, len(stages)))
+                for lo in range(0, len(latents), step):
+                    conn.exec_driver_sql(sql, [(job_id, int(latent), stage, stamp)
+                                               for latent in latents[lo:lo + step] for stage in stages])
+            conn.execute(update(T_JOB).where(T_JOB.c.id == job_id).values(n_items=len(latents) * len(stages)))
+        return job_id
+
+
 def open_store(url: str | None = None) -> Store:
     """The store at `url` ($AUTOINTERP_DATABASE_URL, else the SQLite file under the cache folder)."""
     return Store(url)
