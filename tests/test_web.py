@@ -1,0 +1,255 @@
+"""The web pages end to end in headless Chromium (Debian chromium + chromium-driver, driven by selenium): the
+feature page's highlighted tokens (with a screenshot whose pixels are checked), hover values, XSS payloads from
+the corpus and from explanations rendered inert, the dictionary table's sorting and filters, search, compare and
+live job progress."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from api_support import API_KEY, XSS, api_env, api_server, http  # noqa: F401 (fixtures)
+
+SHOTS = Path(os.environ.get("AUTOINTERP_SCREENSHOTS", "/tmp/autointerp-screenshots"))
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    found = _chromium()
+    if found is None:
+        pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver; scripts/test.sh does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = found[0]
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1600",
+              "--hide-scrollbars", "--force-device-scale-factor=1"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(found[1]), options=opts)
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit()
+
+
+def _no_xss(drv) -> None:
+    assert drv.execute_script("return window.__xss === undefined"), "a payload ran"
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        drv.switch_to.alert
+        raise AssertionError("an alert opened")
+    except NoAlertPresentException:
+        pass
+
+
+def _orange_pixels(png: bytes) -> int:
+    """Pixels of the token highlight colour (amber, rgb ~ (247, 127, 0) blended over white at 12-90 %)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    return int(((r > 200) & (g > 120) & (g < 235) & (b < 200) & (r - b > 60)).sum())
+
+
+def test_feature_page_highlights_tokens_and_hover_shows_values(browser, api_server, api_env):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    i = api_env["explained"][2]
+    browser.get(f"{api_server.url}/d/{api_env['dictionary']['id']}/{i}")
+    assert f"Latent {i}" in browser.find_element(By.TAG_NAME, "h1").text
+    top = browser.find_element(By.ID, "top-examples")
+    ctxs = top.find_elements(By.CSS_SELECTOR, ".ctx")
+    assert ctxs
+    on = top.find_elements(By.CSS_SELECTOR, ".tok.on")
+    assert on, "no highlighted token"
+    # every highlighted token carries its value, and the strongest one is the most opaque
+    vals = [float(t.get_attribute("data-act")) for t in on]
+    assert all(v > 0 for v in vals)
+    alphas = [float(t.value_of_css_property("background-color").rstrip(")").split(",")[-1]) for t in on]
+    assert alphas[vals.index(max(vals))] == pytest.approx(max(alphas))
+    # hover: the value appears (title and the CSS tooltip of data-act)
+    strongest = on[vals.index(max(vals))]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", strongest)
+    ActionChains(browser).move_to_element(strongest).perform()
+    tip = browser.execute_script("return getComputedStyle(arguments[0], '::after').content", strongest)
+    assert tip.strip('"') == strongest.get_attribute("data-act") == strongest.get_attribute("title")
+    # the screenshot really shows highlighted tokens
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.execute_script("window.scrollTo(0, 0)")
+    png = browser.get_screenshot_as_png()
+    (SHOTS / "feature_page.png").write_bytes(png)
+    box = top.screenshot_as_png
+    (SHOTS / "feature_contexts.png").write_bytes(box)
+    assert _orange_pixels(box) > 200, "no highlight colour in the rendered contexts"
+    # explanations with their score table, the histogram
+    table = browser.find_element(By.CSS_SELECTOR, "table.expls")
+    heads = [h.text.lower() for h in table.find_elements(By.TAG_NAME, "th")]
+    assert "detection" in heads and "fuzzing" in heads
+    assert browser.find_elements(By.CSS_SELECTOR, "svg.hist rect")
+    _no_xss(browser)
+
+
+def test_xss_payloads_from_corpus_and_explanations_are_inert(browser, api_server, api_env):
+    from selenium.webdriver.common.by import By
+
+    pk = api_env["dictionary"]["id"]
+    hostile = api_env["explained"][0]  # its explanation is an XSS payload; the corpus holds all of them
+    pages = [f"/d/{pk}/{hostile}", f"/d/{pk}", f"/d/{pk}?explained=yes&sort=score&order=desc",
+             "/search?q=script&mode=keyword", "/search?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E&mode=keyword", "/"]
+    for p in pages:
+        browser.get(api_server.url + p)
+        _no_xss(browser)
+        assert not browser.find_elements(By.CSS_SELECTOR, "main script, main img[src='x'], main svg[onload]")
+    browser.get(f"{api_server.url}/d/{pk}/{hostile}")
+    assert XSS[0] in browser.find_element(By.CSS_SELECTOR, "p.headline").text  # shown as text
+    # a context of the hostile corpus shows the payload's characters as text
+    all_text = " ".join(c.text for c in browser.find_elements(By.CSS_SELECTOR, ".ctx"))
+    latents_with_payload = [i for i in api_env["explained"] if "<" in "".join(
+        api_env["cache"]._decode(api_env["cache"].record(i).top.tokens[0].tolist()))]
+    if latents_with_payload:
+        browser.get(f"{api_server.url}/d/{pk}/{latents_with_payload[0]}")
+        all_text = " ".join(c.text for c in browser.find_elements(By.CSS_SELECTOR, ".ctx"))
+        assert "<" in all_text
+        _no_xss(browser)
+    assert all_text is not None
+
+
+def test_dictionary_overview_sorts_and_filters(browser, api_server, api_env):
+    from selenium.webdriver.common.by import By
+
+    pk = api_env["dictionary"]["id"]
+    browser.get(f"{api_server.url}/d/{pk}")
+    assert browser.find_elements(By.CSS_SELECTOR, "table.scores svg.spark rect")
+    img = browser.find_element(By.CSS_SELECTOR, "img.plot")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+    # click the frequency header: rows sorted by frequency, descending
+    browser.find_element(By.CSS_SELECTOR, "#latents th a.sort[href*='sort=frequency']").click()
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda drv: "sort=frequency" in drv.current_url)
+    freqs = [r.find_elements(By.TAG_NAME, "td")[1].text for r in browser.find_elements(By.CSS_SELECTOR,
+                                                                                       "#latents tbody tr")]
+    nums = [float(f.rstrip("%")) for f in freqs]
+    assert nums == sorted(nums, reverse=True) and len(nums) == 50
+    # next page continues below the last value
+    browser.find_element(By.CSS_SELECTOR, "a[rel=next]").click()
+    WebDriverWait(browser, 30).until(lambda drv: "cursor=" in drv.current_url)
+    more = [float(r.find_elements(By.TAG_NAME, "td")[1].text.rstrip("%"))
+            for r in browser.find_elements(By.CSS_SELECTOR, "#latents tbody tr")]
+    assert more and max(more) <= min(nums)
+    # filter: explained only, by detection score
+    browser.get(f"{api_server.url}/d/{pk}")
+    form = browser.find_element(By.CSS_SELECTOR, "form.filters")
+    form.find_element(By.CSS_SELECTOR, "select[name=explained] option[value=yes]").click()
+    form.find_element(By.CSS_SELECTOR, "select[name=scorer] option[value=detection]").click()
+    form.find_element(By.NAME, "min_score").send_keys("0.7")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda drv: "min_score=0.7" in drv.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#latents tbody tr")
+    assert rows and len(rows) < len(api_env["explained"])
+    for r in rows:
+        assert float(r.find_elements(By.TAG_NAME, "td")[3].text) >= 0.7
+    (SHOTS / "dictionary_page.png").write_bytes(browser.get_screenshot_as_png())
+    _no_xss(browser)
+
+
+def test_search_page(browser, api_server, api_env):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(f"{api_server.url}/search")
+    box = browser.find_element(By.CSS_SELECTOR, "form.searchform input[name=q]")
+    box.send_keys("brackets in python code" + Keys.ENTER)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 60).until(lambda drv: "q=brackets" in drv.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+    assert rows and "brackets" in rows[0].text
+    rows[0].find_element(By.TAG_NAME, "a").click()
+    WebDriverWait(browser, 30).until(lambda drv: "/d/" in drv.current_url)
+    assert "Latent" in browser.find_element(By.TAG_NAME, "h1").text
+    (SHOTS / "search_page.png").parent.mkdir(parents=True, exist_ok=True)
+    _no_xss(browser)
+
+
+def test_compare_page_shows_pairs_side_by_side(browser, api_server, api_env):
+    from selenium.webdriver.common.by import By
+
+    from autointerp.store.queries import T_CMP
+    from autointerp.store.tables import utcnow
+
+    store, a, b = api_env["store"], api_env["dictionary"], api_env["dictionary2"]
+    ea, eb = api_env["explained"][1], [e["latent"] for e in store.explanations(b["id"]) if e["text"].startswith("commas")][0]
+    with store.tx(write=True) as conn:
+        cid = conn.execute(T_CMP.insert().values(
+            dictionary_a=a["id"], dictionary_b=b["id"], method="embedding", params={}, created=utcnow(),
+            summary={"matched_share": 0.5, "mean_similarity": 0.61},
+            result={"pairs": [[ea, eb, 0.83], [api_env["explained"][2], eb + 1, 0.41]]})).inserted_primary_key[0]
+    browser.get(f"{api_server.url}/compare")
+    assert browser.find_element(By.CSS_SELECTOR, f"#comparisons a[href='/compare/{cid}']")
+    browser.get(f"{api_server.url}/compare/{cid}")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#pairs tbody tr")
+    assert len(rows) == 2 and rows[0].find_element(By.CSS_SELECTOR, "td.num").text == "0.830"
+    assert "closing brackets" in rows[0].text and "commas and brackets" in rows[0].text
+    assert browser.find_elements(By.CSS_SELECTOR, "svg.hist rect")
+    (SHOTS / "compare_page.png").write_bytes(browser.get_screenshot_as_png())
+
+
+def test_job_page_shows_live_progress(browser, api_server, api_env):
+    """A job submitted through the API (not started), its page opened, then resumed through the API: the page's
+    bars and status move to done without a reload."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from llm_server_fixture import start_llm_server
+
+    cache = api_env["cache"]
+    latents = [int(i) for i in cache.alive_latents()[40:44]]
+    key = {"X-API-Key": API_KEY}
+    with start_llm_server(judge="judges:rule_judge", models=["judge"], latency_ms=300) as srv:
+        spec = {"dictionary": "xss-mlp2", "latents": latents, "explainer_model": f"openai:judge@{srv.base_url}",
+                "scorers": ["detection"], "hard_negatives": False,
+                "sampling": {"n_explain": 5, "n_test": 10, "n_negatives": 10, "n_explain_negatives": 0,
+                             "min_explain": 3, "min_test": 4, "min_negatives": 4},
+                "llm": {"api_key_env": None, "response_cache": False, "max_retries": 1, "backoff_base_s": 0.01},
+                "concurrency": 1}
+        status, _, sub = http("POST", api_server.url + "/api/v1/jobs?run=false", spec, key)
+        assert status == 201 and not sub["running_here"], sub
+        job = sub["job_id"]
+        browser.get(f"{api_server.url}/jobs/{job}")
+        assert browser.find_element(By.ID, "job-status").text == "pending"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#stages .stage")) == 2
+        status, _, res = http("POST", f"{api_server.url}/api/v1/jobs/{job}/resume", None, key)
+        assert status == 200 and res["running_here"]
+        seen = set()
+
+        def finished(drv):
+            seen.add(drv.find_element(By.ID, "job-status").text)
+            return drv.find_element(By.ID, "job-status").text == "done"
+
+        WebDriverWait(browser, 120, poll_frequency=0.2).until(finished)
+    assert "running" in seen or "pending" in seen
+    fills = [f.get_attribute("style") for f in browser.find_elements(By.CSS_SELECTOR, "#stages .fill")]
+    assert fills and all("100%" in f for f in fills)
+    assert "4 / 4" in browser.find_element(By.ID, "job-latents").text
+    (SHOTS / "job_page.png").write_bytes(browser.get_screenshot_as_png())
+    browser.get(f"{api_server.url}/jobs")
+    assert browser.find_element(By.CSS_SELECTOR, f"#jobs a[href='/jobs/{job}']")
+    time.sleep(0.1)
