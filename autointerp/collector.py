@@ -240,14 +240,21 @@ class KeyedTopK:
                 self.pos[src], self.q[src]))
 
     def state(self) -> dict:
-        self._rebuild(self.live)  # the checkpoint holds live entries only
-        return {"keys": self.keys, "ids": self.ids, "wmax": self.wmax, "off": self.off, "cnt": self.cnt,
-                "pos": self.pos, "q": self.q}
+        """Filled slots only (each row's filled slots are a prefix: empty ones sort last), entries in slot order:
+        a 1M-latent collector early in a run checkpoints megabytes, not its gigabytes of empty slots."""
+        self._rebuild(self.live)  # live entries only, in (row, slot) order: offsets follow from the counts
+        valid = self.ids >= 0
+        return {"n_valid": valid.sum(1).to(torch.int16), "keys": self.keys[valid], "ids": self.ids[valid],
+                "wmax": self.wmax[valid], "cnt": self.cnt[valid], "pos": self.pos, "q": self.q}
 
     def load_state(self, st: dict) -> None:
-        for name in ("keys", "ids", "wmax", "off", "cnt"):
-            getattr(self, name).copy_(st[name])
-        self.pos, self.q = st["pos"].to(self.keys.device), st["q"].to(self.keys.device)
+        dev = self.keys.device
+        valid = torch.arange(self.k, device=dev)[None, :] < st["n_valid"].to(dev)[:, None].long()
+        for name in ("keys", "ids", "wmax", "cnt"):
+            getattr(self, name)[valid] = st[name].to(dev)
+        cnt = st["cnt"].to(dev).long()
+        self.off[valid] = torch.cumsum(cnt, 0) - cnt
+        self.pos, self.q = st["pos"].to(dev), st["q"].to(dev)
         self.used = self.live = self.pos.numel()
 
 

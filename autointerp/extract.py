@@ -337,7 +337,7 @@ class Plan:
     budget: int
     device: str
     disk_cache: int
-    disk_running: int  # windows.bin while the run lasts
+    disk_running: int  # windows.bin and the checkpoint (the collector's state) while the run lasts
 
     @property
     def peak(self) -> int:
@@ -347,7 +347,7 @@ class Plan:
         return (f"plan: peak memory <= {self.peak / GiB:.2f} GiB on {self.device} (model + dictionaries "
                 f"{self.loaded / GiB:.2f}, collector {self.collector / GiB:.2f}, per batch {self.batch / GiB:.2f}) of "
                 f"{self.budget / GiB:.1f} GiB available; disk <= {self.disk_cache / 1e6:.0f} MB for the cache "
-                f"(+ {self.disk_running / 1e6:.0f} MB of window tokens while running)")
+                f"(+ {self.disk_running / 1e6:.0f} MB of window tokens and checkpoint while running)")
 
     def check(self, top_k: int, n_sample: int, batch_size: int, max_memory: float | None) -> None:
         if self.peak <= self.budget:
@@ -367,12 +367,13 @@ def plan_extraction(subject: SubjectModel, targets: list[Target], cfg: Collector
     from .dictionaries.base import ENCODE_CHUNK_BYTES
 
     n_tokens, batch_tok = n_windows * ctx_len, batch_size * ctx_len
-    collector = batch = disk = 0
+    collector = batch = disk = state = 0
     for t in targets:
         d, n = t.dictionary, t.dictionary.n_latents
         nnz = getattr(d, "k", None) or n
         parts = planned_bytes(n, ctx_len, cfg, nnz, n_tokens, batch_size)
         collector += parts["slots"] + parts["stats"] + parts["arena"]
+        state += parts["slots"] + parts["stats"] + parts["arena"] // 4  # a checkpoint holds live entries only
         topk = getattr(d, "activation", "") in ("relu_topk", "topk_relu")
         dense_codes = batch_tok * n * 4
         encode = 2 * min(dense_codes, ENCODE_CHUNK_BYTES) + batch_tok * nnz * 12 if topk else 3 * dense_codes
@@ -395,7 +396,7 @@ def plan_extraction(subject: SubjectModel, targets: list[Target], cfg: Collector
         budget = int(max_memory * GiB)
     disk += min(n_windows, sum(t.dictionary.n_latents for t in targets) * (cfg.top_k + cfg.n_sample)
                 + cfg.pool_size) * ctx_len * 4
-    return Plan(loaded, collector, batch, budget, str(dev), disk, n_tokens * 4)
+    return Plan(loaded, collector, batch, budget, str(dev), disk, n_tokens * 4 + state)
 
 
 def _publish(t: Target, collector: Collector, windows: np.ndarray, extra: dict) -> None:

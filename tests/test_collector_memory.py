@@ -12,7 +12,7 @@ import torch
 from test_extract import DICT, HOOK, SMALL
 
 import autointerp.dictionaries.base as base
-from autointerp.collector import Collector, CollectorConfig
+from autointerp.collector import Collector, CollectorConfig, SparseCodes
 from autointerp.corpus import CorpusSpec, iter_windows
 from autointerp.dictionaries import LinearDictionary
 from autointerp.errors import ConfigError
@@ -94,3 +94,26 @@ def test_chunked_top_k_encode_never_holds_tokens_by_latents(monkeypatch):
     assert shapes and max(s[0] for s in shapes) == 16 and len(shapes) == 8
     dense = lambda v, i: torch.zeros(3, 40, 512).scatter_(-1, i, v)  # noqa: E731
     torch.testing.assert_close(dense(vals, idx), dense(*whole))
+
+
+def test_checkpoint_holds_filled_slots_only_and_resumes_exactly():
+    """Few windows over many latents: the state is the filled slots and live entries, not n × (K + S) slots, and a
+    collector loaded from it goes on exactly like the one that made it."""
+    n, T = 50_000, 16
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(4, T, 8, generator=g), torch.randint(0, n, (4, T, 8), generator=g)) for _ in range(4)]
+    a = Collector(n, T, CollectorConfig(), "cpu")
+    for i, (v, ix) in enumerate(batches[:2]):
+        a.update(SparseCodes(v, ix, n), torch.arange(4 * i, 4 * i + 4))
+    st = a.state()
+    saved = sum(t.nbytes for buf in ("top", "sample") for t in st[buf].values())
+    assert saved < _tensor_bytes(a) / 100
+    b = Collector(n, T, CollectorConfig(), "cpu")
+    b.load_state(st)
+    for i, (v, ix) in enumerate(batches[2:], start=2):
+        for c in (a, b):
+            c.update(SparseCodes(v, ix, n), torch.arange(4 * i, 4 * i + 4))
+    for buf in ("top", "sample"):
+        for got, want in zip(getattr(b, buf).export(), getattr(a, buf).export()):
+            for x, y in zip(got, want):
+                assert (x == y).all()
