@@ -709,6 +709,151 @@ def search_cmd(
         typer.echo(f"{sim:>6} {h.dictionary[:24]:<24} {h.latent:>7} {freq:>9}  {sc[:26]:<26} {h.text[:80]}")
 
 
+apikey_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP API's writes, jobs, steering and activations.")
+app.add_typer(apikey_app, name="apikey")
+
+
+@apikey_app.command("create")
+@_friendly
+def apikey_create(name: str = typer.Argument(..., help="Who or what the key is for (shown in `apikey list`).")):
+    """Make a new API key and print it once (the store keeps only its sha256 hash)."""
+    import secrets
+
+    from .store import open_store
+
+    if not name.strip() or len(name) > 200:
+        from .errors import ConfigError
+
+        raise ConfigError("apikey name: expected 1 to 200 characters")
+    key = "ai_" + secrets.token_urlsafe(32)
+    open_store().create_api_key(name.strip(), key)
+    typer.echo(key)
+    typer.echo("(shown once: the store keeps only its hash; send it as the X-API-Key header)", err=True)
+
+
+@apikey_app.command("list")
+@_friendly
+def apikey_list():
+    """The store's API keys (ids, names, dates; never the keys)."""
+    from .store import open_store
+    from .store.queries import api_keys
+
+    for k in api_keys(open_store()):
+        typer.echo(f"{k['id']:>4}  {k['name']:<30} {k['created']:%Y-%m-%d %H:%M}  {'revoked' if k['revoked'] else 'active'}")
+
+
+@apikey_app.command("revoke")
+@_friendly
+def apikey_revoke(key_id: int = typer.Argument(..., help="The id `apikey list` shows.")):
+    """Revoke an API key (at once for new servers; a running server forgets it within a minute)."""
+    from .errors import ConfigError
+    from .store import open_store
+    from .store.queries import revoke_api_key
+
+    if not revoke_api_key(open_store(), key_id):
+        raise ConfigError(f"api key {key_id}: no such key (autointerp apikey list)")
+    typer.echo(f"revoked key {key_id}")
+
+
+@app.command("serve")
+@_friendly
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port)."),
+    database_url: Optional[str] = typer.Option(None, help="Store URL (default: $AUTOINTERP_DATABASE_URL or the "
+                                                          "SQLite file under the cache folder)."),
+    read_key: bool = typer.Option(False, "--read-key", help="Require an API key for reads too."),
+    cors_origin: List[str] = typer.Option([], help="Allow this browser origin (repeat; default: none, CORS closed)."),
+    run_jobs: bool = typer.Option(True, help="Run jobs submitted through the API in this process (else Celery "
+                                             "workers run them)."),
+    device: Optional[str] = typer.Option(None, help="Device of the subject model for /activations and /steer."),
+):
+    """Serve the HTTP API (/api/v1, OpenAPI at /api/v1/docs) and the web pages; prints the URL."""
+    import socket
+
+    import uvicorn
+
+    from .api import Settings, create_app
+
+    settings = Settings(database_url=database_url, read_key_required=read_key, cors_origins=list(cors_origin),
+                        embedded_runner=run_jobs, device=device)
+    app_ = create_app(settings)  # opens the store: a bad URL fails here, with one line
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        from .errors import ConfigError
+
+        raise ConfigError(f"serve: cannot listen on {host}:{port} ({e.strerror})") from None
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{sock.getsockname()[1]}"
+    typer.echo(f"autointerp serving {url}  (API {url}/api/v1/docs; store {app_.state.store!r}; Ctrl-C stops)")
+    uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
+
+
+@app.command("export-neuronpedia")
+@_friendly
+def export_neuronpedia_cmd(
+    out: Path = typer.Argument(..., help="Output folder; files go to OUT/{modelId}/{source}/…"),
+    dictionary: str = typer.Option(..., "--dictionary", "-d", help="Dictionary (name, key or cache folder)."),
+    model_id: Optional[str] = typer.Option(None, help="Neuronpedia modelId (default: from the subject model)."),
+    source_id: Optional[str] = typer.Option(None, help="Neuronpedia source id (default: LAYER-NAME)."),
+):
+    """Export a dictionary in Neuronpedia's dataset layout (features, explanations, activations as
+    batch-N.jsonl.gz)."""
+    from .exports import export_neuronpedia
+    from .store import open_store
+
+    root = export_neuronpedia(open_store(), dictionary, out, model_id=model_id, source_id=source_id)
+    typer.echo(f"wrote {root}")
+
+
+@app.command("export-delphi")
+@_friendly
+def export_delphi_cmd(
+    out: Path = typer.Argument(..., help="Output folder (explanations/, scores/SCORER/, run_config.json)."),
+    dictionary: str = typer.Option(..., "--dictionary", "-d", help="Dictionary (name, key or cache folder)."),
+    explainer: Optional[str] = typer.Option(None, help="Only this explainer's explanations (default: the newest "
+                                                       "LLM explanation per latent)."),
+):
+    """Export a dictionary as a delphi result folder."""
+    from .exports import export_delphi
+    from .store import open_store
+
+    typer.echo(f"wrote {export_delphi(open_store(), dictionary, out, explainer=explainer)}")
+
+
+@app.command("export-parquet")
+@_friendly
+def export_parquet_cmd(
+    out: Path = typer.Argument(..., help="Output folder (latents/explanations/scores .parquet)."),
+    dictionary: str = typer.Option(..., "--dictionary", "-d", help="Dictionary (name, key or cache folder)."),
+):
+    """Dump a dictionary's latents, explanations and scores as parquet tables (for notebooks)."""
+    from .exports import export_parquet
+    from .store import open_store
+
+    typer.echo(f"wrote {export_parquet(open_store(), dictionary, out)}")
+
+
+@app.command("import-delphi")
+@_friendly
+def import_delphi_cmd(
+    folder: Path = typer.Argument(..., help="A delphi result folder (with explanations/ and scores/)."),
+    dictionary: str = typer.Option(..., "--dictionary", "-d", help="The dictionary the latents belong to (store "
+                                                                   "name/key, or its cache folder)."),
+    module: Optional[str] = typer.Option(None, help="Which module's files, when the run covered several."),
+    explainer_model: Optional[str] = typer.Option(None, help="The explainer model (default: run_config.json's)."),
+):
+    """Import a delphi result folder into the store (searchable and comparable like our own results)."""
+    from .exports import import_delphi
+    from .store import open_store
+
+    c = import_delphi(open_store(), folder, dictionary, explainer_model=explainer_model, module=module)
+    typer.echo(f"imported {c['explanations']} explanations and {c['scores']} scores from {folder}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

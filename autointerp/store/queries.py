@@ -285,3 +285,21 @@ def explanation_texts(store: Store, dictionary_pk: int, latents: Sequence[int]) 
 __all__ = ["LatentFilter", "list_latents", "score_table", "subject_models", "dictionary_counts",
            "latent_explanations", "jobs", "comparisons", "comparison", "encode_cursor", "decode_cursor",
            "explanation_texts", "SORTS", "T_ITEM"]
+
+
+def api_keys(store: Store) -> list[dict]:
+    """Keys by id, name, created, revoked (never the key: only its hash is stored, and not shown)."""
+    from .store import T_KEY
+
+    with store.tx() as conn:
+        return [dict(r) for r in conn.execute(select(T_KEY.c.id, T_KEY.c.name, T_KEY.c.created, T_KEY.c.revoked)
+                                              .order_by(T_KEY.c.id)).mappings()]
+
+
+def revoke_api_key(store: Store, key_id: int) -> bool:
+    from sqlalchemy import update
+
+    from .store import T_KEY
+
+    with store.tx(write=True) as conn:
+        return conn.execute(update(T_KEY).where(T_KEY.c.id == key_id).values(revoked=True)).rowcount > 0
