@@ -1,0 +1,323 @@
+"""Compare two dictionaries (SAEs, transcoders): pure functions over arrays, results as typed, JSON-ready records.
+
+Three methods, one matching core. Each builds a sparse candidate graph — every latent's k most similar latents on
+the other side, both directions, found blockwise so nothing of size n_a x n_b is ever held — and solves the
+one-to-one assignment that maximises total similarity on that graph (scipy's sparse LAPJV with one dummy partner per
+latent, so a latent may stay unmatched). Dense Hungarian on 32k x 32k would be 4 GB and cubic.
+
+- `compare_explanations`: cosine of explanation embeddings (any two dictionaries, any models or hookpoints).
+- `compare_directions`: cosine of decoder and of encoder directions (same d_in), the analysis of Paulo & Belrose
+  (2025), "Sparse Autoencoders Trained on the Same Data Learn Different Features": one matching on decoder cosine and
+  one on encoder cosine; a latent is shared when both its matches exceed 0.7.
+- `compare_activations`: Pearson correlation (or Jaccard overlap of firing sets) of the codes over the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+from .errors import ConfigError
+from .vector_index import Neighbours, VectorIndex, exact_topk, ids_at, unit_rows
+
+DEFAULT_K = 16  # candidates per latent and direction; the optimum on the full graph rarely needs a worse partner
+SHARED_THRESHOLD = 0.7  # Paulo & Belrose's cut for a shared latent
+BLOCK = 2048  # rows of A per similarity block: BLOCK x n_b floats at a time
+HIST_BINS = 40
+
+
+@dataclass
+class Histogram:
+    edges: list[float]
+    counts: list[int]
+
+    @classmethod
+    def of(cls, values: np.ndarray, lo: float, hi: float, bins: int = HIST_BINS) -> Histogram:
+        counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+        return cls([round(float(e), 6) for e in edges], [int(c) for c in counts])
+
+
+@dataclass
+class Matching:
+    """A one-to-one matching of A's latents to B's. Pairs are (a_index, b_index, similarity), sorted by a_index;
+    "novel" latents have no partner with similarity >= threshold."""
+
+    method: str
+    n_a: int
+    n_b: int
+    threshold: float
+    a_index: np.ndarray
+    b_index: np.ndarray
+    similarity: np.ndarray
+    histogram: Histogram
+    novel_a: np.ndarray = field(init=False)
+    novel_b: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        good = self.similarity >= self.threshold
+        self.novel_a = np.setdiff1d(np.arange(self.n_a), self.a_index[good])
+        self.novel_b = np.setdiff1d(np.arange(self.n_b), self.b_index[good])
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Share of each side matched at >= threshold, and the mean similarity of A's best partners (an unmatched
+        latent counts 0), the number to compare runs by."""
+        return {"matched_fraction_a": 1 - len(self.novel_a) / self.n_a,
+                "matched_fraction_b": 1 - len(self.novel_b) / self.n_b,
+                "mean_similarity": float(self.similarity.sum() / self.n_a),
+                "n_pairs": int(len(self.a_index))}
+
+    def pairs(self) -> list[tuple[int, int, float]]:
+        return [(int(a), int(b), float(s)) for a, b, s in zip(self.a_index, self.b_index, self.similarity)]
+
+    def partner_similarity(self) -> np.ndarray:
+        """[n_a]: the similarity of each A latent's partner, 0 when it has none."""
+        out = np.zeros(self.n_a, np.float32)
+        out[self.a_index] = self.similarity
+        return out
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "n_a": self.n_a, "n_b": self.n_b, "threshold": self.threshold,
+                "summary": self.summary, "histogram": {"edges": self.histogram.edges, "counts": self.histogram.counts},
+                "pairs": self.pairs(), "novel_a": self.novel_a.tolist(), "novel_b": self.novel_b.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Matching:
+        pairs = np.asarray(d["pairs"], np.float64).reshape(-1, 3)
+        return cls(d["method"], int(d["n_a"]), int(d["n_b"]), float(d["threshold"]), pairs[:, 0].astype(np.int64),
+                   pairs[:, 1].astype(np.int64), pairs[:, 2].astype(np.float32), Histogram(**d["histogram"]))
+
+
+@dataclass
+class DirectionComparison:
+    """Decoder and encoder matchings and Paulo & Belrose's shared latents of A (both matches > threshold)."""
+
+    decoder: Matching
+    encoder: Matching | None
+    threshold: float
+    shared_a: np.ndarray  # A latents shared by that definition (decoder only when no encoders are given)
+    same_partner_fraction: float  # of the shared, how many have the same partner in both matchings
+
+    @property
+    def shared_fraction(self) -> float:
+        return len(self.shared_a) / self.decoder.n_a
+
+    def as_dict(self) -> dict:
+        return {"method": "directions", "threshold": self.threshold, "shared_fraction": self.shared_fraction,
+                "same_partner_fraction": self.same_partner_fraction, "shared_a": self.shared_a.tolist(),
+                "decoder": self.decoder.as_dict(), "encoder": None if self.encoder is None else self.encoder.as_dict()}
+
+
+# --- candidates: top-k both ways, blockwise -------------------------------------------------------------------------
+
+BlockFn = Callable[[int, int], np.ndarray]  # rows lo:hi of the similarity matrix, dense [hi - lo, n_b]
+
+
+def _candidates(block: BlockFn, n_a: int, n_b: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, block similarities) of the union of each A row's top-k and each B column's top-k, sorted by
+    (row, col), without duplicates."""
+    import torch
+
+    ka, kb = min(k, n_b), min(k, n_a)
+    rows, cols, vals = [], [], []
+    col_val = torch.full((0, n_b), -torch.inf)
+    col_idx = torch.zeros((0, n_b), dtype=torch.int64)
+    for lo in range(0, n_a, BLOCK):
+        hi = min(lo + BLOCK, n_a)
+        s = torch.as_tensor(block(lo, hi)).float()
+        v, top = torch.topk(s, ka, dim=1)
+        rows.append(np.repeat(np.arange(lo, hi), ka))
+        cols.append(top.reshape(-1).numpy())
+        vals.append(v.reshape(-1).numpy())
+        v, i = torch.topk(s, min(kb, hi - lo), dim=0)  # merge this block's best rows per column into the running k
+        col_val, pick = torch.topk(torch.cat([col_val, v]), min(kb, len(col_val) + len(v)), dim=0)
+        col_idx = torch.gather(torch.cat([col_idx, i + lo]), 0, pick)
+    rows.append(col_idx.reshape(-1).numpy())
+    cols.append(np.tile(np.arange(n_b), len(col_idx)))
+    vals.append(col_val.reshape(-1).numpy())
+    key, first = np.unique(np.concatenate(rows).astype(np.int64) * n_b + np.concatenate(cols), return_index=True)
+    return key // n_b, key % n_b, np.concatenate(vals)[first].astype(np.float32)
+
+
+def _cosine_block(a: np.ndarray, b: np.ndarray) -> BlockFn:
+    """Blocks of a @ b.T in bfloat16 (about 4x float32 on CPUs with AMX/AVX512-BF16), good enough to pick
+    candidates; their similarities are then computed exactly in float32."""
+    import torch
+
+    ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+    return lambda lo, hi: (ta[lo:hi] @ tb.T).float()
+
+
+def _row_dots(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    out = np.empty(len(rows), np.float32)
+    for lo in range(0, len(rows), 1 << 18):
+        r, c = rows[lo:lo + (1 << 18)], cols[lo:lo + (1 << 18)]
+        out[lo:lo + len(r)] = np.einsum("ij,ij->i", a[r], b[c])
+    return out
+
+
+# --- assignment -----------------------------------------------------------------------------------------------------
+
+def assign(rows: np.ndarray, cols: np.ndarray, sims: np.ndarray, n_a: int, n_b: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one-to-one matching on the candidate edges (rows[i], cols[i], sims[i]; no edge twice) that maximises the total
+    similarity; a latent may stay unmatched (worth 0), so pairs of similarity <= 0 are never worth taking.
+
+    As a full matching for scipy's LAPJVsp: left = A + one dummy per B latent, right = B + one dummy per A latent.
+    A_i–B_j costs C - s_ij; A_i–dummy(A_i) and dummy(B_j)–B_j cost C (unmatched); dummy(B_j)–dummy(A_i) costs C for
+    every candidate edge (i, j), so when A_i takes B_j their two dummies can pair up. Every full matching has
+    n_a + n_b edges, so the constant C (keeping all weights > 0, as scipy needs) changes nothing but the sign."""
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    c = 2.0 + float(np.abs(sims).max())
+    ia, ib = np.arange(n_a), np.arange(n_b)
+    left = np.concatenate([rows, ia, n_a + ib, n_a + cols])
+    right = np.concatenate([cols, n_b + ia, ib, n_b + rows])
+    cost = np.concatenate([c - sims.astype(np.float64), np.full(n_a + n_b, c), np.full(len(rows), c)])
+    graph = sp.csr_matrix((cost, (left, right)), shape=(n_a + n_b, n_a + n_b))
+    li, ri = min_weight_full_bipartite_matching(graph)
+    real = (li < n_a) & (ri < n_b)
+    a, b = li[real].astype(np.int64), ri[real].astype(np.int64)
+    order = np.argsort(a)
+    a, b = a[order], b[order]
+    key = rows.astype(np.int64) * n_b + cols
+    by_key = np.argsort(key)
+    at = by_key[np.searchsorted(key, a * n_b + b, sorter=by_key)]
+    return a, b, sims[at].astype(np.float32)
+
+
+def _matching(method: str, rows, cols, sims, n_a: int, n_b: int, threshold: float, lo: float) -> Matching:
+    a, b, s = assign(rows, cols, sims, n_a, n_b)
+    return Matching(method, n_a, n_b, threshold, a, b, s, Histogram.of(s, lo, 1.0))
+
+
+# --- the three methods ----------------------------------------------------------------------------------------------
+
+def _matrix(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ConfigError(f"compare: {what} must be a non-empty [n, d] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ConfigError(f"compare: {what} contains nan or inf")
+    return x
+
+
+def cosine_matching(a: np.ndarray, b: np.ndarray, method: str = "cosine", k: int = DEFAULT_K,
+                    threshold: float = SHARED_THRESHOLD) -> Matching:
+    """One-to-one matching of the rows of a [n_a, d] and b [n_b, d] by cosine similarity."""
+    a, b = unit_rows(_matrix(a, f"{method} A")), unit_rows(_matrix(b, f"{method} B"))
+    if a.shape[1] != b.shape[1]:
+        raise ConfigError(f"compare {method}: A has width {a.shape[1]}, B has {b.shape[1]} (they must be equal)")
+    rows, cols, _ = _candidates(_cosine_block(a, b), len(a), len(b), k)
+    return _matching(method, rows, cols, _row_dots(a, b, rows, cols), len(a), len(b), threshold, -1.0)
+
+
+def compare_explanations(emb_a: np.ndarray, emb_b: np.ndarray, k: int = DEFAULT_K,
+                         threshold: float = SHARED_THRESHOLD) -> Matching:
+    """Match explanations by the cosine of their embeddings (rows: the explained latents, in the caller's order;
+    map pair indices back to latent indices with the caller's row -> latent table)."""
+    return cosine_matching(emb_a, emb_b, "explanation", k, threshold)
+
+
+def compare_directions(decoder_a: np.ndarray, decoder_b: np.ndarray, encoder_a: np.ndarray | None = None,
+                       encoder_b: np.ndarray | None = None, k: int = DEFAULT_K,
+                       threshold: float = SHARED_THRESHOLD) -> DirectionComparison:
+    """Paulo & Belrose's comparison: decoders [n, d_in] (and encoders [n, d_in], one row per latent, i.e. W_enc
+    transposed for SAELens / Gemma Scope) matched separately; A's latent is shared when both of its partners
+    have cosine > threshold (decoder only when no encoders are given)."""
+    da, db = _matrix(decoder_a, "decoder A"), _matrix(decoder_b, "decoder B")
+    if da.shape[1] != db.shape[1]:
+        raise ConfigError(f"compare directions: decoder A has d_in {da.shape[1]}, decoder B has {db.shape[1]}; "
+                          "direction comparison needs the same d_in (use compare_explanations)")
+    if (encoder_a is None) != (encoder_b is None):
+        raise ConfigError("compare directions: give the encoders of both dictionaries or of neither")
+    dec = cosine_matching(da, db, "decoder", k, threshold)
+    if encoder_a is None:
+        return DirectionComparison(dec, None, threshold, dec.a_index[dec.similarity > threshold], 1.0)
+    ea, eb = _matrix(encoder_a, "encoder A"), _matrix(encoder_b, "encoder B")
+    if ea.shape != da.shape or eb.shape != db.shape:
+        raise ConfigError(f"compare directions: encoders {ea.shape} / {eb.shape} must have the decoders' shapes "
+                          f"{da.shape} / {db.shape} (one row per latent)")
+    enc = cosine_matching(ea, eb, "encoder", k, threshold)
+    shared = np.flatnonzero((dec.partner_similarity() > threshold) & (enc.partner_similarity() > threshold))
+    partner_dec, partner_enc = np.full(dec.n_a, -1), np.full(dec.n_a, -2)
+    partner_dec[dec.a_index], partner_enc[enc.a_index] = dec.b_index, enc.b_index
+    same = float((partner_dec[shared] == partner_enc[shared]).mean()) if len(shared) else 0.0
+    return DirectionComparison(dec, enc, threshold, shared, same)
+
+
+def _codes(x, what: str) -> sp.csc_matrix:
+    x = sp.csc_matrix(x, dtype=np.float64)
+    if 0 in x.shape:
+        raise ConfigError(f"compare activations: codes {what} are empty (shape {x.shape})")
+    return x
+
+
+def compare_activations(codes_a, codes_b, metric: str = "pearson", k: int = DEFAULT_K,
+                        threshold: float = SHARED_THRESHOLD) -> Matching:
+    """Match latents by how their codes co-vary over the same tokens: codes [n_tokens, n_latents] (scipy sparse or
+    dense; the same tokens in the same order on both sides). metric "pearson" (correlation of activations, zeros
+    included) or "jaccard" (|both fire| / |either fires|)."""
+    xa, xb = _codes(codes_a, "A"), _codes(codes_b, "B")
+    if xa.shape[0] != xb.shape[0]:
+        raise ConfigError(f"compare activations: A has codes for {xa.shape[0]} tokens, B for {xb.shape[0]} "
+                          "(they must cover the same tokens)")
+    if metric == "jaccard":
+        xa, xb = (xa != 0).astype(np.float64), (xb != 0).astype(np.float64)
+        block = _jaccard_block(xa, xb)
+    elif metric == "pearson":
+        block = _pearson_block(xa, xb)
+    else:
+        raise ConfigError(f"compare activations: metric {metric!r}, expected pearson or jaccard")
+    n_a, n_b = xa.shape[1], xb.shape[1]
+    rows, cols, sims = _candidates(block, n_a, n_b, k)
+    lo = 0.0 if metric == "jaccard" else -1.0
+    return _matching(f"activation-{metric}", rows, cols, sims, n_a, n_b, threshold, lo)
+
+
+def _pearson_block(xa: sp.csc_matrix, xb: sp.csc_matrix) -> BlockFn:
+    t = xa.shape[0]
+    mu_a, mu_b = np.asarray(xa.mean(0)).ravel(), np.asarray(xb.mean(0)).ravel()
+    sd_a = np.sqrt(np.maximum(np.asarray(xa.multiply(xa).mean(0)).ravel() - mu_a ** 2, 0))
+    sd_b = np.sqrt(np.maximum(np.asarray(xb.multiply(xb).mean(0)).ravel() - mu_b ** 2, 0))
+    inv_a, inv_b = _inverse(sd_a), _inverse(sd_b)
+
+    def block(lo: int, hi: int) -> np.ndarray:  # a dead latent (sd 0) correlates 0 with everything
+        cov = (xa[:, lo:hi].T @ xb).toarray() / t - np.outer(mu_a[lo:hi], mu_b)
+        return cov * inv_a[lo:hi, None] * inv_b[None, :]
+    return block
+
+
+def _inverse(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, 1 / np.where(x > 0, x, 1), 0.0)
+
+
+def _jaccard_block(fa: sp.csc_matrix, fb: sp.csc_matrix) -> BlockFn:
+    count_a, count_b = np.asarray(fa.sum(0)).ravel(), np.asarray(fb.sum(0)).ravel()
+
+    def block(lo: int, hi: int) -> np.ndarray:
+        both = (fa[:, lo:hi].T @ fb).toarray()
+        either = count_a[lo:hi, None] + count_b[None, :] - both
+        return np.where(either > 0, both / np.where(either > 0, either, 1), 0.0)
+    return block
+
+
+# --- nearest latents of one latent elsewhere ------------------------------------------------------------------------
+
+def nearest(vector: np.ndarray, among: np.ndarray | VectorIndex, k: int = 10,
+            ids: np.ndarray | None = None) -> Neighbours:
+    """The k rows of `among` nearest to `vector` by cosine: a [n, d] matrix (a decoder, embeddings; compared
+    exactly; ids are row numbers unless `ids` names them) or a VectorIndex (its ids)."""
+    if isinstance(among, VectorIndex):
+        return among.search(vector, k)
+    matrix = unit_rows(_matrix(among, "nearest: matrix"))
+    width = np.shape(vector)[-1] if np.ndim(vector) else 0
+    if width != matrix.shape[1]:
+        raise ConfigError(f"nearest: vector of width {width}, matrix rows of width {matrix.shape[1]}")
+    pos, sims = exact_topk(unit_rows(np.atleast_2d(vector)), matrix, k)
+    out = ids_at(pos, np.arange(len(matrix)) if ids is None else np.asarray(ids, np.int64))
+    return Neighbours(out[0], sims[0]) if np.ndim(vector) == 1 else Neighbours(out, sims)
