@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -184,11 +185,11 @@ def keyword_search(store: Store, query: str, k: int = 20, filters: SearchFilters
     return _hits(store, list(rows))
 
 
-def _vectors(store: Store, embedder: str, cond) -> tuple[np.ndarray, np.ndarray]:
+def _vectors(store: Store, embedder: str, cond, order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    q = (_joined([T_EMB.c.explanation_id, T_EMB.c.vector]).join(T_EMB, T_EMB.c.explanation_id == T_EXPL.c.id)
+         .where(T_EMB.c.embedder == embedder, *cond))
     with store.tx() as conn:
-        rows = conn.execute(_joined([T_EMB.c.explanation_id, T_EMB.c.vector])
-                            .join(T_EMB, T_EMB.c.explanation_id == T_EXPL.c.id)
-                            .where(T_EMB.c.embedder == embedder, *cond)).all()
+        rows = conn.execute(q.order_by(T_EMB.c.explanation_id) if order else q).all()
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
@@ -204,7 +205,7 @@ def semantic_search(store: Store, query: str, k: int = 20, filters: SearchFilter
     name = _embedder(embedder)
     f = filters or SearchFilters()
     qv = embed([q], embedder)[0]
-    ids, sims = nearest(store, qv, k, _allowed(store, f), name)
+    ids, sims = nearest(store, qv, k, _allowed(store, f), name, filtered=f != SearchFilters())
     return _hits(store, ids, dict(zip(ids, sims)))
 
 
@@ -248,16 +249,64 @@ def _pg_nearest(store: Store, vector: np.ndarray, k: int, cond, embedder: str) -
     return [int(r[0]) for r in rows], [1.0 - float(r[1]) for r in rows]
 
 
-def nearest(store: Store, vector: np.ndarray, k: int, cond, embedder: str) -> tuple[list[int], list[float]]:
-    """The k explanation ids (of those meeting `cond`) nearest to `vector`."""
+_INDEXES: dict[tuple[str, str], tuple[tuple, Any]] = {}
+
+
+def index_path(store: Store, embedder: str) -> Path:
+    """Beside the SQLite file; for a server database, under the cache folder (one per database and embedder)."""
+    from sqlalchemy.engine import make_url
+
+    from .hf_loading import cache_root
+    from .jobs.spec import digest
+
+    u = make_url(store.url)
+    tag = digest(embedder)[:8]
+    if store.dialect == "sqlite" and u.database and u.database != ":memory:":
+        return Path(u.database).with_suffix(f".{tag}.vec")
+    return cache_root() / "vector_index" / f"{digest(u.render_as_string())[:12]}-{tag}.vec"
+
+
+def vector_index(store: Store, embedder: str):
+    """The process's index of the table's embeddings: reused while the table has not changed (count and newest
+    id), else opened from its file — rebuilt from the table when the file is missing, stale or corrupt (said once)."""
+    from .vector_index import open_index
+
+    with store.tx() as conn:
+        state = tuple(conn.execute(select(func.count(), func.max(T_EMB.c.explanation_id))
+                                   .where(T_EMB.c.embedder == embedder)).one())
+    if not state[0]:
+        return None
+    key = (store.url, embedder)
+    if key in _INDEXES and _INDEXES[key][0] == state:
+        return _INDEXES[key][1]
+    ids, mat = _vectors(store, embedder, [], order=True)
+    path = index_path(store, embedder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index, why = open_index(path, ids, lambda: mat, embedder=embedder)
+    if why:
+        log.warning("vector index %s was %s: rebuilt from the store's %d embeddings", path, why, len(ids))
+    _INDEXES[key] = (state, index)
+    return index
+
+
+def nearest(store: Store, vector: np.ndarray, k: int, cond, embedder: str,
+            filtered: bool = True) -> tuple[list[int], list[float]]:
+    """The k explanation ids (of those meeting `cond`) nearest to `vector`: pgvector's HNSW on PostgreSQL with the
+    extension, else the embedded index (exact below 20k vectors, HNSW above; filters restrict its candidates)."""
     if _pgvector(store) and len(vector) == PG_DIM:
         return _pg_nearest(store, vector, k, cond, embedder)
-    ids, mat = _vectors(store, embedder, cond)
-    if not len(ids):
+    index = vector_index(store, embedder)
+    if index is None:
         return [], []
-    sims = mat @ np.asarray(vector, np.float32)
-    top = np.argsort(-sims, kind="stable")[:k]
-    return [int(ids[i]) for i in top], [float(sims[i]) for i in top]
+    allowed = None
+    if filtered:
+        with store.tx() as conn:
+            allowed = np.fromiter(conn.execute(_joined([T_EXPL.c.id]).where(*cond)).scalars(), np.int64)
+        if not len(allowed):
+            return [], []
+    hits = index.search(np.asarray(vector, np.float32), k, allowed=allowed)
+    keep = hits.ids >= 0
+    return [int(i) for i in hits.ids[keep]], [float(x) for x in hits.similarities[keep]]
 
 
 def search(store: Store, query: str, k: int = 20, mode: str = "semantic", filters: SearchFilters | None = None,

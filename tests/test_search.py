@@ -53,3 +53,35 @@ def test_hostile_and_bad_queries(explained):
         keyword_search(store, "x" * 600)
     with pytest.raises(ConfigError, match="unknown dictionary 'nope'"):
         keyword_search(store, "the", filters=SearchFilters(dictionary="nope"))
+
+
+def test_a_missing_stale_or_corrupt_index_is_rebuilt_from_the_table(tmp_path, monkeypatch, small_cache, caplog):
+    monkeypatch.setenv("AUTOINTERP_DATABASE_URL", f"sqlite:///{tmp_path / 'idx.db'}")
+    from autointerp import search as S
+
+    store = open_store()
+    latents = [int(i) for i in small_cache.alive_latents()[:30]]
+    run(store, submit(store, {"dictionary": str(small_cache.path), "latents": latents,
+                              "explainer": "token_frequency", "scorers": [], "hard_negatives": False}), progress=False)
+    embed_explanations(store)
+    q = [e for e in store.explanations() if e["text"]][3]
+    first = [h.explanation_id for h in semantic_search(store, q["text"], k=5)]
+    path = S.index_path(store, S._embedder(None))
+    assert path.is_file() and first[0] == q["id"]
+    for damage, word in ((lambda: path.write_bytes(b"garbage"), "corrupt"), (path.unlink, "missing")):
+        damage()
+        S._INDEXES.clear()  # a new process
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert [h.explanation_id for h in semantic_search(store, q["text"], k=5)] == first
+        assert f"was {word}: rebuilt" in caplog.text
+    # new explanations make the saved index stale: rebuilt, and they are found
+    more = [int(i) for i in small_cache.alive_latents()[30:40]]
+    run(store, submit(store, {"dictionary": str(small_cache.path), "latents": more,
+                              "explainer": "token_frequency", "scorers": [], "hard_negatives": False}), progress=False)
+    embed_explanations(store)
+    S._INDEXES.clear()
+    new = [e for e in store.explanations() if e["text"] and e["latent"] in more][0]
+    with caplog.at_level("WARNING"):
+        assert semantic_search(store, new["text"], k=3)[0].explanation_id == new["id"]
+    assert "was stale: rebuilt" in caplog.text
