@@ -640,7 +640,8 @@ def job_watch(job_id: int = typer.Argument(...),
 @app.command("worker")
 @_friendly
 def worker(
-    queues: str = typer.Option("llm", help="Comma-separated queues to consume: gpu, llm, cpu."),
+    queues: str = typer.Option("llm,cpu", help="Comma-separated queues to consume: gpu (intervention, "
+                                                "surprisal), llm (explain, detection, fuzzing, …), cpu (embedding)."),
     concurrency: int = typer.Option(1, min=1, help="Worker processes; each keeps its job's `concurrency` latents "
                                                    "(and many LLM requests) in flight."),
     pool: str = typer.Option("prefork", help="Celery pool: prefork, threads or solo."),

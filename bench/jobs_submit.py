@@ -57,12 +57,14 @@ def main() -> None:
     _, t_dict = timed(synthetic_dictionary, store, a.latents)
     spec = {"dictionary": "synthetic", "latents": "all", "explainer_model": "openai:m@http://127.0.0.1:9/v1",
             "scorers": a.scorers.split(","), "hard_negatives": False}
+    c0 = time.process_time()
     job_id, t_submit = timed(submit, store, spec)
+    cpu_submit = time.process_time() - c0
     n_items = store.job(job_id)["n_items"]
     size = os.path.getsize(f"{tmp}/store.db") if url.startswith("sqlite") and not a.db_url else None
     print(f"{a.latents:,} latents x {n_items // a.latents} stages = {n_items:,} job items: submit {t_submit:.1f} s "
-          f"(synthetic dictionary registered in {t_dict:.1f} s)" + (f"; store {size / 2**20:.0f} MiB" if size else ""),
-          flush=True)
+          f"wall, {cpu_submit:.1f} s CPU (synthetic dictionary registered in {t_dict:.1f} s)"
+          + (f"; store {size / 2**20:.0f} MiB" if size else ""), flush=True)
 
     redis = Redis()
     try:

@@ -412,3 +412,60 @@ def test_workers_on_postgresql_kill_9_exactly_once(small_cache, workers, pg_url)
         _wait(lambda: store.job(job_id)["status"] in ("done", "failed"), 180, "the job to finish", workers)
     assert store.job(job_id)["status"] == "done", workers.logs()
     _assert_exactly_once(store, job_id, latents)
+
+
+def test_stages_are_routed_to_their_queues(small_cache, tmp_path):
+    """Store level: a job's gpu/cpu share is claimable only once the latent is explained; an explanation that failed
+    fails the latent's items on the other queues (the job cannot wait on work that can never start)."""
+    from autointerp.jobs.dispatch import queue_plan
+
+    store = open_store()
+    latents = [int(i) for i in small_cache.alive_latents()[:4]]
+    spec = {"dictionary": str(small_cache.path), "latents": latents, "explainer_model": "openai:m@http://x/v1",
+            "scorers": ["detection", "embedding", "intervention"], "hard_negatives": False}
+    job_id = submit(store, spec)
+    plan = queue_plan(store.job(job_id)["spec"])
+    assert plan == {"llm": (["explain", "score:detection"], False), "cpu": (["score:embedding"], True),
+                    "gpu": (["score:intervention"], True)}
+    assert store.claim_stages(job_id, "cpu-w", 4, 60, *plan["cpu"]) == []  # nothing explained yet
+    assert not store.has_claimable(job_id, *plan["gpu"])
+    got = store.claim_stages(job_id, "llm-w", 2, 60, *plan["llm"])
+    assert got == [(latents[0], ["explain", "score:detection"]), (latents[1], ["explain", "score:detection"])]
+    with store.tx(write=True) as c:
+        store.finish_item(c, job_id, latents[0], "explain", "done")
+        store.finish_item(c, job_id, latents[1], "explain", "failed", error="LLMError: boom")
+    assert store.has_claimable(job_id, *plan["cpu"])
+    assert store.claim_stages(job_id, "cpu-w", 4, 60, *plan["cpu"]) == [(latents[0], ["score:embedding"])]
+    assert store.fail_orphans(job_id) == 2  # latent 1's embedding and intervention items
+    counts = store.item_counts(job_id)
+    assert counts["score:intervention"] == {"pending": 3, "failed": 1}
+    assert store.claim_stages(job_id, "gpu-w", 4, 60, *plan["gpu"]) == [(latents[0], ["score:intervention"])]
+
+
+def test_a_job_split_across_llm_and_cpu_workers(small_cache, workers):
+    """detection on the llm queue, the embedding scorer on the cpu queue, each served by its own worker: every
+    item is done by a worker of its queue, once."""
+    cache = small_cache
+    latents = [int(i) for i in cache.alive_latents()[1200:1260]]
+    store = open_store()
+    with start_llm_server(judge="judges:rule_judge", models=["judge"], latency_ms=5) as srv:
+        job_id = submit(store, _spec(cache, latents, srv, scorers=["detection", "embedding"]))
+        llm = workers.start("--queues", "llm")
+        cpu = workers.start("--queues", "cpu")
+        _wait(lambda: store.job(job_id)["status"] in ("done", "failed"), 180, "the job to finish", workers)
+    assert store.job(job_id)["status"] == "done", workers.logs()
+    _assert_exactly_once(store, job_id, latents)
+    with store.tx() as c:
+        rows = c.execute(select(T_ITEM.c.stage, T_ITEM.c.worker).where(T_ITEM.c.job_id == job_id,
+                                                                      T_ITEM.c.status == "done")).all()
+    pids = {stage: {int(w.split(":")[1]) for s, w in rows if s == stage and w} for stage in
+            ("explain", "score:detection", "score:embedding")}
+    tree = {p: {c.pid for c in psutil_children(p.pid)} | {p.pid} for p in (llm, cpu)}
+    assert pids["score:embedding"] and pids["score:embedding"] <= tree[cpu]
+    assert pids["score:detection"] and pids["score:detection"] <= tree[llm]
+
+
+def psutil_children(pid: int):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)

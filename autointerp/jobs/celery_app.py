@@ -66,11 +66,12 @@ _TRANSIENT = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 
 @app.task(name="autointerp.run_batch", bind=True, acks_late=True, reject_on_worker_lost=True,
           autoretry_for=_TRANSIENT, retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=None)
-def run_batch_task(self, job_id: int) -> dict:
-    """Claim and run the next latents of job `job_id` (a database error retries with backoff)."""
+def run_batch_task(self, job_id: int, queue: str | None = None) -> dict:
+    """Claim and run the next latents of job `job_id` — their stages of `queue` (a database error retries with
+    backoff)."""
     from .dispatch import run_batch
 
-    return run_batch(job_id, app.autointerp_settings)
+    return run_batch(job_id, queue, app.autointerp_settings)
 
 
 _DISPATCHER: list[Dispatcher] = []

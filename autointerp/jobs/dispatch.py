@@ -19,8 +19,13 @@ Every worker process runs a dispatcher thread (in Celery's main process, not in 
 no single point of failure; with several workers the queue holds up to `queue_depth` × (number of workers) tokens
 per job, still bounded. A token that finds no work returns at once.
 
-Routing: a job goes to one queue — `gpu` when a scorer needs the subject model (intervention, surprisal), `cpu`
-when nothing calls an LLM (baseline explainer, embedding scorer only), else `llm`.
+Routing by stage: the scorers that need the subject model (intervention, surprisal) run on `gpu`, the embedding
+scorer on `cpu`, the other scorers on `llm`; the explanation runs on the job's main queue (`llm` when anything calls
+an LLM). A queue's share of a latent is claimable once the latent's explanation is finished (`Store.claim_stages`);
+a failed explanation fails the latent's items on the other queues (`Store.fail_orphans`), so a job never waits on
+work that cannot start. A job whose stages all live on one queue is claimed latent by latent (`claim_latents`).
+A queue nobody consumes holds its share of a job back (the job stays `running`): run workers on every queue the
+jobs use (`autointerp worker --queues llm,cpu` is the default).
 
 Shared limits (need Redis: `AUTOINTERP_REDIS_URL`, by default the broker when it is Redis): every request to an
 LLM endpoint (base URL) takes a slot of a Redis semaphore (`AUTOINTERP_LLM_MAX_IN_FLIGHT` for all workers
@@ -48,7 +53,7 @@ from typing import Any
 from ..errors import AutointerpError, ConfigError
 from ..llm.base import PermanentLLMError
 from ..store import Store, open_store
-from .spec import parse_job_spec
+from .spec import STAGE_EXPLAIN, JobSpec, parse_job_spec, score_stage
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,7 @@ QUEUES = ("gpu", "llm", "cpu")
 TASK = "autointerp.run_batch"
 ACTIVE = ("pending", "running")
 GPU_SCORERS = {"intervention", "surprisal"}
+CPU_SCORERS = {"embedding"}
 LLM_EXPLAINERS = {"default", "activations", "cot", "contrastive"}
 
 # every environment variable of the queue layer: name -> (default, meaning); the README's table lists them
@@ -128,14 +134,26 @@ class Settings:
         return f"{self.queue_prefix}{name}"
 
 
-def queue_for(spec: dict | Any) -> str:
-    """The queue (gpu / llm / cpu, without prefix) a job's work goes to."""
+def stage_queue(spec: JobSpec, stage: str) -> str:
+    """The queue of one stage: scorers that need the subject model -> gpu, the embedding scorer -> cpu, other
+    scorers -> llm; the explanation goes with the job's main queue (llm when anything calls an LLM, else gpu when a
+    gpu scorer needs it, else cpu), so a baseline explainer's work runs where its scorers are."""
+    if stage == STAGE_EXPLAIN:
+        scorer_queues = {stage_queue(spec, score_stage(n)) for n in spec.scorers}
+        if spec.explainer in LLM_EXPLAINERS or "llm" in scorer_queues:
+            return "llm"
+        return "gpu" if "gpu" in scorer_queues else "cpu"
+    name = stage.split(":", 1)[1]
+    return "gpu" if name in GPU_SCORERS else "cpu" if name in CPU_SCORERS else "llm"
+
+
+def queue_plan(spec: dict | Any) -> dict[str, tuple[list[str], bool]]:
+    """{queue: (its stages of the job, whether they wait for the explanation made on another queue)}."""
     spec = parse_job_spec(spec)
-    if GPU_SCORERS & set(spec.scorers):
-        return "gpu"
-    if spec.explainer not in LLM_EXPLAINERS and set(spec.scorers) <= {"embedding"}:
-        return "cpu"
-    return "llm"
+    plan: dict[str, list[str]] = {}
+    for stage in spec.stages():
+        plan.setdefault(stage_queue(spec, stage), []).append(stage)
+    return {q: (stages, STAGE_EXPLAIN not in stages) for q, stages in plan.items()}
 
 
 def worker_name() -> str:
@@ -344,15 +362,18 @@ class BatchResult:
         return dict(self.__dict__)
 
 
-def run_batch(job_id: int, settings: Settings | None = None, store: Store | None = None) -> dict:
-    """What one Celery task runs: claim and run up to `task_latents` latents of the job (the job's
-    `concurrency` in flight), then return. Safe to run anywhere, any number of times."""
+def run_batch(job_id: int, queue: str | None = None, settings: Settings | None = None,
+              store: Store | None = None) -> dict:
+    """What one Celery task runs: claim and run up to `task_latents` latents of the job (the job's `concurrency`
+    in flight) — their stages that belong to `queue` (all stages when None) — then return. Safe to run anywhere,
+    any number of times."""
     settings = settings or Settings.from_env()
     store = store or open_store()
-    return asyncio.run(run_batch_async(store, job_id, settings)).as_dict()
+    return asyncio.run(run_batch_async(store, job_id, settings, queue=queue)).as_dict()
 
 
-async def run_batch_async(store: Store, job_id: int, settings: Settings, worker: str | None = None) -> BatchResult:
+async def run_batch_async(store: Store, job_id: int, settings: Settings, worker: str | None = None,
+                          queue: str | None = None) -> BatchResult:
     from ..aio import first_error
     from .runner import job_context
     from .units import run_latent
@@ -369,6 +390,17 @@ async def run_batch_async(store: Store, job_id: int, settings: Settings, worker:
         await _stop(store, job_id, "budget_exhausted")
         res.stopped_by = "budget_exhausted"
         return res
+    plan = queue_plan(job["spec"])
+    if queue is not None and queue not in plan:
+        return res
+    if queue is None or len(plan) == 1:  # this queue has all the job's stages
+        def claim():
+            return store.claim_latents(job_id, worker, 1, settings.lease_s)
+    else:
+        stages, after_explain = plan[queue]
+
+        def claim():
+            return store.claim_stages(job_id, worker, 1, settings.lease_s, stages, after_explain)
     ctx = await asyncio.to_thread(job_context, store, job)
     spec = ctx.spec
     in_flight: set[int] = set()
@@ -400,7 +432,7 @@ async def run_batch_async(store: Store, job_id: int, settings: Settings, worker:
         nonlocal claimed
         while claimed < settings.task_latents and await still_wanted():
             claimed += 1
-            got = await asyncio.to_thread(store.claim_latents, job_id, worker, 1, settings.lease_s)
+            got = await asyncio.to_thread(claim)
             if not got:
                 claimed -= 1
                 return
@@ -510,19 +542,26 @@ class Dispatcher:
                 if done is not None:
                     finished[job["id"]] = done
                 continue
-            if not store.has_items(job["id"], ("pending",)):
-                continue  # all leased: nothing to hand out until a lease is finished or expires
             try:
-                q = queue_for(job["spec"])
+                plan = queue_plan(job["spec"])
             except ConfigError as e:
                 store.set_job_status_from(job["id"], ACTIVE, "stopped", error=str(e)[:2000])
                 continue
-            per_queue.setdefault(self.settings.queue(q), []).append(job["id"])
+            if len(plan) == 1:
+                (q,) = plan
+                if store.has_items(job["id"], ("pending",)):
+                    per_queue.setdefault(q, []).append(job["id"])
+                continue  # all leased: nothing to hand out until a lease is finished or expires
+            store.fail_orphans(job["id"])  # a failed explanation: its other queues' items can never run
+            for q, (stages, after_explain) in plan.items():
+                if store.has_claimable(job["id"], stages, after_explain):
+                    per_queue.setdefault(q, []).append(job["id"])
         sent = 0
-        for queue, ids in per_queue.items():
+        for q, ids in per_queue.items():
+            queue = self.settings.queue(q)
             want = self.settings.queue_depth * len(ids) - self.waiting(queue)
             for i in range(max(0, want)):
-                self.app.send_task(TASK, args=[ids[i % len(ids)]], queue=queue, routing_key=queue)
+                self.app.send_task(TASK, args=[ids[i % len(ids)], q], queue=queue, routing_key=queue)
                 sent += 1
         self.sent += sent
         self.rounds += 1
@@ -547,5 +586,5 @@ class Dispatcher:
             self.thread.join(timeout=10)
 
 
-__all__ = ["Settings", "ENV", "QUEUES", "queue_for", "run_batch", "run_batch_async", "Dispatcher", "Budget",
+__all__ = ["Settings", "ENV", "QUEUES", "queue_plan", "stage_queue", "run_batch", "run_batch_async", "Dispatcher", "Budget",
            "SharedEndpointLimit", "share_limits"]

@@ -474,6 +474,67 @@ class Store:
         return job_id
 
 
+    def _stage_claimable(self, job_id: int, stages: Sequence[str], after_explain: bool, now):
+        """Items of `stages` that may be leased now; with `after_explain`, only for latents whose explanation is
+        finished (another queue's workers make it)."""
+        cond = [T_ITEM.c.job_id == job_id, T_ITEM.c.stage.in_(list(stages)),
+                or_(T_ITEM.c.status == "pending", and_(T_ITEM.c.status == "running", T_ITEM.c.lease_until < now))]
+        if after_explain:
+            e = T_ITEM.alias("expl")
+            cond.append(select(e.c.latent).where(e.c.job_id == job_id, e.c.latent == T_ITEM.c.latent,
+                                                 e.c.stage == "explain", e.c.status.in_(("done", "skipped")))
+                        .correlate(T_ITEM).exists())
+        return and_(*cond)
+
+    def claim_stages(self, job_id: int, worker: str, limit: int, lease_s: float, stages: Sequence[str],
+                     after_explain: bool) -> list[tuple[int, list[str]]]:
+        """`claim_latents` restricted to some stages (one queue's share of a job: e.g. the gpu queue's intervention
+        items, claimable once the llm queue has explained the latent). Same guarantees: what is returned is what
+        this call's UPDATE changed; SKIP LOCKED on PostgreSQL."""
+        for _ in range(5):
+            now = utcnow()
+            claimable = self._stage_claimable(job_id, stages, after_explain, now)
+            with self.tx(write=True) as conn:
+                q = select(T_ITEM.c.latent).where(claimable).order_by(T_ITEM.c.latent).limit(limit * 16)
+                if self.dialect == "postgresql":
+                    q = q.with_for_update(of=T_ITEM, skip_locked=True)
+                chosen = list(dict.fromkeys(conn.execute(q).scalars()))[:limit]
+                if not chosen:
+                    return []
+                rows = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(chosen))
+                                    .values(status="running", worker=worker,
+                                            lease_until=now + timedelta(seconds=lease_s),
+                                            attempts=T_ITEM.c.attempts + 1, updated=now)
+                                    .returning(T_ITEM.c.latent, T_ITEM.c.stage)).all()
+            if rows:
+                out: dict[int, list[str]] = {}
+                for latent, stage in rows:
+                    out.setdefault(int(latent), []).append(stage)
+                return sorted(out.items())
+        return []
+
+    def has_claimable(self, job_id: int, stages: Sequence[str], after_explain: bool) -> bool:
+        """Whether `claim_stages` would find pending work (leases that expired are the sweeper's)."""
+        cond = self._stage_claimable(job_id, stages, after_explain, utcnow())
+        with self.tx() as conn:
+            return conn.execute(select(T_ITEM.c.latent).where(cond, T_ITEM.c.status == "pending").limit(1))\
+                .first() is not None
+
+    def fail_orphans(self, job_id: int) -> int:
+        """Pending items of latents whose explanation failed can never run (their queue waits for it): they fail
+        with that reason; `retry` puts both back."""
+        e = T_ITEM.alias("expl")
+        failed_expl = select(e.c.latent).where(e.c.job_id == job_id, e.c.stage == "explain", e.c.status == "failed")
+        cond = and_(T_ITEM.c.job_id == job_id, T_ITEM.c.status == "pending", T_ITEM.c.stage != "explain",
+                    T_ITEM.c.latent.in_(failed_expl))
+        with self.tx() as conn:
+            if conn.execute(select(T_ITEM.c.latent).where(cond).limit(1)).first() is None:
+                return 0
+        with self.tx(write=True) as conn:
+            return conn.execute(update(T_ITEM).where(cond).values(status="failed", updated=utcnow(),
+                                                                  error="not run: the explanation failed")).rowcount
+
+
 def open_store(url: str | None = None) -> Store:
     """The store at `url` ($AUTOINTERP_DATABASE_URL, else the SQLite file under the cache folder)."""
     return Store(url)
