@@ -469,3 +469,32 @@ def psutil_children(pid: int):
     import psutil
 
     return psutil.Process(pid).children(recursive=True)
+
+
+def test_cancel_stops_the_workers_resume_continues_and_bad_credentials_stop_the_job(small_cache, workers):
+    cache = small_cache
+    latents = [int(i) for i in cache.alive_latents()[:300]]
+    store = open_store()
+    cli = [sys.executable, "-m", "autointerp.cli", "job"]
+    with start_llm_server(judge="judges:rule_judge", models=["judge"], latency_ms=30) as srv:
+        job_id = submit(store, _spec(cache, latents, srv))
+        workers.start("--queues", "llm")
+        _wait(lambda: _finished(store, job_id) >= 2 * 20, 120, "the first latents", workers)
+        r = subprocess.run(cli + ["cancel", str(job_id)], capture_output=True, text=True, env=os.environ.copy())
+        assert r.returncode == 0, r.stderr
+        time.sleep(3.0)  # the latents in flight finish; nothing new is claimed
+        n = _finished(store, job_id)
+        time.sleep(2.0)
+        assert _finished(store, job_id) == n < 2 * len(latents) and store.job(job_id)["status"] == "cancelled"
+        subprocess.run(cli + ["resume", str(job_id)], check=True, capture_output=True, env=os.environ.copy())
+        _wait(lambda: store.job(job_id)["status"] in ("done", "failed"), 120, "the resumed job", workers)
+    assert store.job(job_id)["status"] == "done"
+    _assert_exactly_once(store, job_id, latents)
+    # a permanent LLM error (bad credentials) stops the job at once with the reason; nothing is retried for ever
+    with start_llm_server(judge="judges:rule_judge", models=["judge"], api_key="sekrit") as srv:
+        bad = submit(store, _spec(cache, [int(i) for i in cache.alive_latents()[300:340]], srv))
+        _wait(lambda: store.job(bad)["status"] not in ("pending", "running"), 60, "the job to stop", workers)
+        time.sleep(1.0)
+        assert srv.stats()["requests"] <= 16  # the latents in flight at most, no retries
+    job = store.job(bad)
+    assert job["status"] == "stopped" and "bad credentials" in job["error"]
