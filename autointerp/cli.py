@@ -855,6 +855,42 @@ def import_delphi_cmd(
     typer.echo(f"imported {c['explanations']} explanations and {c['scores']} scores from {folder}")
 
 
+@app.command("compare")
+@_friendly
+def compare_cmd(
+    a: str = typer.Argument(..., help="First dictionary (store name, key, id or cache folder)."),
+    b: str = typer.Argument(..., help="Second dictionary."),
+    method: str = typer.Option("embedding", help="embedding (explanations' meaning; any two dictionaries), decoder "
+                                                 "(decoder + encoder cosine, same d_in) or activation (co-activation "
+                                                 "over the shared pool windows)."),
+    threshold: float = typer.Option(0.7, min=-1.0, max=1.0, help="Similarity from which a pair counts as matched."),
+    show: int = typer.Option(10, min=0, help="Matched pairs to print."),
+    as_json: bool = typer.Option(False, "--json", help="The stored result as JSON."),
+):
+    """Compare two dictionaries: a summary number, the similarity distribution, matched pairs, each side's novel
+    latents (stored in the store)."""
+    from .compare import compare
+    from .store import open_store
+
+    r = compare(open_store(), a, b, method, threshold=threshold)
+    if as_json:
+        typer.echo(json.dumps(r, default=str))
+        return
+    res = r["result"]["decoder"] if r["method"] == "decoder" else r["result"]
+    typer.echo(f"comparison {r['id']}: {a} vs {b} by {r['method']}")
+    for k, v in r["summary"].items():
+        typer.echo(f"  {k:<22} {json.dumps(v) if isinstance(v, dict) else (f'{v:.3f}' if isinstance(v, float) else v)}")
+    h = res["histogram"]
+    peak = max(h["counts"]) or 1
+    typer.echo("  similarity of matched pairs:")
+    for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
+        if n:
+            typer.echo(f"  {lo:6.2f}..{hi:5.2f} {n:>7} {'#' * max(1, round(40 * n / peak))}")
+    for x, y, sim in sorted(res["pairs"], key=lambda p: -p[2])[:show]:
+        typer.echo(f"  A {x:>7} ~ B {y:>7}  {sim:.3f}")
+    typer.echo(f"  novel: {len(res['novel_a'])} of A, {len(res['novel_b'])} of B (no partner >= {res['threshold']})")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

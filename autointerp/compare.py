@@ -321,3 +321,112 @@ def nearest(vector: np.ndarray, among: np.ndarray | VectorIndex, k: int = 10,
     pos, sims = exact_topk(unit_rows(np.atleast_2d(vector)), matrix, k)
     out = ids_at(pos, np.arange(len(matrix)) if ids is None else np.asarray(ids, np.int64))
     return Neighbours(out[0], sims[0]) if np.ndim(vector) == 1 else Neighbours(out, sims)
+
+
+# --- two dictionaries of the store: the function the CLI, the API and the demo call --------------------------------
+
+METHODS = ("embedding", "decoder", "activation")
+_BASELINE_EXPLAINERS = ("random",)
+
+
+def _explanation_vectors(store, d: dict, embedder: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(latents, unit vectors): one explanation per latent — the newest of a non-random explainer — embedded."""
+    from sqlalchemy import select
+
+    from .search import _embedder, embed_explanations
+    from .store.store import T_EMB, T_EXPL
+
+    name = _embedder(embedder)
+    embed_explanations(store, embedder, str(d["id"]))
+    with store.tx() as conn:
+        rows = conn.execute(select(T_EXPL.c.latent, T_EMB.c.vector).join(T_EMB, T_EMB.c.explanation_id == T_EXPL.c.id)
+                            .where(T_EXPL.c.dictionary_pk == d["id"], T_EMB.c.embedder == name,
+                                   T_EXPL.c.explainer.not_in(_BASELINE_EXPLAINERS))
+                            .order_by(T_EXPL.c.latent, T_EXPL.c.id)).all()
+    by_latent = {int(latent): vec for latent, vec in rows}  # the last (newest) explanation of each latent wins
+    if not by_latent:
+        raise ConfigError(f"compare by embedding: dictionary {d['name']} has no explanations (run a job on it "
+                          "first, or compare with method decoder)")
+    latents = np.fromiter(by_latent, np.int64, len(by_latent))
+    return latents, np.stack([np.frombuffer(by_latent[i], np.float32) for i in latents])
+
+
+def _dictionary_of(d: dict):
+    from .cache import LatentCache
+    from .dictionaries import load_cached_dictionary
+
+    if not d.get("cache_path"):
+        raise ConfigError(f"dictionary {d['name']}: no extraction cache recorded")
+    return load_cached_dictionary(LatentCache(d["cache_path"]).manifest["dictionary"])
+
+
+def _pool_codes(d: dict) -> tuple[np.ndarray, sp.csr_matrix]:
+    """Window-level codes over the cache's shared random pool: [pool windows, n_latents], each latent's max
+    activation in each window (the cache keeps which latents fire in every pool window)."""
+    from .cache import LatentCache
+
+    c = LatentCache(d["cache_path"])
+    indptr, lat = np.asarray(c.array("pool_indptr")), np.asarray(c.array("pool_latents"))
+    vals = np.asarray(c.array("pool_max"), np.float64)
+    rows = np.asarray(c.array("pool_rows"))
+    tokens = np.asarray(c.array("windows")[np.sort(rows)])
+    return tokens, sp.csr_matrix((vals, lat, indptr), shape=(len(indptr) - 1, c.n_latents))
+
+
+def _remap(m: Matching, la: np.ndarray, lb: np.ndarray) -> dict:
+    """A matching over rows as a result over latent indices."""
+    out = m.as_dict()
+    out["pairs"] = [(int(la[a]), int(lb[b]), s) for a, b, s in out["pairs"]]
+    out["novel_a"], out["novel_b"] = la[m.novel_a].tolist(), lb[m.novel_b].tolist()
+    return out
+
+
+def compare(store, a: str | int, b: str | int, method: str = "embedding", *, k: int = DEFAULT_K,
+            threshold: float = SHARED_THRESHOLD, embedder: str | None = None) -> dict:
+    """Compare two dictionaries of the store and store the result; returns the stored row.
+
+    embedding: one-to-one matching of their explanations' embeddings (any two dictionaries, across models and
+    hookpoints). decoder: Paulo & Belrose's decoder and encoder cosine matching (same d_in; "shared" = both > 0.7).
+    activation: correlation of the latents' window-level activations over the two caches' shared random pool
+    (the same corpus windows on both sides: two dictionaries extracted in one pass, or with the same corpus and seed).
+    """
+    from .store.tables import Comparison
+
+    if method not in METHODS + ("encoder",):
+        raise ConfigError(f"compare: method {method!r}, expected one of {', '.join(METHODS)}")
+    da, db = store.dictionary(a), store.dictionary(b)
+    params = {"k": k, "threshold": threshold}
+    if method == "embedding":
+        la, ea = _explanation_vectors(store, da, embedder)
+        lb, eb = _explanation_vectors(store, db, embedder)
+        m = compare_explanations(ea, eb, k, threshold)
+        result, summary = _remap(m, la, lb), {**m.summary, "explained_a": len(la), "explained_b": len(lb)}
+        params["embedder"] = embedder or "default"
+    elif method in ("decoder", "encoder"):
+        xa, xb = _dictionary_of(da), _dictionary_of(db)
+        dec_a, dec_b = (x.decoder_directions().float().cpu().numpy() for x in (xa, xb))
+        if dec_a.shape[1] != dec_b.shape[1]:
+            raise ConfigError(f"compare decoder: {da['name']} has d_in {dec_a.shape[1]}, {db['name']} has "
+                              f"{dec_b.shape[1]}; direction comparison needs the same width (use method embedding)")
+        enc = [getattr(x, "encoder_weight", None) for x in (xa, xb)]
+        enc_a, enc_b = (e().float().cpu().numpy() for e in enc) if all(enc) else (None, None)
+        r = compare_directions(dec_a, dec_b, enc_a, enc_b, k, threshold)
+        result = r.as_dict()
+        summary = {"shared_fraction": r.shared_fraction, "same_partner_fraction": r.same_partner_fraction,
+                   "decoder": r.decoder.summary, "encoder": None if r.encoder is None else r.encoder.summary}
+        method = "decoder"
+    else:
+        ta, ca = _pool_codes(da)
+        tb, cb = _pool_codes(db)
+        if ta.shape != tb.shape or not np.array_equal(ta, tb):
+            raise ConfigError(f"compare activation: {da['name']} and {db['name']} were not extracted over the same "
+                              "pool windows (extract both in one pass, or with the same corpus, seed and n_tokens)")
+        m = compare_activations(ca, cb, "pearson", k, threshold)
+        result, summary = m.as_dict(), {**m.summary, "pool_windows": int(ca.shape[0])}
+    from .store.tables import utcnow
+
+    row = {"dictionary_a": da["id"], "dictionary_b": db["id"], "method": method, "params": params,
+           "summary": summary, "result": result, "created": utcnow()}
+    with store.tx(write=True) as conn:
+        cid = conn.execute(Comparison.__table__.insert().values(**row)).inserted_primary_key[0]
+    return {"id": int(cid), **row}
