@@ -21,7 +21,9 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AutointerpError, ConfigError
@@ -179,6 +181,54 @@ def require_key(request: Request, key: str | None = Depends(_key_header),
                             headers={"WWW-Authenticate": "Bearer"})
     if not request.app.state.keys.valid(request.app.state.store, k):
         raise HTTPException(401, "API key not valid (unknown or revoked)", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _key_from_headers(request: Request) -> str | None:
+    k = request.headers.get("x-api-key")
+    if k:
+        return k
+    scheme, _, cred = request.headers.get("authorization", "").partition(" ")
+    return cred.strip() if scheme.lower() == "bearer" and cred.strip() else None
+
+
+def check_request_key(request: Request, required: bool = True) -> None:
+    """The key check itself, from the raw headers (so it runs before the body is parsed: an unauthenticated
+    request gets 401 whatever its body)."""
+    if not required:
+        return
+    k = _key_from_headers(request)
+    if not k:
+        raise HTTPException(401, "this endpoint needs an API key: send X-API-Key: KEY (autointerp apikey create)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not request.app.state.keys.valid(request.app.state.store, k):
+        raise HTTPException(401, "API key not valid (unknown or revoked)", headers={"WWW-Authenticate": "Bearer"})
+
+
+class KeyedRoute(APIRoute):
+    """Routes that need a key: checked before anything else of the request is looked at."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            await run_in_threadpool(check_request_key, request)
+            return await handler(request)
+
+        return checked
+
+
+class ReadRoute(APIRoute):
+    """Read routes: keyed too when the configuration says so."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            if request.app.state.settings.read_key_required:
+                await run_in_threadpool(check_request_key, request)
+            return await handler(request)
+
+        return checked
 
 
 def read_access(request: Request, key: str | None = Depends(_key_header),

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Literal, Optional
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, Response
 from sqlalchemy import or_, select
 from starlette.background import BackgroundTask
@@ -20,17 +20,28 @@ from ..store import Store
 from ..store import queries as Q
 from ..store.store import T_DICT, T_LATENT, T_SUBJECT
 from . import runtime
-from .app import read_access, require_key
+from .app import KeyedRoute, ReadRoute, read_access, require_key
 from .schemas import (MAX_QUERY_CHARS, ActivationsOut, ActivationsRequest, ComparisonOut, ComparisonRequest,
                       DictionaryDetail, DictionaryOut, Health, JobOut, JobStatusOut, JobSubmitted, LatentDetail,
                       LatentPage, Problem, ResumeRequest, SearchResult, SteerOut, SteerRequest, SubjectModelOut)
 
 log = logging.getLogger(__name__)
+MAX_ID = 2 ** 62  # ids and indices beyond any store's (SQLite integers are 64-bit)
+
+
+def IndexParam():  # a new Param per use: FastAPI binds each to its parameter's name
+    return PathParam(..., ge=0, le=2 ** 31, description="Latent index")
+
+
+def IdParam():
+    return PathParam(..., ge=0, le=MAX_ID)
+
+
 ERRORS = {400: {"model": Problem}, 404: {"model": Problem}, 422: {"model": Problem}}
 AUTH_ERRORS = {**ERRORS, 401: {"model": Problem}}
 router = APIRouter(responses={413: {"model": Problem}})
-reads = APIRouter(dependencies=[Depends(read_access)], responses=AUTH_ERRORS)
-writes = APIRouter(dependencies=[Depends(require_key)], responses=AUTH_ERRORS)
+reads = APIRouter(dependencies=[Depends(read_access)], responses=AUTH_ERRORS, route_class=ReadRoute)
+writes = APIRouter(dependencies=[Depends(require_key)], responses=AUTH_ERRORS, route_class=KeyedRoute)
 
 
 def store_of(request: Request) -> Store:
@@ -154,7 +165,7 @@ def latent_detail(store: Store, d: dict, index: int, n_top: int = 20) -> dict:
 
 
 @reads.get("/dictionaries/{ref}/latents/{index}", response_model=LatentDetail, tags=["browse"])
-def get_latent(request: Request, ref: str, index: int,
+def get_latent(request: Request, ref: str, index: int = IndexParam(),
                n_top: int = Query(20, ge=0, le=100, description="Top examples to return")):
     store = store_of(request)
     return latent_detail(store, lookup_dictionary(store, ref), index, n_top)
@@ -165,7 +176,7 @@ def _search_hits(hits) -> list[dict]:
 
 
 @reads.get("/dictionaries/{ref}/latents/{index}/nearest", response_model=SearchResult, tags=["search"])
-def nearest_latents(request: Request, ref: str, index: int, k: int = Query(10, ge=1, le=100)):
+def nearest_latents(request: Request, ref: str, index: int = IndexParam(), k: int = Query(10, ge=1, le=100)):
     """The latents of other dictionaries whose explanations are nearest to this latent's best explanation."""
     store = store_of(request)
     d = lookup_dictionary(store, ref)
@@ -252,19 +263,19 @@ def list_comparisons(request: Request, limit: int = Query(50, ge=1, le=200)):
 
 
 @reads.get("/comparisons/{comparison_id}", response_model=ComparisonOut, tags=["compare"])
-def get_comparison(request: Request, comparison_id: int):
+def get_comparison(request: Request, comparison_id: int = IdParam()):
     return Q.comparison(store_of(request), comparison_id)
 
 
 @reads.get("/jobs", response_model=list[JobOut], tags=["jobs"])
 def list_jobs(request: Request, limit: int = Query(50, ge=1, le=200),
-              before: Optional[int] = Query(None, description="Jobs with an id below this (keyset pagination)"),
+              before: Optional[int] = Query(None, ge=0, le=MAX_ID, description="Jobs with an id below this (keyset pagination)"),
               status: Optional[str] = Query(None, max_length=30)):
     return Q.jobs(store_of(request), limit, before, status)
 
 
 @reads.get("/jobs/{job_id}", response_model=JobStatusOut, tags=["jobs"])
-def get_job(request: Request, job_id: int):
+def get_job(request: Request, job_id: int = IdParam()):
     from ..jobs import status
 
     return status(store_of(request), job_id).as_dict()
@@ -369,7 +380,7 @@ def submit_job(request: Request, spec: JobSpec,
 
 
 @writes.post("/jobs/{job_id}/cancel", response_model=JobStatusOut, tags=["jobs"])
-def cancel_job(request: Request, job_id: int):
+def cancel_job(request: Request, job_id: int = IdParam()):
     from ..jobs import cancel, status
 
     store = store_of(request)
@@ -378,7 +389,7 @@ def cancel_job(request: Request, job_id: int):
 
 
 @writes.post("/jobs/{job_id}/resume", response_model=JobSubmitted, tags=["jobs"])
-def resume_job(request: Request, job_id: int, body: Optional[ResumeRequest] = None, run: bool = Query(True)):
+def resume_job(request: Request, job_id: int = IdParam(), body: Optional[ResumeRequest] = None, run: bool = Query(True)):
     from ..jobs import resume, status
 
     store = store_of(request)

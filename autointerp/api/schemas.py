@@ -218,7 +218,7 @@ class ActivationsOut(BaseModel):
 class SteerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dictionary: str = Field(..., max_length=1000)
-    latent: int = Field(..., ge=0)
+    latent: int = Field(..., ge=0, le=2 ** 31)
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     strengths: list[float] = Field([0.0, 0.5, 1.0, 2.0], min_length=1, max_length=8,
                                    description="Multiples of the median activation norm at the hookpoint; 0 = clean")

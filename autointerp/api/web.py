@@ -15,15 +15,15 @@ import math
 from typing import Optional
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from ..store import queries as Q
-from .app import HERE, read_access
+from .app import HERE, ReadRoute, read_access
 from .schemas import MAX_QUERY_CHARS
 
-router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
+router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)], route_class=ReadRoute)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
@@ -148,7 +148,7 @@ def dictionary_page(request: Request, ref: str,
 
 
 @router.get("/d/{ref}/{index}", response_class=HTMLResponse)
-def latent_page(request: Request, ref: str, index: int):
+def latent_page(request: Request, ref: str, index: int = PathParam(..., ge=0, le=2 ** 31)):
     from .routes import latent_detail, lookup_dictionary
 
     store = _store(request)
@@ -237,7 +237,7 @@ def _similarity_hist(c: dict) -> list[int] | None:
 
 
 @router.get("/compare/{comparison_id}", response_class=HTMLResponse)
-def compare_page(request: Request, comparison_id: int):
+def compare_page(request: Request, comparison_id: int = PathParam(..., ge=0, le=2 ** 62)):
     store = _store(request)
     c = Q.comparison(store, comparison_id)
     names = {d["id"]: d["name"] for d in store.dictionaries()}
@@ -254,7 +254,7 @@ def jobs_page(request: Request):
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(request: Request, job_id: int):
+def job_page(request: Request, job_id: int = PathParam(..., ge=0, le=2 ** 62)):
     from ..jobs import status
 
     st = status(_store(request), job_id).as_dict()
