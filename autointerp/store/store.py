@@ -471,6 +471,12 @@ class Store:
                     conn.exec_driver_sql(sql, [(job_id, int(latent), stage, stamp)
                                                for latent in latents[lo:lo + step] for stage in stages])
             conn.execute(update(T_JOB).where(T_JOB.c.id == job_id).values(n_items=len(latents) * len(stages)))
+        if self.dialect == "postgresql" and len(latents) * len(stages) >= 50_000:
+            # fresh statistics now, not when autovacuum gets round to it: until then the planner scans and sorts
+            # every item of the job for each claim (1.5-2.8 s per claim at 3M items, 10 ms after)
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("ANALYZE job_item")
+                conn.commit()
         return job_id
 
 
@@ -495,10 +501,15 @@ class Store:
             now = utcnow()
             claimable = self._stage_claimable(job_id, stages, after_explain, now)
             with self.tx(write=True) as conn:
-                q = select(T_ITEM.c.latent).where(claimable).order_by(T_ITEM.c.latent).limit(limit * 16)
-                if self.dialect == "postgresql":
-                    q = q.with_for_update(of=T_ITEM, skip_locked=True)
-                chosen = list(dict.fromkeys(conn.execute(q).scalars()))[:limit]
+                # pending items first, then expired leases: bounded range scans of ix_job_item_status in latent
+                # order (one query with the OR made PostgreSQL sort all of a 3M-item job)
+                chosen: list[int] = []
+                for status in ("pending", "running"):
+                    q = self._stage_candidates(job_id, stages, after_explain, status, now,
+                                               max(256, limit * 16) if after_explain else limit * 16, lock=True)
+                    chosen = list(dict.fromkeys(chosen + list(conn.execute(q).scalars())))[:limit]
+                    if len(chosen) >= limit:
+                        break
                 if not chosen:
                     return []
                 rows = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(chosen))
@@ -513,12 +524,31 @@ class Store:
                 return sorted(out.items())
         return []
 
+    def _stage_candidates(self, job_id: int, stages: Sequence[str], after_explain: bool, status: str, now,
+                          window: int, lock: bool = False):
+        """Latents to try to claim: the first `window` items of `stages` with `status` (expired, for running) in
+        latent order — and with `after_explain`, those of them already explained. Explanations finish roughly in
+        latent order, so the window holds the claimable ones; a bounded window keeps this one index range scan at
+        any job size (checking every pending item against its explanation took 0.7 s at 900k items)."""
+        cond = [T_ITEM.c.job_id == job_id, T_ITEM.c.status == status, T_ITEM.c.stage.in_(list(stages))]
+        if status == "running":
+            cond.append(T_ITEM.c.lease_until < now)
+        inner = select(T_ITEM.c.latent).where(*cond).order_by(T_ITEM.c.latent).limit(window)
+        if lock and self.dialect == "postgresql":
+            inner = inner.with_for_update(skip_locked=True)
+        if not after_explain:
+            return inner
+        sub = inner.subquery()
+        e = T_ITEM.alias("expl")
+        done = select(e.c.latent).where(e.c.job_id == job_id, e.c.latent == sub.c.latent, e.c.stage == "explain",
+                                        e.c.status.in_(("done", "skipped"))).exists()
+        return select(sub.c.latent).where(done).order_by(sub.c.latent)
+
     def has_claimable(self, job_id: int, stages: Sequence[str], after_explain: bool) -> bool:
         """Whether `claim_stages` would find pending work (leases that expired are the sweeper's)."""
-        cond = self._stage_claimable(job_id, stages, after_explain, utcnow())
+        q = self._stage_candidates(job_id, stages, after_explain, "pending", utcnow(), 256)
         with self.tx() as conn:
-            return conn.execute(select(T_ITEM.c.latent).where(cond, T_ITEM.c.status == "pending").limit(1))\
-                .first() is not None
+            return conn.execute(q.limit(1)).first() is not None
 
     def fail_orphans(self, job_id: int) -> int:
         """Pending items of latents whose explanation failed can never run (their queue waits for it): they fail
