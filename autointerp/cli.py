@@ -768,6 +768,7 @@ def serve(
     run_jobs: bool = typer.Option(True, help="Run jobs submitted through the API in this process (else Celery "
                                              "workers run them)."),
     device: Optional[str] = typer.Option(None, help="Device of the subject model for /activations and /steer."),
+    workers: int = typer.Option(1, min=1, max=64, help="Server processes (each with its own store connections)."),
 ):
     """Serve the HTTP API (/api/v1, OpenAPI at /api/v1/docs) and the web pages; prints the URL."""
     import socket
@@ -790,7 +791,16 @@ def serve(
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{sock.getsockname()[1]}"
     typer.echo(f"autointerp serving {url}  (API {url}/api/v1/docs; store {app_.state.store!r}; Ctrl-C stops)")
-    uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
+    workers = workers if isinstance(workers, int) else 1  # called as a function (the demo) without it
+    if workers == 1:
+        uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
+        return
+    # several processes: each builds the app from the environment (the same settings, passed on)
+    os.environ.update({"AUTOINTERP_DATABASE_URL": app_.state.store.url, "AUTOINTERP_API_READ_KEY": str(int(read_key)),
+                       "AUTOINTERP_API_CORS_ORIGINS": ",".join(cors_origin), "AUTOINTERP_API_RUN_JOBS":
+                       str(int(run_jobs)), **({"AUTOINTERP_API_DEVICE": device} if device else {})})
+    uvicorn.run("autointerp.api.app:create_app", factory=True, fd=sock.fileno(), workers=workers,
+                log_level="warning")
 
 
 @app.command("export-neuronpedia")

@@ -310,3 +310,26 @@ def test_pages_send_security_headers(api_server, api_env):
     assert h.get("x-content-type-options") == "nosniff"
     assert b"<script>window.__xss" not in body and b"&lt;script&gt;window.__xss" in body
     assert b"onerror=\"window" not in body
+
+
+def test_compare_through_the_api_and_its_page(api_server, api_env):
+    body = {"a": "xss-mlp2", "b": "other-mlp3", "method": "embedding"}
+    s, _, c = http("POST", api_server.url + "/api/v1/comparisons", body, KEY, timeout=300)
+    assert s == 201, c
+    assert c["method"] == "embedding" and c["dictionary_a"] == api_env["dictionary"]["id"]
+    pairs = c["result"]["pairs"]
+    assert pairs and all(a in api_env["explained"] for a, _, _ in pairs)
+    s, _, again = get(api_server, f"/api/v1/comparisons/{c['id']}")
+    assert s == 200 and again["result"]["pairs"] == pairs
+    assert any(x["id"] == c["id"] for x in get(api_server, "/api/v1/comparisons")[2])
+    s, _, page = get(api_server, f"/compare/{c['id']}")
+    assert s == 200 and b'id="pairs"' in page and page.count(b"<tr><td class=\"num\">") == min(len(pairs), 200)
+    # decoder directions (both dictionaries are 1536 MLP neurons of SmolLM2)
+    s, _, d = http("POST", api_server.url + "/api/v1/comparisons", {**body, "method": "decoder"}, KEY, timeout=300)
+    assert s == 201 and d["method"] == "decoder" and "shared_fraction" in d["summary"]
+    assert get(api_server, f"/compare/{d['id']}")[0] == 200
+    # activation comparison needs the same pool windows: one clear 400
+    s, _, err = http("POST", api_server.url + "/api/v1/comparisons", {**body, "method": "activation"}, KEY)
+    assert s == 400 and "pool windows" in err["detail"]
+    s, _, err = http("POST", api_server.url + "/api/v1/comparisons", {**body, "b": "nope"}, KEY)
+    assert s == 404

@@ -48,7 +48,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_page: int = 200
     embedded_runner: bool = field(default_factory=lambda: _env_bool("AUTOINTERP_API_RUN_JOBS", True))
-    device: str | None = None  # subject model device for /activations and /steer (default: CUDA when present)
+    # subject model device for /activations and /steer (default: CUDA when present)
+    device: str | None = field(default_factory=lambda: os.environ.get("AUTOINTERP_API_DEVICE") or None)
 
 
 class BodyLimit:

@@ -3,14 +3,18 @@ compare, jobs, runtime) and shape the answer with the pydantic schemas."""
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import threading
+import time
+from datetime import date, datetime
 from pathlib import Path
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, Response
+import numpy as np
 from sqlalchemy import or_, select
 from starlette.background import BackgroundTask
 
@@ -44,12 +48,58 @@ reads = APIRouter(dependencies=[Depends(read_access)], responses=AUTH_ERRORS, ro
 writes = APIRouter(dependencies=[Depends(require_key)], responses=AUTH_ERRORS, route_class=KeyedRoute)
 
 
+def _json_default(o):
+    if isinstance(o, (datetime, date)):
+        return o.isoformat()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def fast_json(data, status_code: int = 200) -> Response:
+    """The body as JSON without a second validation pass: for the hot read endpoints, whose dicts are built from
+    the store's typed columns (the response_model still documents them in the contract)."""
+    try:
+        body = json.dumps(data, default=_json_default, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a NaN/inf somewhere in stored metrics: null, as pydantic would write it
+        body = json.dumps(_finite(data), default=_json_default, separators=(",", ":"), allow_nan=False)
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+def _finite(x):
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+_DICT_CACHE: dict[tuple[int, str], tuple[float, dict]] = {}
+DICT_TTL_S = 5.0
+
+
 def store_of(request: Request) -> Store:
     return request.app.state.store
 
 
 def lookup_dictionary(store: Store, ref: str) -> dict:
-    """A dictionary by id, name or key only (never a filesystem path: refs come from URLs)."""
+    """A dictionary by id, name or key only (never a filesystem path: refs come from URLs); remembered for a few
+    seconds (the hot read endpoints resolve one per request)."""
+    k = (id(store), ref)
+    hit = _DICT_CACHE.get(k)
+    now = time.monotonic()
+    if hit is not None and hit[0] > now:
+        return dict(hit[1])
+    row = _lookup_dictionary(store, ref)
+    if len(_DICT_CACHE) > 1000:
+        _DICT_CACHE.clear()
+    _DICT_CACHE[k] = (now + DICT_TTL_S, row)
+    return dict(row)
+
+
+def _lookup_dictionary(store: Store, ref: str) -> dict:
     q = select(T_DICT, T_SUBJECT.c.name.label("subject_model")).join(T_SUBJECT,
                                                                       T_SUBJECT.c.id == T_DICT.c.subject_model_id)
     cond = [T_DICT.c.name == ref, T_DICT.c.key == ref]
@@ -140,7 +190,9 @@ def list_latents(request: Request, ref: str,
     d = lookup_dictionary(store, ref)
     f = Q.LatentFilter(min_frequency, max_frequency, scorer, min_score, max_score, explained, alive)
     rows, nxt = Q.list_latents(store, d["id"], f=f, sort=sort, order=order, limit=limit, cursor=cursor)
-    return {"items": rows, "next_cursor": nxt}
+    for r in rows:
+        r.setdefault("score", None)
+    return fast_json({"items": rows, "next_cursor": nxt})
 
 
 def latent_detail(store: Store, d: dict, index: int, n_top: int = 20) -> dict:
@@ -168,7 +220,7 @@ def latent_detail(store: Store, d: dict, index: int, n_top: int = 20) -> dict:
 def get_latent(request: Request, ref: str, index: int = IndexParam(),
                n_top: int = Query(20, ge=0, le=100, description="Top examples to return")):
     store = store_of(request)
-    return latent_detail(store, lookup_dictionary(store, ref), index, n_top)
+    return fast_json(latent_detail(store, lookup_dictionary(store, ref), index, n_top))
 
 
 def _search_hits(hits) -> list[dict]:
@@ -254,7 +306,7 @@ def search(request: Request, q: str = Query(..., min_length=1, max_length=MAX_QU
     if mode == "semantic":
         _ensure_embedded(store)
     hits = S.search(store, q, k, mode, f)
-    return {"query": q, "mode": mode, "hits": _search_hits(hits)}
+    return fast_json({"query": q, "mode": mode, "hits": _search_hits(hits)})
 
 
 @reads.get("/comparisons", response_model=list[ComparisonOut], tags=["compare"])

@@ -195,7 +195,7 @@ def compare_list(request: Request):
 def _pairs(store, c: dict, limit: int = 200) -> list[dict]:
     """Matched pairs of a comparison result with both sides' explanations (result["pairs"]: [a, b, similarity] or
     {"a", "b", "similarity"} rows), best first."""
-    res = c.get("result") or {}
+    res = _matching_part(c)
     raw = res.get("pairs") or res.get("matches") or []
     pairs = []
     for p in raw:
@@ -217,8 +217,16 @@ def _pairs(store, c: dict, limit: int = 200) -> list[dict]:
     return pairs
 
 
-def _similarity_hist(c: dict) -> list[int] | None:
+def _matching_part(c: dict) -> dict:
+    """The part of a stored result that holds the matching (decoder comparisons nest theirs under "decoder")."""
     res = c.get("result") or {}
+    if not res.get("pairs") and isinstance(res.get("decoder"), dict):
+        return res["decoder"]
+    return res
+
+
+def _similarity_hist(c: dict) -> list[int] | None:
+    res = _matching_part(c)
     for k in ("histogram", "similarity_hist", "hist"):
         h = res.get(k) or (c.get("summary") or {}).get(k)
         if isinstance(h, dict):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 from sqlalchemy import Integer, and_, case, cast, func, or_, select
 
 from ..errors import ConfigError
@@ -124,6 +126,66 @@ def _best_scores(dictionary_pk: int, scorer: str):
             .group_by(T_EXPL.c.latent).subquery("best"))
 
 
+_BEST_CACHE: dict[tuple, tuple[int, np.ndarray, np.ndarray]] = {}
+_BEST_LOCK = threading.Lock()
+
+
+def best_scores(store: Store, dictionary_pk: int, scorer: str) -> tuple[np.ndarray, np.ndarray]:
+    """(latents, best headline score) of a dictionary's scored latents, sorted by (score, latent) ascending.
+    Kept per process and recomputed only when a score was added since (scores are insert-only: the newest score
+    id tells), so score-sorted pages cost a binary search instead of an aggregate over every score."""
+    key = (store.url, dictionary_pk, scorer)
+    with store.tx() as conn:
+        newest = conn.execute(select(func.max(T_SCORE.c.id))).scalar() or 0
+        with _BEST_LOCK:
+            hit = _BEST_CACHE.get(key)
+        if hit is not None and hit[0] == newest:
+            return hit[1], hit[2]
+        rows = conn.execute(select(_best_scores(dictionary_pk, scorer))).all()
+    lat = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    val = np.fromiter((r[1] for r in rows), np.float64, len(rows))
+    order = np.lexsort((lat, val))
+    lat, val = lat[order], val[order]
+    with _BEST_LOCK:
+        if len(_BEST_CACHE) > 64:
+            _BEST_CACHE.clear()
+        _BEST_CACHE[key] = (newest, lat, val)
+    return lat, val
+
+
+def _page_by_score(store: Store, dictionary_pk: int, f: LatentFilter, order: str, limit: int,
+                   cursor: str | None) -> tuple[list[dict], str | None]:
+    lat, val = best_scores(store, dictionary_pk, f.scorer)
+    keep = np.ones(len(lat), bool)
+    if f.min_score is not None:
+        keep &= val >= f.min_score
+    if f.max_score is not None:
+        keep &= val <= f.max_score
+    lat, val = lat[keep], val[keep]
+    if order == "desc":
+        lat, val = lat[::-1], val[::-1]
+    if cursor:
+        last_v, last_i = decode_cursor(cursor, 2)
+        if last_v is None or last_i is None:
+            raise ConfigError("cursor: not a cursor this API returned")
+        after = (val < last_v) | ((val == last_v) & (lat < last_i)) if order == "desc" else \
+            (val > last_v) | ((val == last_v) & (lat > last_i))
+        lat, val = lat[after], val[after]
+    more = len(lat) > limit
+    lat, val = lat[:limit], val[:limit]
+    cols = [T_LATENT.c.index, T_LATENT.c.n_active, T_LATENT.c.frequency, T_LATENT.c.max_act, T_LATENT.c.mean_act]
+    with store.tx() as conn:
+        got = {r["index"]: dict(r) for r in conn.execute(select(*cols).where(
+            T_LATENT.c.dictionary_pk == dictionary_pk, T_LATENT.c.index.in_([int(i) for i in lat]))).mappings()}
+    rows = []
+    for i, v in zip(lat.tolist(), val.tolist()):
+        if i in got:
+            rows.append({**got[i], "score": v})
+    _attach_best_explanations(store, dictionary_pk, rows)
+    nxt = encode_cursor([rows[-1]["score"], rows[-1]["index"]]) if more and rows else None
+    return rows, nxt
+
+
 def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = None, sort: str = "index",
                  order: str = "asc", limit: int = 50, cursor: str | None = None) -> tuple[list[dict], str | None]:
     """One page of a dictionary's latents and the cursor of the next page (None at the end)."""
@@ -136,15 +198,29 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
         raise ConfigError("sort=score needs a scorer (which score to sort by)")
     if (f.min_score is not None or f.max_score is not None) and not f.scorer:
         raise ConfigError("min_score/max_score need a scorer (which score they apply to)")
+    by_score = sort == "score" or f.min_score is not None or f.max_score is not None
+    others = (f.min_frequency, f.max_frequency, f.explained, f.alive)
+    if f.scorer and by_score and sort in ("score",) and all(x is None for x in others):
+        return _page_by_score(store, dictionary_pk, f, order, limit, cursor)
     cols = [T_LATENT.c.index, T_LATENT.c.n_active, T_LATENT.c.frequency, T_LATENT.c.max_act, T_LATENT.c.mean_act]
     q = select(*cols).where(T_LATENT.c.dictionary_pk == dictionary_pk)
+    if sort == "frequency" and not by_score and store.dialect == "sqlite":
+        # SQLite: walk the frequency index (stopping after a page) instead of sorting every row of the dictionary
+        # found through the primary key; `+ 0` keeps the planner off the primary key for this predicate
+        q = select(*cols).where((T_LATENT.c.dictionary_pk + 0) == dictionary_pk)
     score_col = None
-    if f.scorer:
+    display_only = f.scorer and not by_score  # the score is shown, not used: looked up for the page only
+    if f.scorer and not display_only:
         best = _best_scores(dictionary_pk, f.scorer)
         score_col = best.c.score
-        # inner join when the score matters for membership (a range, or sorting by it): unscored latents have none
+        # inner join when the score matters for membership (a range, or sorting by it): unscored latents have none;
+        # then the scored latents drive the join (each finds its latent row by primary key)
         inner = sort == "score" or f.min_score is not None or f.max_score is not None
-        q = q.add_columns(score_col.label("score")).join(best, best.c.latent == T_LATENT.c.index, isouter=not inner)
+        on = and_(T_LATENT.c.dictionary_pk == dictionary_pk, T_LATENT.c.index == best.c.latent)
+        if inner:
+            q = select(*cols, score_col.label("score")).select_from(best).join(T_LATENT, on)
+        else:
+            q = q.add_columns(score_col.label("score")).join(best, best.c.latent == T_LATENT.c.index, isouter=True)
         if f.min_score is not None:
             q = q.where(score_col >= f.min_score)
         if f.max_score is not None:
@@ -179,6 +255,11 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
         rows = [dict(r) for r in conn.execute(q.limit(limit + 1)).mappings()]
     more = len(rows) > limit
     rows = rows[:limit]
+    if display_only:
+        lat, val = best_scores(store, dictionary_pk, f.scorer)
+        by = dict(zip(lat.tolist(), val.tolist()))
+        for r in rows:
+            r["score"] = by.get(r["index"])
     _attach_best_explanations(store, dictionary_pk, rows)
     nxt = None
     if more and rows:
