@@ -3,7 +3,9 @@
 Three methods, one matching core. Each builds a sparse candidate graph — every latent's k most similar latents on
 the other side, both directions, found blockwise so nothing of size n_a x n_b is ever held — and solves the
 one-to-one assignment that maximises total similarity on that graph (scipy's sparse LAPJV with one dummy partner per
-latent, so a latent may stay unmatched). Dense Hungarian on 32k x 32k would be 4 GB and cubic.
+latent, so a latent may stay unmatched). Pairs below `min_similarity` are left out first: they would never count
+as matched, and unrelated latents' near-equal background similarities are what makes the assignment slow.
+Dense Hungarian on 32k x 32k would be 4 GB and cubic.
 
 - `compare_explanations`: cosine of explanation embeddings (any two dictionaries, any models or hookpoints).
 - `compare_directions`: cosine of decoder and of encoder directions (same d_in), the analysis of Paulo & Belrose
@@ -28,6 +30,7 @@ DEFAULT_K = 16  # candidates per latent and direction; the optimum on the full g
 SHARED_THRESHOLD = 0.7  # Paulo & Belrose's cut for a shared latent
 BLOCK = 2048  # rows of A per similarity block: BLOCK x n_b floats at a time
 HIST_BINS = 40
+MIN_SIMILARITY = 0.2  # candidate pairs at or below this are not considered (random 768-d directions: ~0.04 +- 0.04)
 
 
 @dataclass
@@ -154,8 +157,8 @@ def _cosine_block(a: np.ndarray, b: np.ndarray) -> BlockFn:
 
 def _row_dots(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     out = np.empty(len(rows), np.float32)
-    for lo in range(0, len(rows), 1 << 18):
-        r, c = rows[lo:lo + (1 << 18)], cols[lo:lo + (1 << 18)]
+    for lo in range(0, len(rows), 1 << 14):  # small gathers stay in cache
+        r, c = rows[lo:lo + (1 << 14)], cols[lo:lo + (1 << 14)]
         out[lo:lo + len(r)] = np.einsum("ij,ij->i", a[r], b[c])
     return out
 
@@ -164,34 +167,37 @@ def _row_dots(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray) 
 
 def assign(rows: np.ndarray, cols: np.ndarray, sims: np.ndarray, n_a: int, n_b: int
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The one-to-one matching on the candidate edges (rows[i], cols[i], sims[i]; no edge twice) that maximises the total
-    similarity; a latent may stay unmatched (worth 0), so pairs of similarity <= 0 are never worth taking.
+    """The one-to-one matching on the candidate edges (rows[i], cols[i], sims[i]; no edge twice) of largest total
+    similarity; a latent may stay unmatched (worth 0), so a pair of similarity <= 0 is never taken. On a complete
+    graph of positive similarities, exactly the dense Hungarian answer (scipy's linear_sum_assignment).
 
-    As a full matching for scipy's LAPJVsp: left = A + one dummy per B latent, right = B + one dummy per A latent.
-    A_i–B_j costs C - s_ij; A_i–dummy(A_i) and dummy(B_j)–B_j cost C (unmatched); dummy(B_j)–dummy(A_i) costs C for
-    every candidate edge (i, j), so when A_i takes B_j their two dummies can pair up. Every full matching has
-    n_a + n_b edges, so the constant C (keeping all weights > 0, as scipy needs) changes nothing but the sign."""
+    Not forcing every latent into a pair matters on a sparse graph: a full matching there can be forced to break a
+    strong pair to place latents whose few candidates are taken. As a full matching for scipy's LAPJVsp: left = A +
+    one dummy per B latent, right = B + one dummy per A latent; A_i–B_j costs C - s_ij; A_i–dummy(A_i) and
+    dummy(B_j)–B_j cost C (unmatched); dummy(B_j)–dummy(A_i) costs C for every candidate edge, so when A_i takes B_j
+    their dummies pair up. Every full matching has n_a + n_b edges, so C (keeping weights > 0, as scipy needs)
+    changes no choice."""
     if not len(rows):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     c = 2.0 + float(np.abs(sims).max())
     ia, ib = np.arange(n_a), np.arange(n_b)
     left = np.concatenate([rows, ia, n_a + ib, n_a + cols])
     right = np.concatenate([cols, n_b + ia, ib, n_b + rows])
-    cost = np.concatenate([c - sims.astype(np.float64), np.full(n_a + n_b, c), np.full(len(rows), c)])
-    graph = sp.csr_matrix((cost, (left, right)), shape=(n_a + n_b, n_a + n_b))
-    li, ri = min_weight_full_bipartite_matching(graph)
+    cost = np.concatenate([c - sims.astype(np.float64), np.full(n_a + n_b + len(rows), c)])
+    li, ri = min_weight_full_bipartite_matching(sp.csr_matrix((cost, (left, right)), shape=(n_a + n_b,) * 2))
     real = (li < n_a) & (ri < n_b)
     a, b = li[real].astype(np.int64), ri[real].astype(np.int64)
     order = np.argsort(a)
     a, b = a[order], b[order]
     key = rows.astype(np.int64) * n_b + cols
     by_key = np.argsort(key)
-    at = by_key[np.searchsorted(key, a * n_b + b, sorter=by_key)]
-    return a, b, sims[at].astype(np.float32)
+    return a, b, sims[by_key[np.searchsorted(key, a * n_b + b, sorter=by_key)]].astype(np.float32)
 
 
-def _matching(method: str, rows, cols, sims, n_a: int, n_b: int, threshold: float, lo: float) -> Matching:
-    a, b, s = assign(rows, cols, sims, n_a, n_b)
+def _matching(method: str, rows, cols, sims, n_a: int, n_b: int, threshold: float, lo: float,
+              min_similarity: float) -> Matching:
+    keep = sims > min_similarity  # near-background pairs: never "matched", and they only slow the solver down
+    a, b, s = assign(rows[keep], cols[keep], sims[keep], n_a, n_b)
     return Matching(method, n_a, n_b, threshold, a, b, s, Histogram.of(s, lo, 1.0))
 
 
@@ -207,25 +213,27 @@ def _matrix(x: np.ndarray, what: str) -> np.ndarray:
 
 
 def cosine_matching(a: np.ndarray, b: np.ndarray, method: str = "cosine", k: int = DEFAULT_K,
-                    threshold: float = SHARED_THRESHOLD) -> Matching:
+                    threshold: float = SHARED_THRESHOLD, min_similarity: float = MIN_SIMILARITY) -> Matching:
     """One-to-one matching of the rows of a [n_a, d] and b [n_b, d] by cosine similarity."""
     a, b = unit_rows(_matrix(a, f"{method} A")), unit_rows(_matrix(b, f"{method} B"))
     if a.shape[1] != b.shape[1]:
         raise ConfigError(f"compare {method}: A has width {a.shape[1]}, B has {b.shape[1]} (they must be equal)")
     rows, cols, _ = _candidates(_cosine_block(a, b), len(a), len(b), k)
-    return _matching(method, rows, cols, _row_dots(a, b, rows, cols), len(a), len(b), threshold, -1.0)
+    return _matching(method, rows, cols, _row_dots(a, b, rows, cols), len(a), len(b), threshold, -1.0,
+                     min_similarity)
 
 
 def compare_explanations(emb_a: np.ndarray, emb_b: np.ndarray, k: int = DEFAULT_K,
-                         threshold: float = SHARED_THRESHOLD) -> Matching:
+                         threshold: float = SHARED_THRESHOLD, min_similarity: float = MIN_SIMILARITY) -> Matching:
     """Match explanations by the cosine of their embeddings (rows: the explained latents, in the caller's order;
     map pair indices back to latent indices with the caller's row -> latent table)."""
-    return cosine_matching(emb_a, emb_b, "explanation", k, threshold)
+    return cosine_matching(emb_a, emb_b, "explanation", k, threshold, min_similarity)
 
 
 def compare_directions(decoder_a: np.ndarray, decoder_b: np.ndarray, encoder_a: np.ndarray | None = None,
                        encoder_b: np.ndarray | None = None, k: int = DEFAULT_K,
-                       threshold: float = SHARED_THRESHOLD) -> DirectionComparison:
+                       threshold: float = SHARED_THRESHOLD, min_similarity: float = MIN_SIMILARITY
+                       ) -> DirectionComparison:
     """Paulo & Belrose's comparison: decoders [n, d_in] (and encoders [n, d_in], one row per latent, i.e. W_enc
     transposed for SAELens / Gemma Scope) matched separately; A's latent is shared when both of its partners
     have cosine > threshold (decoder only when no encoders are given)."""
@@ -235,14 +243,14 @@ def compare_directions(decoder_a: np.ndarray, decoder_b: np.ndarray, encoder_a: 
                           "direction comparison needs the same d_in (use compare_explanations)")
     if (encoder_a is None) != (encoder_b is None):
         raise ConfigError("compare directions: give the encoders of both dictionaries or of neither")
-    dec = cosine_matching(da, db, "decoder", k, threshold)
+    dec = cosine_matching(da, db, "decoder", k, threshold, min_similarity)
     if encoder_a is None:
         return DirectionComparison(dec, None, threshold, dec.a_index[dec.similarity > threshold], 1.0)
     ea, eb = _matrix(encoder_a, "encoder A"), _matrix(encoder_b, "encoder B")
     if ea.shape != da.shape or eb.shape != db.shape:
         raise ConfigError(f"compare directions: encoders {ea.shape} / {eb.shape} must have the decoders' shapes "
                           f"{da.shape} / {db.shape} (one row per latent)")
-    enc = cosine_matching(ea, eb, "encoder", k, threshold)
+    enc = cosine_matching(ea, eb, "encoder", k, threshold, min_similarity)
     shared = np.flatnonzero((dec.partner_similarity() > threshold) & (enc.partner_similarity() > threshold))
     partner_dec, partner_enc = np.full(dec.n_a, -1), np.full(dec.n_a, -2)
     partner_dec[dec.a_index], partner_enc[enc.a_index] = dec.b_index, enc.b_index
@@ -258,7 +266,7 @@ def _codes(x, what: str) -> sp.csc_matrix:
 
 
 def compare_activations(codes_a, codes_b, metric: str = "pearson", k: int = DEFAULT_K,
-                        threshold: float = SHARED_THRESHOLD) -> Matching:
+                        threshold: float = SHARED_THRESHOLD, min_similarity: float = MIN_SIMILARITY) -> Matching:
     """Match latents by how their codes co-vary over the same tokens: codes [n_tokens, n_latents] (scipy sparse or
     dense; the same tokens in the same order on both sides). metric "pearson" (correlation of activations, zeros
     included) or "jaccard" (|both fire| / |either fires|)."""
@@ -276,7 +284,7 @@ def compare_activations(codes_a, codes_b, metric: str = "pearson", k: int = DEFA
     n_a, n_b = xa.shape[1], xb.shape[1]
     rows, cols, sims = _candidates(block, n_a, n_b, k)
     lo = 0.0 if metric == "jaccard" else -1.0
-    return _matching(f"activation-{metric}", rows, cols, sims, n_a, n_b, threshold, lo)
+    return _matching(f"activation-{metric}", rows, cols, sims, n_a, n_b, threshold, lo, min_similarity)
 
 
 def _pearson_block(xa: sp.csc_matrix, xb: sp.csc_matrix) -> BlockFn:
