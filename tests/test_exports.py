@@ -63,8 +63,14 @@ def test_neuronpedia_layout_round_trip(api_env, tmp_path):
 def test_delphi_export_imports_back_into_a_fresh_store(api_env, tmp_path):
     store, d, cache = api_env["store"], api_env["dictionary"], api_env["cache"]
     out = export_delphi(store, d["id"], tmp_path / "run")
+    # one explanation per latent: its newest LLM one (other tests' jobs may have explained more latents)
+    chosen: dict[int, dict] = {}
+    for e in store.explanations(d["id"], with_text=True):
+        if e["explainer"] not in ("random", "token_frequency") and e["id"] > chosen.get(e["latent"], {"id": -1})["id"]:
+            chosen[e["latent"]] = e
     files = sorted(p.name for p in (out / "explanations").iterdir())
-    assert files == sorted(f"mlp_neurons.2_latent{i}.txt" for i in api_env["explained"])
+    assert files == sorted(f"mlp_neurons.2_latent{i}.txt" for i in chosen)
+    assert set(api_env["explained"]) <= set(chosen)
     assert sorted(p.name for p in (out / "scores").iterdir()) == ["detection", "fuzz"]
     i = api_env["explained"][2]
     recs = json.loads((out / "scores" / "detection" / f"mlp_neurons.2_latent{i}.txt").read_text())
@@ -75,13 +81,14 @@ def test_delphi_export_imports_back_into_a_fresh_store(api_env, tmp_path):
     # into a fresh store (this test's own SQLite), registered from the cache folder
     fresh = open_store()
     counts = import_delphi(fresh, out, str(cache.path), explainer_model="judge")
-    assert counts == {"explanations": len(api_env["explained"]), "scores": 2 * len(api_env["explained"])}
+    n_scores = len(store.scores(e["id"] for e in chosen.values()))
+    assert counts == {"explanations": len(chosen), "scores": n_scores}
     assert import_delphi(fresh, out, str(cache.path), explainer_model="judge") == counts  # again: nothing new
     nd = fresh.dictionary(str(cache.path))
     got = {e["latent"]: e for e in fresh.explanations(nd["id"])}
-    assert len(fresh.explanations(nd["id"])) == len(api_env["explained"])
-    want = _llm_expls(store, d["id"])
-    assert {i: e["text"] for i, e in got.items()} == {i: want[i]["text"] for i in api_env["explained"]}
+    assert len(fresh.explanations(nd["id"])) == len(chosen)
+    assert {i: e["text"] for i, e in got.items()} == {i: e["text"] for i, e in chosen.items()}
+    want = chosen
     # detection scores recomputed from the per-example records equal what was exported from
     for i in api_env["explained"][:6]:
         new = {s["scorer"]: s for s in fresh.scores([got[i]["id"]])}
