@@ -46,7 +46,6 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -586,5 +585,6 @@ class Dispatcher:
             self.thread.join(timeout=10)
 
 
-__all__ = ["Settings", "ENV", "QUEUES", "queue_plan", "stage_queue", "run_batch", "run_batch_async", "Dispatcher", "Budget",
+__all__ = ["Settings", "ENV", "QUEUES", "queue_plan", "stage_queue", "run_batch", "run_batch_async", "Dispatcher",
+           "Budget",
            "SharedEndpointLimit", "share_limits"]
