@@ -498,3 +498,67 @@ def test_cancel_stops_the_workers_resume_continues_and_bad_credentials_stop_the_
         assert srv.stats()["requests"] <= 16  # the latents in flight at most, no retries
     job = store.job(bad)
     assert job["status"] == "stopped" and "bad credentials" in job["error"]
+
+
+def _limited_requests(url: str, max_in_flight: int, rate: float, n: int, key: str, out) -> None:
+    """One process's share of the shared-limit test: n concurrent 'requests' through SharedEndpointLimit, each
+    counting itself in flight in Redis while it holds its slot."""
+    import asyncio
+
+    import redis
+
+    from autointerp.jobs.dispatch import SharedEndpointLimit
+
+    class Local:  # the process's own endpoint (OpenAIBackend._endpoint): no limit of its own here
+        limit = 1000
+
+        def semaphore(self):
+            return asyncio.Semaphore(1000)
+
+    r = redis.Redis.from_url(url)
+    ep = SharedEndpointLimit(Local(), r, key, max_in_flight, rate, hold_s=30)
+
+    async def one():
+        async with ep.semaphore():
+            r.rpush(key + ":t", time.time())
+            now = r.incr(key + ":now")
+            r.eval("if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then "
+                   "redis.call('SET', KEYS[1], ARGV[1]) end", 1, key + ":max", now)
+            await asyncio.sleep(0.02)
+            r.decr(key + ":now")
+
+    async def main():
+        await asyncio.gather(*(one() for _ in range(n)))
+
+    asyncio.run(main())
+    out.put(os.getpid())
+
+
+def test_the_shared_endpoint_limit_holds_across_processes(redis_server):
+    """Two processes, 30 concurrent requests each: through the Redis semaphore (3 slots) never more than 3 in
+    flight together (unlimited: ~58); through the token bucket (40 requests/s) no faster than the rate (unlimited,
+    the 60 requests take ~0.1 s)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    r = redis_server.client()
+
+    def run(max_in_flight: int, rate: float) -> str:
+        key = f"http://test-{uuid.uuid4().hex[:6]}/v1"
+        procs = [ctx.Process(target=_limited_requests, args=(redis_server.url, max_in_flight, rate, 30, key, q))
+                 for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert all(p.exitcode == 0 for p in procs)
+        return key
+
+    key = run(3, 0.0)
+    assert int(r.get(key + ":max")) == 3  # reached, never passed
+    key = run(0, 40.0)
+    times = sorted(float(t) for t in r.lrange(key + ":t", 0, -1))
+    assert len(times) == 60
+    burst = 4  # the bucket starts full (max(1, rate / 10))
+    assert times[-1] - times[0] >= (60 - burst) / 40.0 * 0.95
