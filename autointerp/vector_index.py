@@ -139,6 +139,10 @@ class VectorIndex:
     _matrix: np.ndarray | None = field(default=None, repr=False)  # the exact kind's vectors
     _graph: object | None = field(default=None, repr=False)  # usearch.index.Index once above exact_max
 
+    def __post_init__(self) -> None:
+        if self._matrix is None and self._graph is None:
+            self._matrix = np.zeros((0, self.dim), np.float32)
+
     @classmethod
     def build(cls, ids: np.ndarray, vectors: np.ndarray, *, embedder: str = "", exact_max: int = EXACT_MAX,
               params: HnswParams | None = None) -> VectorIndex:
@@ -146,7 +150,6 @@ class VectorIndex:
         if vectors.ndim != 2 or not vectors.shape[1]:
             raise ConfigError(f"vector index: vectors must be [n, d] with d > 0, got shape {vectors.shape}")
         index = cls(vectors.shape[1], embedder, exact_max, params or HnswParams())
-        index._matrix = np.zeros((0, index.dim), np.float32)
         index.add(ids, vectors)
         return index
 
@@ -298,7 +301,7 @@ class VectorIndex:
             return
         from usearch.index import Index
 
-        self._graph = Index.restore(str(path))
+        self._graph, self._matrix = Index.restore(str(path)), None
         if self._graph is None or self._graph.ndim != self.dim:
             raise ValueError("not a usearch index of this width")
         self._graph.expansion_search = self.params.expansion_search

@@ -89,6 +89,14 @@ def test_incremental_add_crosses_to_graph(data):
         index.add(ids[:1], x[:1])
 
 
+def test_an_empty_index_grows_by_adds(data):
+    ids, x = data
+    index = VectorIndex(x.shape[1])
+    assert index.search(x[0], 2).ids.tolist() == [-1, -1]
+    index.add(ids[:10], x[:10])
+    assert index.search(x[4], 1).ids[0] == ids[4]
+
+
 def test_bad_input(data):
     ids, x = data
     with pytest.raises(ConfigError, match="shape"):
