@@ -259,6 +259,8 @@ def test_text_length_and_field_caps(api_server):
     assert s == 422 and "bogus" in body["detail"] and body["field"] == "scorers"
     s, _, body = http("POST", api_server.url + "/api/v1/jobs", {"dictionary": "/no/such/folder"}, KEY)
     assert s == 404 and "unknown dictionary" in body["detail"]
+    s, _, body = http("POST", api_server.url + "/api/v1/jobs", {"dictionary": "x" * 5000}, KEY)
+    assert s in (400, 404) and body["detail"], body
 
 
 def test_cors_closed_by_default_and_opened_by_config(api_server, api_env):
@@ -318,12 +320,14 @@ def test_compare_through_the_api_and_its_page(api_server, api_env):
     assert s == 201, c
     assert c["method"] == "embedding" and c["dictionary_a"] == api_env["dictionary"]["id"]
     pairs = c["result"]["pairs"]
-    assert pairs and all(a in api_env["explained"] for a, _, _ in pairs)
+    assert c["summary"]["explained_a"] == len(api_env["explained"]) and c["summary"]["explained_b"] == 6
+    assert isinstance(pairs, list) and all(a in api_env["explained"] for a, _, _ in pairs)
     s, _, again = get(api_server, f"/api/v1/comparisons/{c['id']}")
     assert s == 200 and again["result"]["pairs"] == pairs
     assert any(x["id"] == c["id"] for x in get(api_server, "/api/v1/comparisons")[2])
     s, _, page = get(api_server, f"/compare/{c['id']}")
     assert s == 200 and b'id="pairs"' in page and page.count(b"<tr><td class=\"num\">") == min(len(pairs), 200)
+    assert b"pairs." in page or b"No similarity distribution" in page
     # decoder directions (both dictionaries are 1536 MLP neurons of SmolLM2)
     s, _, d = http("POST", api_server.url + "/api/v1/comparisons", {**body, "method": "decoder"}, KEY, timeout=300)
     assert s == 201 and d["method"] == "decoder" and "shared_fraction" in d["summary"]

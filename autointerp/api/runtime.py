@@ -81,16 +81,14 @@ class TokenDecoder:
         self.tok = tokenizer
         self.memo: dict[int, str] = {}
 
+    def _miss(self, i: int) -> str:
+        s = self.tok.decode([i]) if self.tok is not None else f"#{i}"
+        self.memo[i] = s
+        return s
+
     def __call__(self, ids) -> list[str]:
-        out = []
-        for i in ids:
-            i = int(i)
-            s = self.memo.get(i)
-            if s is None:
-                s = self.tok.decode([i]) if self.tok is not None else f"#{i}"
-                self.memo[i] = s
-            out.append(s)
-        return out
+        memo, miss = self.memo, self._miss
+        return [memo[i] if i in memo else miss(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
 _DECODERS: dict[str, TokenDecoder] = {}
@@ -107,15 +105,15 @@ def decoder_for(model_spec: str) -> TokenDecoder:
 
 
 def _rows(examples, decode, limit: int | None = None) -> list[dict]:
-    out = []
     n = len(examples) if limit is None else min(limit, len(examples))
-    for j in range(n):
-        acts = np.asarray(examples.acts[j], np.float32)
-        toks = examples.tokens[j]
-        out.append({"window": int(examples.window_ids[j]), "tokens": decode(toks), "token_ids": [int(t) for t in toks],
-                    "acts": [round(float(a), 4) for a in acts], "max_act": round(float(acts.max()), 4) if len(acts)
-                    else 0.0})
-    return out
+    if n == 0:
+        return []
+    acts = np.round(np.asarray(examples.acts[:n], np.float64), 4)
+    peaks = acts.max(axis=1).tolist() if acts.shape[1] else [0.0] * n
+    toks = np.asarray(examples.tokens[:n]).tolist()
+    wins = np.asarray(examples.window_ids[:n]).tolist()
+    return [{"window": w, "tokens": decode(t), "token_ids": t, "acts": a, "max_act": m}
+            for w, t, a, m in zip(wins, toks, acts.tolist(), peaks)]
 
 
 def latent_examples(dictionary: dict, index: int, n_top: int = 20, n_quantiles: int = 4,

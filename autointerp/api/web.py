@@ -225,23 +225,27 @@ def _matching_part(c: dict) -> dict:
     return res
 
 
-def _similarity_hist(c: dict) -> list[int] | None:
+def _similarity_hist(c: dict) -> dict | None:
+    """{counts, lo, hi} of the matched pairs' similarities (the stored histogram, else binned from the pairs)."""
     res = _matching_part(c)
     for k in ("histogram", "similarity_hist", "hist"):
         h = res.get(k) or (c.get("summary") or {}).get(k)
+        edges = None
         if isinstance(h, dict):
-            h = h.get("counts")
+            h, edges = h.get("counts"), h.get("edges")
         if isinstance(h, list) and h and all(isinstance(x, (int, float)) for x in h):
-            return [int(x) for x in h]
+            ok = isinstance(edges, list) and len(edges) == len(h) + 1
+            return {"counts": [int(x) for x in h], "lo": edges[0] if ok else None, "hi": edges[-1] if ok else None}
     sims = [p[2] if isinstance(p, (list, tuple)) and len(p) > 2 else p.get("similarity") if isinstance(p, dict)
             else None for p in (res.get("pairs") or [])]
     sims = [s for s in sims if isinstance(s, (int, float))]
     if not sims:
         return None
+    lo = -1.0 if min(sims) < 0 else 0.0
     counts = [0] * 20
     for s in sims:
-        counts[min(19, max(0, int((s + 1) / 2 * 20) if s < 0 else int(s * 20)))] += 1
-    return counts
+        counts[min(19, max(0, int((s - lo) / (1.0 - lo) * 20)))] += 1
+    return {"counts": counts, "lo": lo, "hi": 1.0}
 
 
 @router.get("/compare/{comparison_id}", response_class=HTMLResponse)
