@@ -353,8 +353,8 @@ def demo(
     explainer_model: str = typer.Option("local", help="Explainer LLM: local (SmolLM2-135M-Instruct, in-process) or "
                                                       "openai:MODEL@URL (any OpenAI-compatible server)."),
     judge_model: Optional[str] = typer.Option(None, help="Judge LLM for the scorers (default: the explainer's)."),
-    serve: bool = typer.Option(True, help="Serve the API and web page until Ctrl-C (--no-serve: end after the "
-                                          "summary, for scripts)."),
+    serve_page: bool = typer.Option(True, "--serve/--no-serve", help="Serve the API and web page until Ctrl-C "
+                                    "(--no-serve: end after the summary, for scripts)."),
     host: str = typer.Option("127.0.0.1", help="Where to serve."),
     port: int = typer.Option(8000, help="Port to serve on."),
     progress: bool = typer.Option(True, help="Progress bars."),
@@ -367,10 +367,8 @@ def demo(
                  judge_model=judge_model, echo=typer.echo, progress=progress)
     _demo_summary(r)
     typer.echo(f"\n[demo] done in {r['elapsed_s']:.0f} s; store: {r['store']!r}")
-    if serve:
-        from .api.server import serve_forever
-
-        serve_forever(host, port, echo=typer.echo)
+    if serve_page:  # the `serve` command: prints the URL, serves until Ctrl-C
+        serve(host=host, port=port, database_url=None, read_key=False, cors_origin=[], run_jobs=True, device=None)
 
 
 def _demo_summary(r: dict) -> None:
@@ -404,9 +402,13 @@ def _demo_summary(r: dict) -> None:
     typer.echo(f"\nLLM usage: {sum(s['calls'] for s in spend)} calls, {sum(s['prompt_tokens'] for s in spend)} "
                f"prompt + {sum(s['completion_tokens'] for s in spend)} completion tokens, "
                f"${sum(s['cost_usd'] for s in spend):.4f}")
-    c = r.get("comparison")
-    if c:
-        typer.echo(f"comparison demo vs demo-seed1: {c}")
+    for method, (summary, cid) in (r.get("comparison") or {}).items():
+        if method == "decoder":
+            typer.echo(f"demo vs demo-seed1 by decoder/encoder cosine: {summary['shared_fraction']:.1%} of latents "
+                       f"shared (both > 0.7; Paulo & Belrose report 53 % for two seeds at 32k) [comparison {cid}]")
+        else:
+            typer.echo(f"demo vs demo-seed1 by explanation meaning: {summary['matched_fraction_a']:.1%} of "
+                       f"{summary['explained_a']} explained latents matched (cosine >= 0.7) [comparison {cid}]")
     typer.echo(f"{r['embedded']} explanations embedded for search (try: autointerp search \"numbers\")")
     if r.get("plot"):
         typer.echo(f"plot: {r['plot']}")

@@ -120,3 +120,15 @@ def run_demo(out: Path, *, n_tokens: int = 60_000, n_latents: int = 8, explainer
     plot = write_dictionary_plot(store, da["id"], Path(out) / "plots" / "demo.png")
     return {"store": store, "jobs": jobs, "dictionaries": (da, db), "embedded": embedded, "plot": plot,
             "comparison": comparison, "elapsed_s": time.perf_counter() - step.t0}
+
+
+def compare_demo(store, a: dict, b: dict) -> dict:
+    """The two seeds compared by their decoders/encoders (Paulo & Belrose's shared latents) and by the meaning of
+    their explanations: {method: (summary, comparison id)}."""
+    from .compare import compare
+
+    out = {}
+    for method in ("decoder", "embedding"):
+        r = compare(store, a["name"], b["name"], method)
+        out[method] = (r["summary"], r["id"])
+    return out
