@@ -43,6 +43,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:120] or "dictionary"
 
 
+def _lease(conn: Connection, claimable, latents: list[int], worker: str, lease_s: float,
+           now) -> list[tuple[int, list[str]]]:
+    """Lease the claimable items of `latents`: [(latent, [stages])] of what this UPDATE changed (RETURNING), so two
+    claimers never lease the same item whatever the isolation level."""
+    rows = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(latents))
+                        .values(status="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
+                                attempts=T_ITEM.c.attempts + 1, updated=now)
+                        .returning(T_ITEM.c.latent, T_ITEM.c.stage)).all()
+    out: dict[int, list[str]] = {}
+    for latent, stage in rows:
+        out.setdefault(int(latent), []).append(stage)
+    return sorted(out.items())
+
+
 class Store:
     def __init__(self, url: str | None = None):
         self.url = resolve_url(url)
@@ -264,16 +278,9 @@ class Store:
                 chosen = list(dict.fromkeys(conn.execute(q).scalars()))[:limit]
                 if not chosen:
                     return []
-                rows = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(chosen))
-                                    .values(status="running", worker=worker,
-                                            lease_until=now + timedelta(seconds=lease_s),
-                                            attempts=T_ITEM.c.attempts + 1, updated=now)
-                                    .returning(T_ITEM.c.latent, T_ITEM.c.stage)).all()
-            if rows:
-                out: dict[int, list[str]] = {}
-                for latent, stage in rows:
-                    out.setdefault(int(latent), []).append(stage)
-                return sorted(out.items())
+                leased = _lease(conn, claimable, chosen, worker, lease_s, now)
+            if leased:
+                return leased
         return []  # only contended candidates, five times over: the caller comes back later
 
     def renew_leases(self, job_id: int, worker: str, latents: Sequence[int], lease_s: float) -> None:
@@ -512,16 +519,9 @@ class Store:
                         break
                 if not chosen:
                     return []
-                rows = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(chosen))
-                                    .values(status="running", worker=worker,
-                                            lease_until=now + timedelta(seconds=lease_s),
-                                            attempts=T_ITEM.c.attempts + 1, updated=now)
-                                    .returning(T_ITEM.c.latent, T_ITEM.c.stage)).all()
-            if rows:
-                out: dict[int, list[str]] = {}
-                for latent, stage in rows:
-                    out.setdefault(int(latent), []).append(stage)
-                return sorted(out.items())
+                leased = _lease(conn, claimable, chosen, worker, lease_s, now)
+            if leased:
+                return leased
         return []
 
     def _stage_candidates(self, job_id: int, stages: Sequence[str], after_explain: bool, status: str, now,
