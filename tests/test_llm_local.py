@@ -51,3 +51,26 @@ def test_local_seeded_sampling_is_reproducible(local):
     texts = {asyncio.run(local.complete(MSG, SamplingParams(max_tokens=5, temperature=1.0, seed=s))).text
              for s in range(1, 6)}
     assert len(texts) >= 2
+
+
+def test_local_judge_answers_in_the_list_grammar_with_p1_per_entry(local):
+    """answer_bits: the answer is exactly "[b, …]" with n entries, whatever a 135M model would have rambled, and
+    each entry's P(1) comes from the model's own logits for the two digits."""
+    from autointerp.scorers._classify import parse_answer, probs_from_logprobs
+
+    msg = [ChatMessage("user", "Is each number even? Answer a list of 1 (yes) or 0 (no).\n1. 4\n2. 7\n3. 10\n"
+                               "4. 3\n5. 8\n6. 12\n7. 5")]
+    free = asyncio.run(local.complete(msg, SamplingParams(max_tokens=40)))
+    p = SamplingParams(max_tokens=40, logprobs=True, top_logprobs=2, answer_bits=7)
+    a = asyncio.run(local.complete(msg, p))
+    assert a.text != free.text
+    parsed = parse_answer(a.text, 7)
+    assert parsed is not None and a.text.startswith("[") and a.text.endswith("]"), a.text
+    probs = probs_from_logprobs(a, parsed[1])
+    assert probs is not None and len(probs) == 7
+    assert all((pr > 0.5) == bool(v) for pr, v in zip(probs, parsed[0]))  # greedy takes the likelier digit
+    assert a.usage.completion_tokens == len(a.logprobs) and a.usage.calls == 1
+    # seeded sampling between the digits is reproducible, and the cache keys differ from a free-text request
+    s = SamplingParams(max_tokens=40, temperature=1.0, seed=7, answer_bits=7)
+    assert asyncio.run(local.complete(msg, s)).text == asyncio.run(local.complete(msg, s)).text
+    assert "answer_bits" in p.as_dict() and "answer_bits" not in SamplingParams().as_dict()

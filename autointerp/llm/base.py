@@ -83,15 +83,22 @@ class SamplingParams:
     seed: int | None = 0
     logprobs: bool = False
     top_logprobs: int = 0
+    # The answer must be a list of this many 0/1 entries ("[1, 0, …]"). A backend that can constrain decoding
+    # (local) emits exactly that, choosing each entry between the two digit tokens; others ignore it (the caller
+    # parses free text either way). 0: free text.
+    answer_bits: int = 0
 
     def as_dict(self) -> dict:
-        return {
+        d = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "seed": self.seed,
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs,
         }
+        if self.answer_bits:  # only when set: the cache keys of every other request stay as they were
+            d["answer_bits"] = self.answer_bits
+        return d
 
 
 class LLMError(Exception):

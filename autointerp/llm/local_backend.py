@@ -8,6 +8,11 @@ prompt's answer to be reproducible.
 
 temperature 0 -> greedy; otherwise plain temperature sampling (no top-k/top-p) seeded with params.seed.
 Logprobs are those of the model's own distribution (raw logits, before temperature), like vLLM reports them.
+
+A request with `answer_bits = n` (the detection and fuzzing judges) is decoded under a grammar: the answer is
+exactly "[b, b, …]" with n entries, each chosen between the "0" and "1" tokens by the model's own logits (the
+brackets and separators are forced). A small judge that would wander off the format still gives its judgement on
+every example, with P(1) per entry; vLLM's guided decoding does the same on a server.
 """
 
 from __future__ import annotations
@@ -30,6 +35,33 @@ class _Loaded:
     lock: threading.Lock
     stop_ids: list[int]
     max_len: int | None
+    bits: "_BitsGrammar | None" = None
+
+
+@dataclass(frozen=True)
+class _BitsGrammar:
+    """Token ids for writing "[b, b, …]": forced before the first entry, the two choices of an entry, forced
+    between entries, forced at the end."""
+
+    open: tuple[int, ...]
+    zero: int
+    one: int
+    sep: tuple[int, ...]
+    close: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tok) -> "_BitsGrammar | None":
+        """None when the tokenizer spells the list in a way this cannot follow (a digit merged with its
+        neighbours): such a model answers in free text instead."""
+        enc = lambda s: tuple(tok.encode(s, add_special_tokens=False))  # noqa: E731
+        first0, first1 = enc("[0"), enc("[1")
+        two0, two1, closed = enc("[0, 0"), enc("[0, 1"), enc("[0]")
+        n = len(first0)
+        if (n < 2 or len(first1) != n or first0[:-1] != first1[:-1] or first0[-1] == first1[-1]
+                or len(two0) != len(two1) or two0[:-1] != two1[:-1] or two0[:n] != first0
+                or (two0[-1], two1[-1]) != (first0[-1], first1[-1]) or closed[:n] != first0 or len(closed) == n):
+            return None
+        return cls(first0[:-1], first0[-1], first1[-1], two0[n:-1], closed[n:])
 
 
 _LOADED: dict[tuple, _Loaded] = {}
@@ -56,7 +88,7 @@ def _load(spec: str, device: str | None, dtype) -> _Loaded:
             if isinstance(tid, int) and tid != tok.unk_token_id:
                 stop.add(tid)
         max_len = getattr(model.config, "max_position_embeddings", None)
-        loaded = _Loaded(model, tok, threading.Lock(), sorted(stop), max_len)
+        loaded = _Loaded(model, tok, threading.Lock(), sorted(stop), max_len, _BitsGrammar.of(tok))
         _LOADED[key] = loaded
         return loaded
 
@@ -112,6 +144,8 @@ class LocalBackend:
                 raise LLMError(f"prompt too long for {self.model!r}: {n_in} tokens, context is {lm.max_len}")
             max_new = min(max_new, lm.max_len - n_in)
         sample = params.temperature > 0
+        if params.answer_bits > 0 and lm.bits is not None:
+            return self._complete_bits(lm, enc, n_in, params)
         cfg = GenerationConfig(
             max_new_tokens=max(1, max_new),
             do_sample=sample,
@@ -148,3 +182,54 @@ class LocalBackend:
                 logprobs.append(TokenLogprob(token=tok.decode([gen[i]]), logprob=float(lp[gen[i]]), top=top))
         usage = Usage(prompt_tokens=n_in, completion_tokens=n_generated, calls=1)
         return Completion(text=text, usage=usage, model=self.model, logprobs=logprobs)
+
+    def _complete_bits(self, lm: _Loaded, enc, n_in: int, params: SamplingParams) -> Completion:
+        """The answer "[b, …]" under the grammar: n + 1 short forward passes on the KV cache after the prompt."""
+        import torch
+
+        model, tok, g = lm.model, lm.tokenizer, lm.bits
+        if lm.max_len and n_in + 4 * params.answer_bits + 4 >= lm.max_len:
+            raise LLMError(f"prompt too long for {self.model!r}: {n_in} tokens, context is {lm.max_len}")
+        k = max(0, params.top_logprobs)
+        names = {g.zero: tok.decode([g.zero]), g.one: tok.decode([g.one])}
+        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.randrange(2**31))
+        out_tokens: list[TokenLogprob] = []
+
+        def lp_entry(lp, tid: int, choice: bool) -> TokenLogprob:
+            top = {}
+            if k:
+                vals, ids = lp.topk(k)
+                for v, j in zip(vals.tolist(), ids.tolist()):
+                    top.setdefault(tok.decode([j]), v)
+            if choice:  # both alternatives always reported: P(1) of the entry is read from them
+                top.update({names[g.zero]: float(lp[g.zero]), names[g.one]: float(lp[g.one])})
+            return TokenLogprob(token=tok.decode([tid]), logprob=float(lp[tid]), top=top)
+
+        with lm.lock, torch.inference_mode():
+            out = model(**enc, use_cache=True)
+            past, last = out.past_key_values, out.logits[0, -1]
+
+            def feed(ids: tuple[int, ...], choice: bool = False):
+                nonlocal past, last
+                if not ids:
+                    return
+                logits = [last]
+                out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=past, use_cache=True)
+                logits += list(out.logits[0, :-1])
+                for i, (tid, lg) in enumerate(zip(ids, logits)):
+                    out_tokens.append(lp_entry(torch.log_softmax(lg.float(), -1), tid, choice and i == 0))
+                past, last = out.past_key_values, out.logits[0, -1]
+
+            feed(g.open)
+            for i in range(params.answer_bits):
+                lp = torch.log_softmax(last.float(), -1)
+                pair = torch.stack([lp[g.zero], lp[g.one]])
+                if params.temperature > 0:
+                    pick = int(torch.multinomial(torch.softmax(pair / params.temperature, 0), 1, generator=gen))
+                else:
+                    pick = int(pair[1] > pair[0])
+                feed(((g.zero, g.one)[pick],) + (g.sep if i < params.answer_bits - 1 else g.close), choice=True)
+        text = "".join(t.token for t in out_tokens)
+        usage = Usage(prompt_tokens=n_in, completion_tokens=len(out_tokens), calls=1)
+        return Completion(text=text, usage=usage, model=self.model,
+                          logprobs=out_tokens if params.logprobs else None)

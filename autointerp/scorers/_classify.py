@@ -120,6 +120,7 @@ async def classify(
             seed=seed,
             logprobs=want_lp,
             top_logprobs=5 if want_lp else 0,
+            answer_bits=len(idx),
         )
         return idx, await client.complete(messages, params)
 
