@@ -485,8 +485,8 @@ def test_surprisal_and_intervention_in_a_job(cache, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_with_the_real_local_model(cache):
-    """explain → detection on the real in-process SmolLM2: every row is honest (a 135M model often breaks the
-    answer format: that shows up as parse failures, never as a silent 0)."""
+    """explain → detection on the real in-process SmolLM2: the judge decodes under the 0/1-list grammar, so a 135M
+    model that would break the answer format in free text still judges every example, with P(1) (hence an AUC)."""
     latent = int(cache.alive_latents()[0])
     store = open_store()
     job_id = submit(store, {"dictionary": str(cache.path), "latents": [latent], "explainer_model": "local",
@@ -500,8 +500,5 @@ def test_end_to_end_with_the_real_local_model(cache):
     det = [r for r in rows if r["type"] == "score"][0]
     m, examples = det["metrics"], det["details"]["examples"]
     assert det["skipped"] is None and m["n"] == len(examples) > 0
-    assert m["n_failed"] == sum(e["pred"] is None for e in examples)
-    if m["n_failed"] < m["n"]:
-        assert 0.0 <= m["balanced_accuracy"] <= 1.0
-    else:
-        assert m.get("balanced_accuracy") is None and m.get("accuracy") is None
+    assert m["n_failed"] == sum(e["pred"] is None for e in examples) == 0
+    assert 0.0 <= m["balanced_accuracy"] <= 1.0 and 0.0 <= m["auc"] <= 1.0
