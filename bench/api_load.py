@@ -1,17 +1,23 @@
 """HTTP API under load: GET one latent and a search query, requests/s and latency percentiles, from a second process.
 
     python bench/api_load.py [--latents 100000] [--explained 20000] [--seconds 15] [--connections 8]
-                             [--workers 1] [--backends sqlite,postgresql]
+                             [--workers 1] [--backends sqlite,postgresql] [--loadgen auto|wrk|python]
 
 The store: one dictionary of `--latents` latents (synthetic statistics and 80-bin histograms, as in
 bench/store_bulk.py), `--explained` of them with an LLM explanation and two scores (detection, fuzzing), plus a real
 extraction cache (SmolLM2 layer-2 MLP neurons, 1536 latents, built once into the bench folder) registered beside it,
 so "GET latent with examples" reads display contexts from a real cache and decodes their tokens.
 
-The server: `autointerp serve` (uvicorn, `--workers` processes) in its own process. The load: another process with
-`--connections` keep-alive HTTP/1.1 connections (one thread each), each sending its next request as soon as the
-previous answer is read (closed loop), for `--seconds` after a 2-second warm-up; latencies are per request.
-Both share this machine's CPUs, as on a 2-core laptop.
+The server: `autointerp serve` (uvicorn, `--workers` processes) in its own process. GET latent is measured twice:
+on 500 latents drawn from the explained ones (after the warm-up their answers come from the server's response cache,
+checked against the store on every request) and with that cache off (AUTOINTERP_API_LATENT_CACHE_MB=0: every
+request reads and serialises its latent), the cost of a latent nobody asked for recently.
+
+The load: another process with `--connections` keep-alive HTTP/1.1 connections, each sending its next request as
+soon as the previous answer is read (closed loop), for `--seconds` after a 2-second warm-up. `wrk` (C, one thread,
+a Lua script drawing the paths at random) when it is installed (`apt-get install wrk`), as it leaves the server more
+of a small machine's CPUs than a Python client; else a Python client (one thread per connection). The table says
+which one measured. Both share this machine's CPUs, as on a 2-core laptop.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,8 +103,8 @@ def real_cache(work: Path):
     return c
 
 
-def start_server(url: str, workers: int) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "AUTOINTERP_DATABASE_URL": url, "AUTOINTERP_API_RUN_JOBS": "0"}
+def start_server(url: str, workers: int, env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "AUTOINTERP_DATABASE_URL": url, "AUTOINTERP_API_RUN_JOBS": "0", **(env_extra or {})}
     cmd = [sys.executable, "-m", "autointerp.cli", "serve", "--port", "0", "--no-run-jobs"]
     if workers > 1:
         cmd += ["--workers", str(workers)]
@@ -154,13 +161,57 @@ print(json.dumps({"n": len(lat), "errors": errors[0], "lat": lat}))
 '''
 
 
-def load(base: str, paths: list[str], seconds: float, connections: int) -> dict:
+WRK_LUA = r"""
+local paths = {}
+for line in io.lines(os.getenv("AUTOINTERP_BENCH_PATHS")) do paths[#paths + 1] = line end
+math.randomseed(os.time())
+request = function() return wrk.format("GET", paths[math.random(#paths)]) end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"n": %d, "us": %d, "errors": %d, "p50_us": %d, "p99_us": %d}\n', summary.requests,
+    summary.duration, e.connect + e.read + e.write + e.status + e.timeout, latency:percentile(50),
+    latency:percentile(99)))
+end
+"""
+
+
+def loadgen(choice: str) -> str:
+    if choice == "auto":
+        return "wrk" if shutil.which("wrk") else "python"
+    if choice == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("--loadgen wrk: wrk is not installed (apt-get install wrk)")
+    return choice
+
+
+def load(base: str, paths: list[str], seconds: float, connections: int, gen: str = "python") -> dict:
+    if gen == "wrk":
+        return load_wrk(base, paths, seconds, connections)
     out = subprocess.run([sys.executable, "-c", LOADGEN, base, json.dumps(paths), str(seconds), str(connections)],
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout)
     lat = np.asarray(r["lat"]) * 1000
     return {"rps": r["n"] / seconds, "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None, "errors": r["errors"], "n": r["n"]}
+
+
+def load_wrk(base: str, paths: list[str], seconds: float, connections: int) -> dict:
+    """wrk with one thread (the client's own CPU use stays small); a separate 2 s run warms up first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script, plist = Path(tmp) / "paths.lua", Path(tmp) / "paths.txt"
+        script.write_text(WRK_LUA)
+        plist.write_text("\n".join(paths) + "\n")
+        env = {**os.environ, "AUTOINTERP_BENCH_PATHS": str(plist)}
+        r = {}
+        for secs in (2, seconds):
+            out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(round(secs))}s", "--timeout", "30s",
+                                  "-s", str(script), base], capture_output=True, text=True, check=True, env=env)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"rps": r["n"] / (r["us"] / 1e6), "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
+            "errors": r["errors"], "n": r["n"]}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run_backend(name: str, url: str, args, work: Path) -> list[dict]:
@@ -170,25 +221,37 @@ def run_backend(name: str, url: str, args, work: Path) -> list[dict]:
     rng = np.random.default_rng(1)
     syn = info["synthetic"]["id"]
     real = info["real"]["id"]
+    hot = [f"/api/v1/dictionaries/{syn}/latents/{int(i)}" for i in rng.choice(info["explained"], 500)]
+    every = [f"/api/v1/dictionaries/{syn}/latents/{int(i)}" for i in info["explained"]]
     scenarios = {
-        "GET latent (100k store, stats + explanations + scores)":
-            [f"/api/v1/dictionaries/{syn}/latents/{int(i)}" for i in rng.choice(info["explained"], 500)],
+        "GET latent (100k store, stats + explanations + scores; 500 latents, response cache)": (hot, {}),
+        "GET latent, response cache off (every explained latent; each request reads and serialises)":
+            (every, {"AUTOINTERP_API_LATENT_CACHE_MB": "0"}),
         "GET latent with examples (real cache: 20 top + quantile contexts, decoded)":
-            [f"/api/v1/dictionaries/{real}/latents/{i}" for i in info["real_latents"]],
+            ([f"/api/v1/dictionaries/{real}/latents/{i}" for i in info["real_latents"]], {}),
         "GET latents page (sort by detection score, 50 rows, keyset)":
-            [f"/api/v1/dictionaries/{syn}/latents?sort=score&scorer=detection&order=desc&limit=50"],
+            ([f"/api/v1/dictionaries/{syn}/latents?sort=score&scorer=detection&order=desc&limit=50"], {}),
         "search keyword (FTS over all explanations, k=20)":
-            ["/api/v1/search?" + urllib.parse.urlencode({"q": w, "mode": "keyword"})
-             for w in ("numbers", "French", "brackets code", "money", "legal text", "HTML")],
+            (["/api/v1/search?" + urllib.parse.urlencode({"q": w, "mode": "keyword"})
+              for w in ("numbers", "French", "brackets code", "money", "legal text", "HTML")], {}),
     }
+    if args.only:
+        scenarios = {k: v for k, v in scenarios.items() if any(o in k for o in args.only.split(","))}
     if args.semantic:
-        scenarios["search semantic (MiniLM query + exact cosine, k=20)"] = [
+        scenarios["search semantic (MiniLM query + exact cosine, k=20)"] = ([
             "/api/v1/search?" + urllib.parse.urlencode({"q": w, "mode": "semantic"})
-            for w in ("numbers in text", "French words", "source code")]
-    proc, base = start_server(url, args.workers)
+            for w in ("numbers in text", "French words", "source code")], {})
+    gen = loadgen(args.loadgen)
     rows = []
+    servers: dict[str, tuple] = {}
     try:
-        for label, paths in scenarios.items():
+        for label, (paths, env_extra) in scenarios.items():
+            cfg = json.dumps(env_extra, sort_keys=True)
+            if cfg not in servers:
+                for other in list(servers):  # one server at a time: the CPUs are the server's and the client's
+                    _stop(servers.pop(other)[0])
+                servers[cfg] = start_server(url, args.workers, env_extra)
+            base = servers[cfg][1]
             if "semantic" in label:
                 from autointerp.search import embed_explanations
                 from autointerp.store import open_store
@@ -197,15 +260,21 @@ def run_backend(name: str, url: str, args, work: Path) -> list[dict]:
                 n = embed_explanations(open_store(url))
                 print(f"[{name}] embedded {n} explanations in {time.perf_counter() - t:.0f} s", flush=True)
             load(base, paths[:3], 2.0, 2)  # warm caches (tokenizer, embedder, SQLite pages)
-            r = load(base, paths, args.seconds, args.connections)
-            r.update(backend=name, scenario=label)
+            la = load_average()
+            r = load(base, paths, args.seconds, args.connections, gen)
+            r.update(backend=name, scenario=label, loadgen=gen, load_before=la, load_after=load_average())
             rows.append(r)
             print(f"[{name}] {label}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-                  f"{r['errors']} errors", flush=True)
+                  f"{r['errors']} errors ({gen}; load average {la} -> {r['load_after']})", flush=True)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        for proc, _ in servers.values():
+            _stop(proc)
     return rows
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
 
 
 def main() -> None:
@@ -218,6 +287,9 @@ def main() -> None:
     ap.add_argument("--backends", default="sqlite")
     ap.add_argument("--semantic", action="store_true", help="Also semantic search (embeds every explanation first)")
     ap.add_argument("--work", default=None, help="Folder for the store and the real cache (kept between runs)")
+    ap.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                    help="Load generator: wrk when installed (auto), else the Python client")
+    ap.add_argument("--only", default=None, help="Only scenarios whose label contains one of these (comma list)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -239,11 +311,11 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown backend {b}")
     print()
-    print(f"| backend | request | req/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"| backend | request | req/s | p50 ms | p99 ms | errors | load generator | load average (1/5/15 min) |")
+    print("|---|---|---:|---:|---:|---:|---|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['scenario']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['errors']} |")
+              f"{r['errors']} | {r['loadgen']} | {r['load_before']} |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,14 @@ def _env_bool(name: str, default: bool = False) -> bool:
     return default if v is None else v.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _env_float(name: str, default: float) -> float:
+    v = os.environ.get(name, "").strip()
+    try:
+        return max(0.0, float(v)) if v else default
+    except ValueError:
+        raise ConfigError(f"{name}={v!r}: expected a number") from None
+
+
 @dataclass
 class Settings:
     database_url: str | None = None  # default: $AUTOINTERP_DATABASE_URL, else the SQLite file
@@ -48,6 +56,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_page: int = 200
     embedded_runner: bool = field(default_factory=lambda: _env_bool("AUTOINTERP_API_RUN_JOBS", True))
+    # GET one latent: serialised answers kept per latent, checked against the store on every request (0: off)
+    latent_cache_mb: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_LATENT_CACHE_MB", 64.0))
     # subject model device for /activations and /steer (default: CUDA when present)
     device: str | None = field(default_factory=lambda: os.environ.get("AUTOINTERP_API_DEVICE") or None)
 
@@ -258,7 +268,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     from fastapi.staticfiles import StaticFiles
 
     from .. import __version__
-    from . import routes, web
+    from . import fast, routes, web
 
     settings = settings or Settings()
     app = FastAPI(title="autointerp", version=__version__,
@@ -293,6 +303,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         return problem(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     app.include_router(routes.router, prefix=API)
+    app.state.fast_latent = fast.install(app)
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     if settings.cors_origins:

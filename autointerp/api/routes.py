@@ -56,14 +56,18 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def fast_json(data, status_code: int = 200) -> Response:
-    """The body as JSON without a second validation pass: for the hot read endpoints, whose dicts are built from
-    the store's typed columns (the response_model still documents them in the contract)."""
+def render_json(data) -> bytes:
+    """JSON bytes without a second validation pass: for the hot read endpoints, whose dicts are built from the
+    store's typed columns (the response_model still documents them in the contract)."""
     try:
         body = json.dumps(data, default=_json_default, separators=(",", ":"), allow_nan=False)
     except ValueError:  # a NaN/inf somewhere in stored metrics: null, as pydantic would write it
         body = json.dumps(_finite(data), default=_json_default, separators=(",", ":"), allow_nan=False)
-    return Response(body, status_code=status_code, media_type="application/json")
+    return body.encode()
+
+
+def fast_json(data, status_code: int = 200) -> Response:
+    return Response(render_json(data), status_code=status_code, media_type="application/json")
 
 
 def _finite(x):
@@ -195,22 +199,26 @@ def list_latents(request: Request, ref: str,
     return fast_json({"items": rows, "next_cursor": nxt})
 
 
-def latent_detail(store: Store, d: dict, index: int, n_top: int = 20) -> dict:
+def latent_detail(store: Store, d: dict, index: int, n_top: int = 20, row: dict | None = None,
+                  expl: list[dict] | None = None) -> dict:
+    """The latent's answer; `row` (its statistics) and `expl` (Q.latent_explanations) when the caller read them."""
     if not 0 <= index < d["n_latents"]:
         raise HTTPException(404, f"latent {index} out of range (dictionary {d['name']} has latents 0.."
                                  f"{d['n_latents'] - 1})")
-    with store.tx() as conn:
-        row = conn.execute(select(T_LATENT).where(T_LATENT.c.dictionary_pk == d["id"], T_LATENT.c.index == index))\
-            .mappings().first()
+    if row is None:
+        with store.tx() as conn:
+            row = conn.execute(select(T_LATENT).where(T_LATENT.c.dictionary_pk == d["id"],
+                                                      T_LATENT.c.index == index)).mappings().first()
     if row is None:
         raise HTTPException(404, f"latent {index} of {d['name']} has no statistics (not extracted)")
     ex = runtime.latent_examples(d, index, n_top=n_top)
-    expl = Q.latent_explanations(store, d["id"], index)
+    if expl is None:
+        expl = Q.latent_explanations(store, d["id"], index)
     for e in expl:
         e["usage"] = e["usage"] or {}
         for s in e["scores"]:
             s["metrics"], s["usage"] = s["metrics"] or {}, s["usage"] or {}
-    return {"dictionary": d["name"], "dictionary_pk": d["id"], **dict(row),
+    return {"dictionary": d["name"], "dictionary_pk": d["id"], "index": index, **dict(row),
             "hist_edges": ex["hist_edges"] if ex else None, "top": ex["top"] if ex else [],
             "quantiles": ex["quantiles"] if ex else [], "examples_available": ex is not None,
             "explanations": expl, "cost_usd": sum(e["total_cost_usd"] for e in expl)}
