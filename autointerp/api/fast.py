@@ -43,12 +43,14 @@ def _version_query(d, i):
 
 
 class RawQueries:
-    """The fast path's queries on one DBAPI connection of the store's engine, detached from its pool and kept for
-    this process: SQLAlchemy's per-statement work (pool checkout, BEGIN/COMMIT, result rows) cost several times the
-    queries themselves. Each statement is built and compiled by SQLAlchemy once (values bound, never formatted in),
-    and its columns go through the dialect's own result processors (JSON, booleans, datetimes), so rows read as
-    the store's queries read them. Autocommit: every statement sees the latest committed writes, and no read
-    transaction stays open (one would hold back SQLite's WAL checkpoints)."""
+    """The fast path's queries on a DBAPI connection of its own, kept for this process: SQLAlchemy's per-statement
+    work (pool checkout, BEGIN/COMMIT, result rows) cost several times the queries themselves. Each statement is
+    built and compiled by SQLAlchemy once (values bound, never formatted in), and its columns go through the
+    dialect's own result processors (JSON, booleans, datetimes), so rows read as the store's queries read them.
+    Autocommit: every statement sees the latest committed writes, and no read transaction stays open (one would hold
+    back SQLite's WAL checkpoints). The connection is one of the engine's (SQLite pragmas, dialect hooks applied),
+    detached from its pool, and queried on the event loop: one indexed lookup, cheaper than a thread hop (an
+    asynchronous psycopg connection measured no better on PostgreSQL)."""
 
     def __init__(self, store):
         self.store = store
@@ -56,16 +58,16 @@ class RawQueries:
         self.conn = None
         dialect = store.engine.dialect
         self.positional = dialect.positional
+        self.pg = store.dialect == "postgresql"
         d, i = bindparam("d", type_=Integer), bindparam("i", type_=Integer)
         self.stmts = {}
         for name, stmt in {
             "version": _version_query(d, i),
-            "latent": select(T_LATENT).where(T_LATENT.c.dictionary_pk == d, T_LATENT.c.index == i),
-            "explanations": select(T_EXPL).where(T_EXPL.c.dictionary_pk == d, T_EXPL.c.latent == i)
-                                          .order_by(T_EXPL.c.id),
-            "scores": select(T_SCORE).join(T_EXPL, T_EXPL.c.id == T_SCORE.c.explanation_id)
-                                     .where(T_EXPL.c.dictionary_pk == d, T_EXPL.c.latent == i)
-                                     .order_by(T_SCORE.c.scorer, T_SCORE.c.id),
+            # one round trip: each explanation once per score (or once, unscored), scores in (scorer, id) order
+            "explanations": select(*T_EXPL.c, *[c.label(f"s_{c.name}") for c in T_SCORE.c])
+                            .select_from(T_EXPL.outerjoin(T_SCORE, T_SCORE.c.explanation_id == T_EXPL.c.id))
+                            .where(T_EXPL.c.dictionary_pk == d, T_EXPL.c.latent == i)
+                            .order_by(T_EXPL.c.id, T_SCORE.c.scorer, T_SCORE.c.id),
         }.items():
             compiled = stmt.compile(dialect=dialect)
             cols = list(stmt.selected_columns)
@@ -76,15 +78,26 @@ class RawQueries:
     def _connect(self):
         raw = self.store.engine.raw_connection()  # set up by the engine (SQLite pragmas, dialect hooks)
         raw.detach()  # ours for good: closed by us, never handed back to the pool
-        conn = raw.dbapi_connection
-        if self.store.dialect == "postgresql":
-            conn.autocommit = True
-        return conn
+        if self.pg:
+            raw.dbapi_connection.autocommit = True
+        return raw.dbapi_connection
 
-    def rows(self, name: str, pk: int, index: int) -> list[dict]:
-        sql, order, keys, types = self.stmts[name]
+    def _args(self, name: str, pk: int, index: int):
+        sql, order, _, _ = self.stmts[name]
         params = {"d": pk, "i": index}
-        args = [params[k] for k in order] if self.positional else params
+        return sql, ([params[k] for k in order] if self.positional else params)
+
+    def _procs(self, name: str, description) -> list:
+        procs = self.procs.get(name)
+        if procs is None:  # some need the driver's column type (PostgreSQL numerics)
+            dialect = self.store.engine.dialect
+            procs = self.procs[name] = [t.result_processor(dialect, desc[1])
+                                        for t, desc in zip(self.stmts[name][3], description)]
+        return procs
+
+    def raw(self, name: str, pk: int, index: int) -> tuple[list, list, list[tuple]]:
+        """(column names, their result processors, the driver's rows)."""
+        sql, args = self._args(name, pk, index)
         with self.lock:
             for attempt in (0, 1):
                 try:
@@ -93,25 +106,30 @@ class RawQueries:
                     cur = self.conn.cursor()
                     try:
                         cur.execute(sql, args)
-                        raw = cur.fetchall()  # drained: the statement (and its snapshot) ends here
-                        procs = self.procs.get(name)
-                        if procs is None:  # some need the driver's column type (PostgreSQL numerics)
-                            dialect = self.store.engine.dialect
-                            procs = self.procs[name] = [t.result_processor(dialect, desc[1])
-                                                        for t, desc in zip(types, cur.description)]
+                        rows = cur.fetchall()  # drained: the statement (and its snapshot) ends here
+                        return self.stmts[name][2], self._procs(name, cur.description), rows
                     finally:
                         cur.close()
-                    break
                 except Exception:
-                    self.close()  # a dropped connection (a server restart): one fresh try
+                    self.close()  # a dropped connection: one fresh try
                     if attempt:
                         raise
-        return [{k: (v if p is None or v is None else p(v)) for k, p, v in zip(keys, procs, r)} for r in raw]
 
-    def version(self, pk: int, index: int) -> dict | None:
-        """The latent's version (raw values), or None when it has no statistics row."""
-        r = self.rows("version", pk, index)
-        return r[0] if r else None
+    def rows(self, name: str, pk: int, index: int) -> list[dict]:
+        keys, procs, raw = self.raw(name, pk, index)
+        return [self.processed(keys, procs, r) for r in raw]
+
+    @staticmethod
+    def processed(keys, procs, r) -> dict:
+        return {k: (v if p is None or v is None else p(v)) for k, p, v in zip(keys, procs, r)}
+
+    def version(self, pk: int, index: int) -> tuple[str, object] | None:
+        """(the latent's version: its driver values as text, a callable giving them as {column: value}), or None
+        when the latent has no statistics row. Compared as the driver returns them: nothing decoded on a hit."""
+        keys, procs, raw = self.raw("version", pk, index)
+        if not raw:
+            return None
+        return repr(raw[0]), lambda: self.processed(keys, procs, raw[0])
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -128,12 +146,15 @@ BASELINES = ("random", "token_frequency")
 def explanations(q: RawQueries, pk: int, index: int) -> list[dict]:
     """Every explanation of the latent with its scores, shaped and ordered as store.queries.latent_explanations
     (best LLM explanations first; a test holds the two equal)."""
-    ex = q.rows("explanations", pk, index)
-    by = {e["id"]: e for e in ex}
-    for e in ex:
-        e["scores"] = []
-    for s in q.rows("scores", pk, index):
-        by[s["explanation_id"]]["scores"].append(s)
+    by: dict[int, dict] = {}
+    for r in q.rows("explanations", pk, index):
+        e = by.get(r["id"])
+        if e is None:
+            e = by[r["id"]] = {k: v for k, v in r.items() if not k.startswith("s_")}
+            e["scores"] = []
+        if r["s_id"] is not None:
+            e["scores"].append({k[2:]: v for k, v in r.items() if k.startswith("s_")})
+    ex = list(by.values())
     for e in ex:
         vals = [s["value"] for s in e["scores"] if s["value"] is not None]
         e["mean_score"] = sum(vals) / len(vals) if vals else None
@@ -210,6 +231,7 @@ class FastLatent:
     async def _answer(self, scope):
         from fastapi import HTTPException
 
+        from . import runtime
         from .routes import latent_detail, lookup_dictionary, render_json
 
         p = scope["path_params"]
@@ -226,10 +248,10 @@ class FastLatent:
         if self.queries is None:
             self.queries = RawQueries(store)
         q = self.queries
-        v = q.version(d["id"], index)  # read before the body is built (the module's docstring says why)
-        if v is None or index >= v["d_n_latents"]:
+        got = q.version(d["id"], index)  # read before the body is built (the module's docstring says why)
+        if got is None or index >= d["n_latents"]:
             return None
-        version = repr(sorted(v.items()))
+        version, values = got
         key = (d["id"], index, n_top)
         hit = self.cache.get(key, version)
         if hit is not None:
@@ -238,10 +260,13 @@ class FastLatent:
         else:
             self.misses += 1
             # the dictionary and statistics as of this version (the 5 s lookup cache could be older)
+            v = values()
             dct = {**d, **{k[2:]: val for k, val in v.items() if k.startswith("d_")}}
+            if index >= dct["n_latents"]:
+                return None
             row = {c.name: v[c.name] for c in T_LATENT.c if c.name not in ("dictionary_pk", "index")}
             expl = explanations(q, d["id"], index)
-            if dct.get("cache_path"):  # examples: memory-mapped reads and token decoding, off the event loop
+            if runtime.open_cache(dct) is not None:  # examples: memory-mapped reads, token decoding: off the loop
                 data = await run_in_threadpool(latent_detail, store, dct, index, n_top, row, expl)
             else:
                 data = latent_detail(store, dct, index, n_top, row, expl)
