@@ -6,6 +6,7 @@ first time it is asked for, under the autointerp cache folder; later runs load i
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -88,14 +89,23 @@ def run_demo(out: Path, *, n_tokens: int = 60_000, n_latents: int = 8, explainer
     from .subject import load_subject
 
     step = _Steps(7, echo)
-    step("subject model: SmolLM2-135M (the first run dequantizes the packaged GGUF once)")
-    subject = load_subject("builtin:smollm2")
-    step("two demo SAEs on resid_post.15 (2048 latents, TopK 32; seeds 0 and 1), trained once and cached")
-    a = ensure_demo_dictionary(subject, progress=progress, seeds=(0, 1))
-    b = demo_dictionary_path(1) / DEMO_HOOKPOINT
-    step(f"extraction: both SAEs in one forward pass over {n_tokens} tokens (reused when done)")
-    cache_a, cache_b = extract(subject, [str(a), str(b)], None, "builtin", out, n_tokens=n_tokens,
-                               progress=progress)
+    reused = _reusable_caches(out, n_tokens)
+    if reused:  # a second run: no model to load, nothing to train or extract
+        step("subject model: not needed (the demo's SAEs and caches are done)")
+        step("two demo SAEs on resid_post.15 (2048 latents, TopK 32; seeds 0 and 1): reused")
+        step(f"extraction over {n_tokens} tokens: reused ({reused[0].path.parent})")
+        cache_a, cache_b = reused
+    else:
+        step("subject model: SmolLM2-135M (the first run dequantizes the packaged GGUF once)")
+        subject = load_subject("builtin:smollm2")
+        step("two demo SAEs on resid_post.15 (2048 latents, TopK 32; seeds 0 and 1), trained once and cached")
+        a = ensure_demo_dictionary(subject, progress=progress, seeds=(0, 1))
+        b = demo_dictionary_path(1) / DEMO_HOOKPOINT
+        step(f"extraction: both SAEs in one forward pass over {n_tokens} tokens (reused when done)")
+        cache_a, cache_b = extract(subject, [str(a), str(b)], None, "builtin", out, n_tokens=n_tokens,
+                                   progress=progress)
+        _state_file(out).write_text(json.dumps({"want": _state_key(n_tokens),
+                                                "caches": [str(cache_a.path), str(cache_b.path)]}))
     store = open_store()
     da, db = store.register_cache(cache_a, name="demo"), store.register_cache(cache_b, name="demo-seed1")
     common = {"dictionary": str(cache_a.path), "n_latents": n_latents, "scorers": DEMO_SCORERS,
@@ -122,6 +132,32 @@ def run_demo(out: Path, *, n_tokens: int = 60_000, n_latents: int = 8, explainer
             "comparison": comparison, "elapsed_s": time.perf_counter() - step.t0}
 
 
+def _state_file(out: Path) -> Path:
+    return Path(out) / "demo-state.json"
+
+
+def _state_key(n_tokens: int) -> dict:
+    return {"demo": DEMO, "hookpoint": DEMO_HOOKPOINT, "n_tokens": n_tokens,
+            "dictionaries": [str(demo_dictionary_path(sd)) for sd in (0, 1)]}
+
+
+def _reusable_caches(out: Path, n_tokens: int):
+    """The two finished caches of an earlier run with the same settings (their SAEs still on disk), else None.
+    Loading the subject model alone takes longer than the rest of a second run."""
+    from .cache import LatentCache
+
+    try:
+        state = json.loads(_state_file(out).read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("want") != _state_key(n_tokens) or any(_trained(demo_dictionary_path(sd)) is None for sd in (0, 1)):
+        return None
+    paths = [Path(p) for p in state.get("caches", [])]
+    if len(paths) != 2 or not all((p / "manifest.json").is_file() for p in paths):
+        return None
+    return [LatentCache(p) for p in paths]
+
+
 def compare_demo(store, a: dict, b: dict) -> dict:
     """The two seeds compared by their decoders/encoders (Paulo & Belrose's shared latents) and by the meaning of
     their explanations: {method: (summary, comparison id)}."""
@@ -129,6 +165,30 @@ def compare_demo(store, a: dict, b: dict) -> dict:
 
     out = {}
     for method in ("decoder", "embedding"):
-        r = compare(store, a["name"], b["name"], method)
-        out[method] = (r["summary"], r["id"])
+        out[method] = _stored_comparison(store, a, b, method)
+        if out[method] is None:
+            r = compare(store, a["name"], b["name"], method)
+            out[method] = (r["summary"], r["id"])
     return out
+
+
+def _stored_comparison(store, a: dict, b: dict, method: str):
+    """(summary, id) of the newest stored comparison of a and b by `method` that is still current (by meaning: no
+    explanation of either dictionary is newer), else None."""
+    from sqlalchemy import func, select
+
+    from .store.tables import Comparison, Explanation
+
+    c, e = Comparison.__table__, Explanation.__table__
+    with store.tx() as conn:
+        row = conn.execute(select(c.c.id, c.c.summary, c.c.created)
+                           .where(c.c.dictionary_a == a["id"], c.c.dictionary_b == b["id"], c.c.method == method)
+                           .order_by(c.c.id.desc()).limit(1)).first()
+        if row is None:
+            return None
+        if method == "embedding":
+            newest = conn.execute(select(func.max(e.c.created))
+                                  .where(e.c.dictionary_pk.in_([a["id"], b["id"]]))).scalar()
+            if newest is not None and newest > row.created:
+                return None
+    return row.summary, row.id
