@@ -116,6 +116,8 @@ def test_etag_answers_304_until_the_latent_changes(fast_env):
     s, h304, raw = _get(fast_env, i, headers={"If-None-Match": etag})
     assert s == 304 and raw == b"" and h304["etag"] == etag
     assert _get(fast_env, i, "?n_top=3", headers={"If-None-Match": etag})[0] == 200  # another n_top, another tag
+    assert _get(fast_env, i, headers={"If-None-Match": f'"other", {etag}'})[0] == 304
+    assert _get(fast_env, i, headers={"If-None-Match": "*"})[0] == 304
     with store.tx(write=True) as conn:
         store.insert_explanation(conn, _expl(pk, i, "third", "changed"))
     s, h2, body2 = _get(fast_env, i, headers={"If-None-Match": etag})

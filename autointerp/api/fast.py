@@ -6,7 +6,9 @@ row, and the count and largest id of its explanations and of their scores (expla
 inserted, with growing ids, so any write another process makes to this latent changes the version). A cached body is
 served only when its version equals the store's current one. A body is built *after* its version is read, so it is
 never older than the version it is stored under: a write landing in between makes the next request miss, never
-serve stale data. The version also gives the ETag (If-None-Match: 304).
+serve stale data. The version also gives the ETag (If-None-Match: 304). Not versioned: the files of the extraction
+cache (examples), written once per extraction; a re-extraction into the same folder that left every statistic and
+the dictionary row unchanged would show its new examples after a restart, as runtime.py's opened caches already do.
 
 Everything unusual (other query parameters, read keys required, an unknown dictionary or latent, an error) is handed
 to the FastAPI route itself, so errors and validation read exactly as everywhere else in the API.
@@ -274,7 +276,7 @@ class FastLatent:
             etag = b'"' + hashlib.blake2b(f"{key}{version}".encode(), digest_size=12).hexdigest().encode() + b'"'
             self.cache.put(key, version, etag, body)
         for k, val in scope.get("headers", []):
-            if k == b"if-none-match" and etag in [t.strip() for t in val.split(b",")]:
+            if k == b"if-none-match" and any(t.strip() in (etag, b"*") for t in val.split(b",")):
                 return 304, [(b"etag", etag)], b""
         return 200, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                      (b"etag", etag), (b"cache-control", b"no-cache")], body
