@@ -5,6 +5,9 @@ activating token), `cot` (reasons step by step first), `contrastive` (also shows
 is silent). Baselines: `random` (another latent's explanation, deterministic per seed) and `token_frequency`
 ("fires on: a, b, …" from the most frequent activating tokens).
 
+Every kind sees the explainer windows as display windows (`SamplingConfig.display_ctx` tokens around each window's
+peak, the same view the detection and fuzzing judges get; see autointerp.sampling).
+
 Hardening: examples are escaped by `formatting` (no `<<`/`>>` or answer marker can come from example text), and
 the answer is read after the LAST `[EXPLANATION]:` marker; without a marker the last non-empty line is used and
 the result says `parsed=False`.
@@ -98,7 +101,7 @@ def build_messages(record: LatentRecord, sample: LatentSample, kind: str, config
     """(messages, prompt_version, window ids used) for an LLM explainer kind."""
     tpl = load_prompt(_prompt_name(kind), _VARS[kind], config.prompt_dir)
     thr = config.threshold * sample.max_act
-    ex = sample.explain
+    ex = sample.shown("explain")
     lines = []
     for toks, acts in zip(ex.tokens, ex.acts):
         strs = record.token_strings(toks)
@@ -109,18 +112,20 @@ def build_messages(record: LatentRecord, sample: LatentSample, kind: str, config
     values = {"examples": numbered(lines)}
     used = [int(i) for i in ex.window_ids]
     if kind == "contrastive":
-        neg = sample.explain_negatives
+        neg = sample.shown("explain_negatives")
         values["negatives"] = numbered([render_tokens(record.token_strings(t)) for t in neg.tokens]) or "(none)"
         used += [int(i) for i in neg.window_ids]
     return tpl.render(**values), tpl.version, tuple(used)
 
 
 def token_frequency_explanation(record: LatentRecord, sample: LatentSample, threshold: float, n: int) -> str:
-    """'fires on: a, b, …' — activating tokens by count in the explainer set (ties: total activation, text)."""
+    """'fires on: a, b, …' — activating tokens by count in the explainer set as displayed (what an LLM explainer
+    sees; ties: total activation, text)."""
     count: Counter = Counter()
     mass: Counter = Counter()
     thr = threshold * sample.max_act
-    for toks, acts in zip(sample.explain.tokens, sample.explain.acts):
+    shown = sample.shown("explain")
+    for toks, acts in zip(shown.tokens, shown.acts):
         strs = record.token_strings(toks)
         for k in np.flatnonzero(highlight_mask(acts, thr)):
             t = " ".join(strs[k].split())
@@ -159,7 +164,9 @@ async def explain(
         return Explanation(record.latent, text, kind, "", "", seed)
 
     if sample is None:
-        sample = sample_latent(record, config.sampling, seed, pool=config.pool)
+        # only the contrastive kind shows negatives: the others skip embedding the explainer windows for them
+        sample = sample_latent(record, config.sampling, seed, pool=config.pool,
+                               explain_negatives=kind == "contrastive")
     if isinstance(sample, Skipped):
         return sample
     used = tuple(int(i) for i in sample.explain.window_ids)

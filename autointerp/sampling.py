@@ -11,17 +11,28 @@ deterministic per (seed, latent); random picks take the windows with the smalles
 excluding windows that were not picked changes no pick (every explainer of a latent faces the same test set).
 A latent with too few examples gives `Skipped(reason)`, never a score.
 
-Embeddings: `NegativePool` embeds the shared pool once (text -> unit vector, keyed by window id) and caches every
-other window it is asked about, so each window is embedded at most once per run; the per-latent work is one
-[n_neg, n_test] matrix product.
+Display windows. Prompts show `display_ctx` tokens of each stored window (`LatentSample.shown`): an activating
+window is cropped around its peak (the first token at its max activation), which lands at a position drawn from
+[display_ctx/4, display_ctx) by a per-(seed, window) hash, so at least a quarter of the crop is preceding context
+(what the latent reads) and the peak's position varies from window to window; a negative is cropped at an offset
+drawn by the same hash. A crop never moves a window in or out of any set: ids, leakage checks and picks are those
+of the whole windows, and a window's max activation (decile, highlight thresholds) is kept, since the peak is in.
+
+Embeddings: `NegativePool` embeds the shared pool once (whole windows: text -> unit vector, keyed by window id).
+Hard negatives are the pool windows most similar to the activating test windows, each of which stands as its
+whole-window vector when it is one of the pool's windows (free), else as its display crop's (embedded on first use
+and kept in a bounded cache, so the explainer's and the scorers' samplings of one latent embed it once): the
+per-latent work is at most n_test short texts and one [n_neg, n_test] matrix product. The explainer windows are
+embedded only when the contrastive explainer's negatives are asked for (`explain_negatives=True`).
 """
 
 from __future__ import annotations
 
 import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -57,6 +68,10 @@ class SamplingConfig:
     min_explain: int = 5
     min_test: int = 10
     min_negatives: int = 10
+    # tokens of each window that prompts show (and hard negatives compare); 0 = the whole stored window.
+    # 32 (delphi's example length): 28.7k prompt characters per latent at 64-token windows, 39.8k at 48, 51.8k
+    # whole (issue 10's target: <= 35k); it keeps 80% of the fuzzing highlights (bench/llm_calls.py)
+    display_ctx: int = 32
 
     def __post_init__(self):
         if self.explain_from not in EXPLAIN_FROM:
@@ -65,6 +80,8 @@ class SamplingConfig:
             raise ConfigError(f"hard_negative_fraction={self.hard_negative_fraction}: expected 0..1")
         if self.n_quantiles < 1 or min(self.n_explain, self.n_test, self.n_negatives, self.n_explain_negatives) < 0:
             raise ConfigError("sampling sizes must be >= 0 and n_quantiles >= 1")
+        if self.display_ctx < 0 or 0 < self.display_ctx < 4:
+            raise ConfigError(f"display_ctx={self.display_ctx}: expected 0 (whole windows) or >= 4 tokens")
 
 
 @dataclass
@@ -79,6 +96,12 @@ class LatentSample:
     negative_is_hard: np.ndarray  # [n_negatives] bool
     explain_negatives: Examples  # contrastive explainer only
     n_quantiles: int = 10
+    display_ctx: int = 0  # 0: prompts show whole windows
+
+    def shown(self, part: str) -> Examples:
+        """`part` ("explain", "test", "negatives", "explain_negatives") as prompts show it: display windows."""
+        ex = getattr(self, part)
+        return display_view(ex, self.display_ctx, self.seed, activating=part in ("explain", "test"))
 
     @property
     def explain_ids(self) -> set[int]:
@@ -111,6 +134,29 @@ def window_keys(window_ids: np.ndarray, seed: int, latent: int, salt: str) -> np
         return x ^ (x >> np.uint64(31))
 
 
+def display_starts(ex: Examples, length: int, seed: int, *, activating: bool) -> np.ndarray:
+    """First token of each window's display crop of `length` tokens (see the module docstring)."""
+    n, ctx = ex.tokens.shape
+    if not length or length >= ctx or not n:
+        return np.zeros(n, np.int64)
+    h = window_keys(ex.window_ids, seed, 0, "display")
+    if not activating:
+        return (h % np.uint64(ctx - length + 1)).astype(np.int64)
+    lo = length // 4
+    at = lo + (h % np.uint64(length - lo)).astype(np.int64)  # the peak's position inside the crop
+    return np.clip(np.argmax(ex.acts, axis=1) - at, 0, ctx - length)
+
+
+def display_view(ex: Examples, length: int, seed: int, *, activating: bool) -> Examples:
+    """The windows cropped to `length` tokens (whole windows when `length` is 0 or not shorter)."""
+    n, ctx = ex.tokens.shape
+    if not length or length >= ctx:
+        return ex
+    cols = display_starts(ex, length, seed, activating=activating)[:, None] + np.arange(length)
+    rows = np.arange(n)[:, None]
+    return Examples(ex.window_ids, ex.tokens[rows, cols], ex.acts[rows, cols])
+
+
 def _smallest(keys: np.ndarray, among: np.ndarray, k: int) -> np.ndarray:
     """The k members of `among` (indices) with the smallest keys, sorted by index."""
     return np.sort(among[np.argsort(keys[among], kind="stable")[:k]])
@@ -120,14 +166,18 @@ def _smallest(keys: np.ndarray, among: np.ndarray, k: int) -> np.ndarray:
 
 
 class NegativePool:
-    """Window embeddings keyed by window id: the pool is embedded once at build, other windows on first use.
+    """Window embeddings: the pool is embedded once at build, other windows on first use.
 
+    Keys: a window id (the whole window; kept for the run) or a tuple such as (window id, start, stop) for a display
+    crop (kept in a bounded LRU of `max_crops` vectors: crops are per latent, so keeping all would grow without
+    bound over a million-latent job).
     `embed_fn(texts) -> [n, d]` unit vectors; defaults to `autointerp.embedder.embed` with the sentence embedder
     `embedder` (None: $AUTOINTERP_EMBEDDER or the local MiniLM). `embedder` names the vectors' space: a scorer that
     embeds with another model must not mix its vectors with these.
     """
 
-    def __init__(self, embed_fn: Callable[[list[str]], np.ndarray] | None = None, embedder: str | None = None):
+    def __init__(self, embed_fn: Callable[[list[str]], np.ndarray] | None = None, embedder: str | None = None,
+                 max_crops: int = 20_000):
         if embed_fn is None:
             from .embedder import embed
 
@@ -138,6 +188,9 @@ class NegativePool:
         self._index: dict[int, int] = {}
         self._blocks: list[np.ndarray] = []
         self._mat: np.ndarray | None = None
+        self._crops: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._built: frozenset[int] = frozenset()  # the pool's own windows (what it was built with)
+        self.max_crops = max_crops
         self._lock = threading.Lock()
         self.n_embedded = 0  # texts sent to embed_fn (tests check the pool is not re-embedded)
 
@@ -146,6 +199,7 @@ class NegativePool:
                    embedder: str | None = None) -> "NegativePool":
         pool = cls(embed_fn, embedder)
         pool.add(window_ids, texts)
+        pool._built = frozenset(pool._index)
         return pool
 
     @classmethod
@@ -159,6 +213,7 @@ class NegativePool:
         """Reuse embeddings computed elsewhere (e.g. saved with the cache), made with `embedder`."""
         pool = cls(embed_fn, embedder)
         pool._insert([int(i) for i in window_ids], np.asarray(matrix, np.float32))
+        pool._built = frozenset(pool._index)
         return pool
 
     def __len__(self) -> int:
@@ -166,6 +221,11 @@ class NegativePool:
 
     def __contains__(self, window_id: int) -> bool:
         return int(window_id) in self._index
+
+    def built_with(self, window_id: int) -> bool:
+        """Whether the window is one of the pool's own (embedded whole at build), not one added since: a fixed
+        set, so what depends on it does not depend on what a process happened to embed before."""
+        return int(window_id) in self._built
 
     def _insert(self, ids: list[int], vecs: np.ndarray) -> None:
         with self._lock:
@@ -178,31 +238,62 @@ class NegativePool:
                 self._blocks.append(np.stack([v for _, v in new]).astype(np.float32))
                 self._mat = None
 
-    def add(self, window_ids: Iterable[int], texts: Sequence[str]) -> None:
-        ids = [int(i) for i in window_ids]
-        todo = [(i, t) for i, t in zip(ids, texts) if i not in self._index]
-        # one embedding per distinct id even when an id repeats in the input
-        todo = list({i: t for i, t in todo}.items())
+    def _known(self, key) -> bool:
+        return key in self._crops if isinstance(key, tuple) else key in self._index
+
+    def _embed_new(self, keys: list, texts: Sequence[str]) -> dict:
+        """Embed the keys not known yet (once per distinct key); {key: vector} of what was embedded."""
+        todo = list({k: t for k, t in zip(keys, texts) if not self._known(k)}.items())
         if not todo:
-            return
+            return {}
         vecs = np.asarray(self._embed([t for _, t in todo]), np.float32)
         self.n_embedded += len(todo)
-        self._insert([i for i, _ in todo], vecs)
+        self._insert([k for k, _ in todo if not isinstance(k, tuple)],
+                     np.asarray([v for (k, _), v in zip(todo, vecs) if not isinstance(k, tuple)], np.float32))
+        out = {k: v for (k, _), v in zip(todo, vecs)}
+        with self._lock:
+            for k, v in out.items():
+                if isinstance(k, tuple):
+                    self._crops[k] = v
+            while len(self._crops) > self.max_crops:
+                self._crops.popitem(last=False)
+        return out
 
-    def matrix(self, window_ids: Sequence[int], texts: Callable[[list[int]], list[str]] | None = None) -> np.ndarray:
-        """Rows for these ids; ids not yet known are embedded via `texts(missing_ids)` and cached."""
-        ids = [int(i) for i in window_ids]
-        missing = [i for i in ids if i not in self._index]
+    def add(self, window_ids: Iterable, texts: Sequence[str]) -> dict:
+        """Embed what is not known yet; {key: vector} of what was embedded now."""
+        return self._embed_new([_norm_key(i) for i in window_ids], texts)
+
+    def matrix(self, window_ids: Sequence, texts: Callable[[list], list[str]] | None = None) -> np.ndarray:
+        """Rows for these keys; keys not yet known are embedded via `texts(missing_keys)` and cached."""
+        keys = window_ids.tolist() if isinstance(window_ids, np.ndarray) else [_norm_key(i) for i in window_ids]
+        missing = list(dict.fromkeys(k for k in keys if not self._known(k)))
+        fresh = {}
         if missing:
             if texts is None:
                 raise KeyError(f"window ids not in the embedding pool: {missing[:5]}")
-            self.add(missing, texts(missing))
+            fresh = self.add(missing, texts(missing)) or {}
         with self._lock:
             if self._mat is None:
                 self._mat = np.concatenate(self._blocks) if self._blocks else np.zeros((0, 0), np.float32)
                 self._blocks = [self._mat]
             mat = self._mat
-        return mat[[self._index[i] for i in ids]]
+            if not any(isinstance(k, tuple) for k in keys):
+                return mat[[self._index[k] for k in keys]]
+            rows = []
+            for k in keys:
+                if isinstance(k, tuple):
+                    v = fresh.get(k)
+                    if v is None:
+                        v = self._crops[k]
+                        self._crops.move_to_end(k)
+                    rows.append(v)
+                else:
+                    rows.append(mat[self._index[k]])
+        return np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, mat.shape[1]), np.float32)
+
+
+def _norm_key(k) -> Hashable:
+    return tuple(int(x) for x in k) if isinstance(k, (tuple, list)) else int(k)
 
 
 _BLAS = None
@@ -227,6 +318,28 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _decode(decode, tokens) -> list[str]:
     return [str(int(t)) for t in tokens] if decode is None else list(decode([int(t) for t in tokens]))
+
+
+def _shown_matrix(pool: NegativePool, record: LatentRecord, ex: Examples, length: int, seed: int,
+                  activating: bool) -> np.ndarray:
+    """Embeddings standing for the windows: a pool window's whole-window vector (embedded once at build: free),
+    else the display crop's, keyed (id, start, stop) and embedded on first use (half the text of a 64-token
+    window, and the part of it around the peak that prompts show)."""
+    starts = display_starts(ex, length, seed, activating=activating)
+    whole = not length or length >= ex.tokens.shape[1]
+    keys: list = [int(w) if whole or pool.built_with(w) else (int(w), int(a), int(a) + length)
+                  for w, a in zip(ex.window_ids, starts)]
+    row = {k: r for r, k in enumerate(keys)}
+
+    def texts(missing: list) -> list[str]:
+        out = []
+        for k in missing:
+            r = row[k]
+            a, b = (k[1], k[2]) if isinstance(k, tuple) else (0, ex.tokens.shape[1])
+            out.append(plain_text(record.token_strings(ex.tokens[r, a:b])))
+        return out
+
+    return pool.matrix(keys, texts)
 
 
 def _texts_for(record: LatentRecord, ex: Examples) -> Callable[[list[int]], list[str]]:
@@ -282,9 +395,11 @@ def sample_latent(
     *,
     pool: NegativePool | None = None,
     exclude_ids: Iterable[int] = (),
+    explain_negatives: bool = True,
 ) -> LatentSample | Skipped:
     """The explainer/test/negative sets of one latent. `exclude_ids` (e.g. the window ids an explanation was
-    made from) never enter the test set, whatever config produced them."""
+    made from) never enter the test set, whatever config produced them. `explain_negatives=False` leaves the
+    contrastive explainer's negatives empty (and the explainer windows unembedded); no other set changes."""
     cfg = config
     keys = lambda ex, salt: window_keys(ex.window_ids, seed, record.latent, salt)  # noqa: E731
     n_q = cfg.n_quantiles
@@ -339,10 +454,14 @@ def sample_latent(
         return Skipped(f"{n_neg_avail} non-activating pool windows (need {cfg.min_negatives})", record.latent)
     n_neg = min(cfg.n_negatives, n_neg_avail)
     n_hard = int(round(n_neg * cfg.hard_negative_fraction)) if pool is not None else 0
-    sims = None
-    if pool is not None and (n_hard or cfg.n_explain_negatives):
+    d = cfg.display_ctx
+    k_expl = min(cfg.n_explain_negatives, n_neg_avail - n_neg) if explain_negatives else 0
+    neg_m, sims = None, None
+    if pool is not None and (n_hard or k_expl):
+        # whole pool windows (embedded once per run) against the test windows as displayed
         neg_m = pool.matrix(neg_cand.window_ids, _texts_for(record, neg_cand))
-        sims = _dot(neg_m, pool.matrix(test.window_ids, _texts_for(record, test)).T)  # [n_cand, n_test]
+    if n_hard:
+        sims = _dot(neg_m, _shown_matrix(pool, record, test, d, seed, True).T)  # [n_cand, n_test]
     chosen = np.zeros(0, np.int64)
     if n_hard:
         score = sims.max(axis=1)
@@ -356,11 +475,11 @@ def sample_latent(
 
     # contrastive negatives: from what the test set left, hard w.r.t. the explainer windows when possible
     left = np.setdiff1d(np.arange(n_neg_avail), neg_idx)
-    k = min(cfg.n_explain_negatives, len(left))
+    k = k_expl
     if k and pool is not None:
         sub = neg_cand.take(left)
-        e_m = pool.matrix(explain.window_ids, _texts_for(record, explain))
-        s = _dot(pool.matrix(sub.window_ids, _texts_for(record, sub)), e_m.T).max(axis=1)
+        e_m = _shown_matrix(pool, record, explain, d, seed, True)
+        s = _dot(neg_m[left], e_m.T).max(axis=1)
         e_idx = left[np.lexsort((sub.window_ids, -s))[:k]]
     else:
         e_idx = _smallest(neg_keys, left, k)
@@ -377,6 +496,7 @@ def sample_latent(
         negative_is_hard=is_hard,
         explain_negatives=explain_neg,
         n_quantiles=n_q,
+        display_ctx=d,
     )
     check_disjoint(out.explain_ids | exclude, out.test_ids, record.latent)
     return out

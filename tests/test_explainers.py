@@ -214,3 +214,41 @@ def test_contrastive_shows_hard_negatives(world, srv):
     # and exactly the most similar of what the test negatives left over (those are never shown to the explainer)
     left = [i for i in rest if i not in {int(w) for w in s.negatives.window_ids}]
     assert chosen_sim.min() >= sim(left).max()
+
+
+# ------------------------------------------------------------------------------------------------ display windows
+
+
+class CountingEmbed:
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, texts):
+        self.texts += list(texts)
+        return bag_of_words_embed(texts)
+
+
+@pytest.mark.parametrize("kind", ["default", "contrastive"])
+def test_explainer_sees_display_windows(srv, kind):
+    """48-token windows, display_ctx 16: the prompt's examples are the 16-token display windows with the peak
+    highlighted; the rule judge still names the triggers. Only the contrastive kind embeds explainer windows."""
+    w = make_world(n_latents=2, ctx=48)
+    emb = CountingEmbed()
+    pool = NegativePool.from_examples(w.examples(0, w.pool_ids), w.decode, emb)
+    n0 = len(emb.texts)
+    rec = w.record(1)
+    cfg = ExplainConfig(sampling=SamplingConfig(display_ctx=16), pool=pool)
+    e = run_explain(srv, rec, kind=kind, config=cfg, seed=0)
+    assert isinstance(e, Explanation) and rule_words(e.text) == {x.lower() for x in trigger_set(1)}
+    s = sample_latent(rec, cfg.sampling, 0, pool=pool, explain_negatives=kind == "contrastive")
+    user = build_messages(rec, s, kind, cfg)[0][-1].content
+    lines = [ln.split(": ", 1)[1] for ln in user.split("\n") if ln.startswith("Example ")]
+    assert len(lines) == len(s.explain) + len(s.explain_negatives) and lines
+    assert all(len(ln.replace("<<", " ").replace(">>", " ").split()) == 16 for ln in lines)
+    shown = s.shown("explain")
+    for line, toks, acts in zip(lines, shown.tokens, shown.acts):
+        assert line == render_tokens(rec.token_strings(toks), highlight_mask(acts, cfg.threshold * s.max_act))
+        assert "<<" in line  # the peak is displayed
+    crops_of_explainer = sum(not pool.built_with(i) for i in s.explain.window_ids.tolist())
+    crops_of_test = sum(not pool.built_with(i) for i in s.test.window_ids.tolist())
+    assert len(emb.texts) - n0 == crops_of_test + (crops_of_explainer if kind == "contrastive" else 0)

@@ -502,3 +502,46 @@ def test_end_to_end_with_the_real_local_model(cache):
     assert det["skipped"] is None and m["n"] == len(examples) > 0
     assert m["n_failed"] == sum(e["pred"] is None for e in examples) == 0
     assert 0.0 <= m["balanced_accuracy"] <= 1.0 and 0.0 <= m["auc"] <= 1.0
+
+
+def test_identity_holds_display_windows_and_scorer_defaults(monkeypatch):
+    """Display windows change what the explainer and the judges see: another display_ctx is another explanation
+    and score. A scorer default (e.g. detection's batch size) is in the identity as the value it has, so a changed
+    default never reads as 'already done', and spelling out the default changes nothing."""
+    from autointerp.jobs.spec import digest, explain_identity, score_identity
+    from autointerp.scorers import detection
+
+    def keys(**kw):
+        spec = JobSpec(dictionary="d", scorers=["detection", "fuzzing"], **kw)
+        ek = digest(explain_identity(spec, "dict-key"))
+        return ek, {s: digest(score_identity(spec, s, ek)) for s in spec.scorers}
+
+    base = keys()
+    assert SamplingConfig().display_ctx == 32
+    other = keys(sampling={"display_ctx": 0})
+    assert other[0] != base[0] and other[1]["detection"] != base[1]["detection"]
+    assert keys(scorer_options={"detection": {"batch_size": detection.DetectionConfig().batch_size}}) == base
+
+    @dataclasses.dataclass(frozen=True)
+    class OtherDefault(detection.DetectionConfig):
+        batch_size: int = 7
+
+    monkeypatch.setattr(detection, "Config", OtherDefault)
+    changed = keys()
+    assert changed[0] == base[0] and changed[1]["detection"] != base[1]["detection"]
+    assert changed[1]["fuzzing"] == base[1]["fuzzing"]
+
+
+def test_job_context_decodes_each_token_id_once():
+    from autointerp.jobs.context import token_decoder
+
+    class Tok:
+        calls = 0
+
+        def decode(self, ids):
+            Tok.calls += 1
+            return f"<{ids[0]}>"
+
+    decode = token_decoder(Tok())
+    assert decode([5, 7, 5]) == ["<5>", "<7>", "<5>"] and decode([7, 7]) == ["<7>", "<7>"]
+    assert Tok.calls == 2

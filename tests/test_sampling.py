@@ -213,3 +213,119 @@ def test_excluding_unpicked_windows_keeps_every_pick(world):
     assert ids(s.test) == ids(base.test) and ids(s.negatives) == ids(base.negatives)
     assert (s.negative_is_hard == base.negative_is_hard).all()
     assert not set(excl) & s.test_ids
+
+
+# ------------------------------------------------------------------------------------------------ display windows
+
+
+@pytest.fixture(scope="module")
+def world48():
+    return make_world(n_latents=3, ctx=48)
+
+
+def _slice_of(whole: np.ndarray, part: np.ndarray) -> int | None:
+    """The start at which `part` is a contiguous slice of `whole` (None if it is not one)."""
+    for a in range(len(whole) - len(part) + 1):
+        if (whole[a:a + len(part)] == part).all():
+            return a
+    return None
+
+
+def test_display_windows_crop_activating_windows_around_their_peak(world48):
+    rec = world48.record(0)
+    s = sample_latent(rec, SamplingConfig(display_ctx=16), seed=2)
+    assert s.display_ctx == 16
+    for part in ("explain", "test"):
+        whole, shown = getattr(s, part), s.shown(part)
+        assert shown.tokens.shape == shown.acts.shape == (len(whole), 16)
+        assert (shown.window_ids == whole.window_ids).all()
+        # the peak is displayed, so the window's max (decile, highlight thresholds) is unchanged
+        assert (shown.max_acts == whole.max_acts).all()
+        peaks = []
+        for w_tok, w_act, s_tok, s_act in zip(whole.tokens, whole.acts, shown.tokens, shown.acts):
+            a = _slice_of(w_act, s_act)
+            assert a is not None and (w_tok[a:a + 16] == s_tok).all()
+            peak = int(np.argmax(w_act)) - a
+            assert min(4, int(np.argmax(w_act))) <= peak < 16  # at least a quarter of preceding context
+            peaks.append(peak)
+        assert len(set(peaks)) > 3  # the peak's position varies (no fixed-position cue)
+    again = sample_latent(rec, SamplingConfig(display_ctx=16), seed=2)
+    assert (again.shown("test").tokens == s.shown("test").tokens).all()  # deterministic
+
+
+def test_display_windows_of_negatives_are_seeded_per_window(world48):
+    cfg = SamplingConfig(display_ctx=16)
+    a, b = sample_latent(world48.record(0), cfg, seed=1), sample_latent(world48.record(1), cfg, seed=1)
+    na, nb = a.shown("negatives"), b.shown("negatives")
+    common = set(na.window_ids.tolist()) & set(nb.window_ids.tolist())
+    assert common
+    ra, rb = ({int(w): t for w, t in zip(n.window_ids, n.tokens)} for n in (na, nb))
+    assert all((ra[w] == rb[w]).all() for w in common)  # the same window looks the same for every latent
+    starts = {_slice_of(world48.windows[int(w)], t) for w, t in ra.items()}
+    assert None not in starts and len(starts) > 5  # offsets spread over the window
+
+
+def test_display_ctx_changes_no_set(world48):
+    rec = world48.record(1)
+    whole = sample_latent(rec, SamplingConfig(display_ctx=0), seed=0)
+    cropped = sample_latent(rec, SamplingConfig(display_ctx=16), seed=0)
+    for part in ("explain", "test", "negatives", "explain_negatives"):
+        assert (getattr(whole, part).window_ids == getattr(cropped, part).window_ids).all()
+    # 0, or a length not shorter than the stored windows, shows whole windows
+    for d in (0, 48, 64):
+        s = sample_latent(rec, SamplingConfig(display_ctx=d), seed=0)
+        assert s.shown("test").tokens.shape[1] == 48 and (s.shown("test").tokens == s.test.tokens).all()
+    for bad in (-1, 2):
+        with pytest.raises(ConfigError, match="display_ctx"):
+            SamplingConfig(display_ctx=bad)
+
+
+def test_hard_negatives_embed_only_the_test_crops(world48):
+    """Per latent, only the display crops of the test windows that are not pool windows are embedded (shorter
+    texts than whole windows), once for every sampling of the latent; no explainer window unless asked for."""
+    emb = CountingEmbed()
+    pool = NegativePool.from_examples(world48.examples(0, world48.pool_ids), world48.decode, emb)
+    n0 = len(emb.texts)
+    rec = world48.record(0)
+    cfg = SamplingConfig(display_ctx=16)
+    s = sample_latent(rec, cfg, seed=0, pool=pool, explain_negatives=False)
+    assert s.negative_is_hard.sum() == 25 and len(s.explain_negatives) == 0
+    new = emb.texts[n0:]
+    outside = [w for w in s.test.window_ids.tolist() if not pool.built_with(w)]
+    assert outside
+    assert len(new) == len(outside)
+    assert all(len(t.split()) == 16 for t in new)  # crops, not the 48-token windows
+    # the other samplings of this latent (explainer, scorers) embed nothing more
+    t = sample_latent(rec, cfg, seed=0, pool=pool, exclude_ids=s.explain.window_ids, explain_negatives=False)
+    assert len(emb.texts) == n0 + len(new) and ids(t.negatives) == ids(s.negatives)
+    # the same sets as with the contrastive explainer's negatives, which alone embed the explainer windows
+    c = sample_latent(rec, cfg, seed=0, pool=pool)
+    for part in ("explain", "test", "negatives"):
+        assert ids(getattr(c, part)) == ids(getattr(s, part))
+    assert len(c.explain_negatives) == 10
+    assert len(emb.texts) - n0 - len(new) == sum(not pool.built_with(w) for w in c.explain.window_ids.tolist())
+
+
+def test_hard_negatives_do_not_depend_on_what_was_embedded_before(world48):
+    rec = world48.record(2)
+    cfg = SamplingConfig(display_ctx=16)
+    fresh = NegativePool.from_examples(world48.examples(0, world48.pool_ids), world48.decode, bag_of_words_embed)
+    used = NegativePool.from_examples(world48.examples(0, world48.pool_ids), world48.decode, bag_of_words_embed)
+    base = sample_latent(rec, cfg, seed=0, pool=fresh)
+    # e.g. the embedding scorer embedded the whole test windows in this process before
+    used.matrix(base.test.window_ids, lambda missing: [" ".join(world48.decode(world48.windows[i])) for i in missing])
+    again = sample_latent(rec, cfg, seed=0, pool=used)
+    assert ids(again.negatives) == ids(base.negatives)
+    assert (again.negative_is_hard == base.negative_is_hard).all()
+
+
+def test_crop_cache_is_bounded(world48):
+    pool = NegativePool.from_examples(world48.examples(0, world48.pool_ids), world48.decode, bag_of_words_embed)
+    small = NegativePool.from_examples(world48.examples(0, world48.pool_ids), world48.decode, bag_of_words_embed)
+    small.max_crops = 5
+    cfg = SamplingConfig(display_ctx=16)
+    for lat in range(3):
+        a, b = sample_latent(world48.record(lat), cfg, 0, pool=pool), sample_latent(world48.record(lat), cfg, 0,
+                                                                                   pool=small)
+        assert ids(a.negatives) == ids(b.negatives) and ids(a.explain_negatives) == ids(b.explain_negatives)
+        assert len(small._crops) <= 5

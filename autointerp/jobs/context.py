@@ -134,15 +134,35 @@ class JobContext:
 
         samplings = {self.explain_config.sampling} | {getattr(c, "sampling", None) for _, c in self.scorer_configs}
         loop = asyncio.get_running_loop()
+        # the explainer windows are embedded only for the contrastive explainer's negatives (sample_latent)
+        contrastive = self.spec.explainer == "contrastive"
         for sampling in samplings - {None}:
-            await loop.run_in_executor(_EMBED, functools.partial(sample_latent, record, sampling, self.spec.seed,
-                                                                 pool=self.pool))
+            await loop.run_in_executor(_EMBED, functools.partial(
+                sample_latent, record, sampling, self.spec.seed, pool=self.pool,
+                explain_negatives=contrastive and sampling == self.explain_config.sampling))
 
 
 def _tokenizer(cache: LatentCache):
     from ..hf_loading import load_tokenizer
 
     return load_tokenizer(cache.manifest["model"])
+
+
+def token_decoder(tokenizer):
+    """decode(ids) -> one string per token, each token id decoded once per process: a HF `decode([id])` costs
+    ~50 µs, and a latent's prompts and embeddings render ~20k tokens (most of the CPU per latent before)."""
+    table: dict[int, str] = {}
+
+    def decode(ids):
+        out = []
+        for i in ids:
+            s = table.get(i)
+            if s is None:
+                s = table[i] = tokenizer.decode([i])
+            out.append(s)
+        return out
+
+    return decode
 
 
 def _scorer_context(cache: LatentCache, scorers: list[str]) -> dict:
@@ -176,7 +196,7 @@ def load_context(store, spec: JobSpec, dictionary: dict, *, random_pool=None) ->
         raise ConfigError(f"dictionary {dictionary['name']}: its cache folder {dictionary.get('cache_path')} is "
                           "missing on this machine (workers need the extraction's cache at the same path)")
     cache = LatentCache(dictionary["cache_path"])
-    cache.attach_tokenizer(_tokenizer(cache))
+    cache.set_decoder(token_decoder(_tokenizer(cache)))
     sampling = spec.sampling_config()
     prompt_dir = Path(spec.prompt_dir) if spec.prompt_dir else None
     expl_cfg = ExplainConfig(sampling=sampling, prompt_dir=prompt_dir, random_pool=random_pool)

@@ -1,7 +1,8 @@
 """A job is data: `JobSpec` (pydantic) — what the Job row, a Celery message and the OpenAPI schema carry.
 
 Identity. `explain_identity` and `score_identity` hold every setting that changes a result: dictionary, explainer
-kind and model, prompt versions (content hashes of the template files), sampling, scorer options, seed. Their hashes
+kind and model, prompt versions (content hashes of the template files), sampling (display windows included), every
+scorer setting as its value (defaults included: a changed default is another result), seed. Their hashes
 key the stored explanation and score rows, so "already done" means done with these settings; runtime settings
 (concurrency, timeouts, retries, prices, budget) are not part of it. The job key adds the latent selection.
 """
@@ -168,12 +169,28 @@ def explain_identity(spec: JobSpec, dictionary_key: str) -> dict:
             "seed": spec.seed, "hard_negatives": spec.hard_negatives if spec.explainer == "contrastive" else None}
 
 
+_RUNTIME_FIELDS = {"sampling", "prompt_dir", "max_concurrency", "device"}  # keyed elsewhere, or not result-changing
+
+
+def config_options(config) -> dict:
+    """A scorer Config's settings as a result's identity holds them, defaults included: a changed default (e.g.
+    detection's batch size) must not read as "already done". Left out: live objects (compare=False), the sampling
+    (keyed on its own), prompt templates (keyed by content version) and runtime settings."""
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if not f.compare or f.name in _RUNTIME_FIELDS or (f.name.startswith("prompt") and isinstance(v, str)):
+            continue
+        out[f.name] = v
+    return out
+
+
 def score_identity(spec: JobSpec, scorer: str, explain_key: str) -> dict:
     from ..interpret import scorer_config_for_key
 
     cfg = scorer_config_for_key(scorer, spec)
     return {"explanation": explain_key, "scorer": scorer, "judge": model_identity(spec.judge),
-            "prompts": template_versions(cfg), "options": spec.scorer_options.get(scorer, {}),
+            "prompts": template_versions(cfg), "options": config_options(cfg),
             "sampling": dataclasses.asdict(cfg.sampling) if hasattr(cfg, "sampling") else None,
             "seed": spec.seed, "hard_negatives": spec.hard_negatives}
 

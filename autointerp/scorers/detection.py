@@ -1,15 +1,18 @@
 """Detection scorer: from the explanation alone, can a judge tell activating windows from silent ones?
 
 Test set: 50 activating windows stratified over activation deciles + 50 negatives (half of them "hard": the pool
-windows most similar to the activating ones, when a NegativePool is given), shown without highlights, shuffled
-and batched.
+windows most similar to the activating ones, when a NegativePool is given), shown without highlights as display
+windows (`SamplingConfig.display_ctx` tokens: activating ones around their peak, see autointerp.sampling),
+shuffled and batched.
 
-Call budget. Explain (1) + detection + fuzzing must stay <= 10 calls per latent at 50+50 test examples. Detection
-judges 100 examples, fuzzing 50, so batches of 20 give 5 + 3 calls: 9 in all, one to spare. Batches of 10 would
-need 16 calls (bench/llm_calls.py). 20 one-line examples (~600 prompt tokens at 16-token windows) and a 20-digit
-answer list stay well within what instruction-tuned judges handle; whether a given judge loses accuracy at 20 vs
-10 is an empirical question per model (`batch_size` is a config field). Batches are of near-equal size
-(17/17/16, never a stub of 2), and each batch mixes activating and negative examples after a seeded shuffle.
+Call budget. Explain (1) + detection + fuzzing: at most 6 calls per latent at 50+50 test examples (issue 10).
+Detection judges 100 examples, fuzzing 50 (fewer when a window cannot be fuzzed): batches of 34 and 25 give 3 + 2
+calls, 6 in all (batches of 20 gave 5 + 3 = 9; 10 gave 16: bench/llm_calls.py). The larger batch costs the judge
+no longer prompt than before: 34 windows of 32 display tokens are fewer tokens (~1.1k) than the 20 windows of 64
+that a call held before, and the answer is a 34-digit list (which the local backend decodes under a 0/1-list
+grammar). Whether a given judge loses accuracy at 34 vs 20 examples per call is an empirical question per model
+(`batch_size` is a config field; it is part of the score's identity). Batches are of near-equal size (34/33/33,
+never a stub of 2), and each batch mixes activating and negative examples after a seeded shuffle.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ NAME = "detection"
 @dataclass(frozen=True)
 class DetectionConfig:
     sampling: SamplingConfig = SamplingConfig()
-    batch_size: int = 20
+    batch_size: int = 34  # 100 examples in 3 calls (see "Call budget")
     temperature: float = 0.0
     max_tokens: int | None = None  # default: enough for the answer list
     prompt: str = "detection"
@@ -66,13 +69,15 @@ async def score(
     if isinstance(explanation, Skipped):
         return skipped_result(NAME, record, explanation, seed)
     text, used = explanation_parts(explanation)
-    sample = sample_latent(record, config.sampling, seed, pool=config.pool, exclude_ids=used)
+    sample = sample_latent(record, config.sampling, seed, pool=config.pool, exclude_ids=used,
+                           explain_negatives=False)
     if isinstance(sample, Skipped):
         return skipped_result(NAME, record, sample, seed)
+    test, neg = sample.shown("test"), sample.shown("negatives")
     items = [Item(render_tokens(record.token_strings(t)), 1, int(q), int(w))
-             for t, q, w in zip(sample.test.tokens, sample.test_quantile, sample.test.window_ids)]
+             for t, q, w in zip(test.tokens, sample.test_quantile, test.window_ids)]
     items += [Item(render_tokens(record.token_strings(t)), 0, -1, int(w), "hard" if h else "random")
-              for t, w, h in zip(sample.negatives.tokens, sample.negatives.window_ids, sample.negative_is_hard)]
+              for t, w, h in zip(neg.tokens, neg.window_ids, sample.negative_is_hard)]
     out = await classify(items, text, client, prompt=config.prompt, prompt_dir=config.prompt_dir,
                          batch_size=config.batch_size, rng=rng_for(seed, record.latent, NAME),
                          temperature=config.temperature, max_tokens=config.max_tokens, seed=seed)

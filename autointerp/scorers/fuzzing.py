@@ -1,9 +1,11 @@
 """Fuzzing scorer: does the explanation tell where in a window the latent fires?
 
-As in delphi, only activating test windows are used (50, stratified over deciles). Half of each decile shows the
-true highlights (tokens above `threshold` × the window's own max activation, so every window has at least one);
-the other half shows as many highlights on random silent tokens. The judge says which highlights fit the
-explanation. Batches of 20 → 3 calls for 50 examples (see detection.py for the call budget).
+As in delphi, only activating test windows are used (50, stratified over deciles), as display windows
+(`SamplingConfig.display_ctx` tokens around each window's peak, see autointerp.sampling). Half of each decile shows
+the true highlights (tokens of the displayed window above `threshold` × the window's own max activation, so every
+window has at least one: the peak is always displayed); the other half shows as many highlights on random silent
+tokens of the displayed window. The judge says which highlights fit the explanation. Batches of 25 → 2 calls for
+50 examples (see detection.py for the call budget).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ NAME = "fuzzing"
 @dataclass(frozen=True)
 class FuzzingConfig:
     sampling: SamplingConfig = SamplingConfig()
-    batch_size: int = 20
+    batch_size: int = 25  # 50 examples in 2 calls (see detection.py, "Call budget")
     threshold: float = 0.3  # of each window's own max activation
     temperature: float = 0.0
     max_tokens: int | None = None
@@ -69,11 +71,12 @@ async def score(
     if isinstance(explanation, Skipped):
         return skipped_result(NAME, record, explanation, seed)
     text, used = explanation_parts(explanation)
-    sample = sample_latent(record, config.sampling, seed, pool=config.pool, exclude_ids=used)
+    sample = sample_latent(record, config.sampling, seed, pool=config.pool, exclude_ids=used,
+                           explain_negatives=False)
     if isinstance(sample, Skipped):
         return skipped_result(NAME, record, sample, seed)
     rng = rng_for(seed, record.latent, NAME)
-    test, quant = sample.test, sample.test_quantile
+    test, quant = sample.shown("test"), sample.test_quantile
     # alternate correct/wrong along the deciles (shuffled inside each): half/half overall and in every decile
     # up to one; a coin decides which label an odd-sized decile favours
     order = np.concatenate([rng.permutation(np.flatnonzero(quant == q)) for q in np.unique(quant)])
