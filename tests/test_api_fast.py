@@ -153,3 +153,37 @@ def test_cache_off_builds_every_answer(fast_env):
         fast = srv.app.state.fast_latent
         assert first[0] == second[0] == 200 and first[2] == second[2] == _get(fast_env, i)[2]
         assert fast.hits == 0 and fast.misses == 2 and first[1]["etag"] == second[1]["etag"]
+
+
+def test_reads_racing_a_writer_never_go_back(fast_env):
+    """A writer commits explanations of one latent while a client reads it: every answer holds at least every
+    explanation committed before its request was sent (a body built across a write is stored under the older version
+    and never served again)."""
+    import threading
+
+    store, pk = fast_env["store"], fast_env["d"]["id"]
+    i = fast_env["latents"][1]
+    base = len(_get(fast_env, i)[2]["explanations"])
+    committed = [0]
+    done = threading.Event()
+
+    def writer():
+        for n in range(25):
+            with store.tx(write=True) as conn:
+                store.insert_explanation(conn, _expl(pk, i, f"race-{n}", f"race {n}"))
+            committed[0] = n + 1
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    seen = []
+    while not done.is_set() or len(seen) < 3:
+        before = committed[0]
+        status, _, body = _get(fast_env, i)
+        assert status == 200
+        n = len(body["explanations"]) - base
+        assert n >= before
+        seen.append(n)
+    t.join()
+    assert seen == sorted(seen)
+    assert len(_get(fast_env, i)[2]["explanations"]) - base == 25
