@@ -3,7 +3,7 @@
 Three methods, one matching core. Each builds a sparse candidate graph — every latent's k most similar latents on
 the other side, both directions, found blockwise so nothing of size n_a x n_b is ever held — and solves the
 one-to-one assignment that maximises total similarity on that graph (scipy's sparse LAPJV with one dummy partner per
-latent, so a latent may stay unmatched). Pairs below `min_similarity` are left out first: they would never count
+A latent, so a latent may stay unmatched). Pairs below `min_similarity` are left out first: they would never count
 as matched, and unrelated latents' near-equal background similarities are what makes the assignment slow.
 Dense Hungarian on 32k x 32k would be 4 GB and cubic.
 
@@ -31,6 +31,9 @@ SHARED_THRESHOLD = 0.7  # Paulo & Belrose's cut for a shared latent
 BLOCK = 2048  # rows of A per similarity block: BLOCK x n_b floats at a time
 HIST_BINS = 40
 MIN_SIMILARITY = 0.2  # candidate pairs at or below this are not considered (random 768-d directions: ~0.04 +- 0.04)
+# MiniLM explanations: unrelated sentences reach 0.35 at the 99th percentile (bench/search.py's real texts, mean
+# 0.09), so pairs below 0.4 say nothing, and they were ~1M candidate edges that made the assignment slow
+EXPLANATION_MIN_SIMILARITY = 0.4
 
 
 @dataclass
@@ -127,8 +130,8 @@ def _candidates(block: BlockFn, n_a: int, n_b: int, k: int) -> tuple[np.ndarray,
 
     ka, kb = min(k, n_b), min(k, n_a)
     rows, cols, vals = [], [], []
-    col_val = torch.full((0, n_b), -torch.inf)
-    col_idx = torch.zeros((0, n_b), dtype=torch.int64)
+    col_val = torch.full((n_b, kb), -torch.inf)  # each column's best kb so far
+    col_idx = torch.zeros((n_b, kb), dtype=torch.int64)
     for lo in range(0, n_a, BLOCK):
         hi = min(lo + BLOCK, n_a)
         s = torch.as_tensor(block(lo, hi)).float()
@@ -136,31 +139,58 @@ def _candidates(block: BlockFn, n_a: int, n_b: int, k: int) -> tuple[np.ndarray,
         rows.append(np.repeat(np.arange(lo, hi), ka))
         cols.append(top.reshape(-1).numpy())
         vals.append(v.reshape(-1).numpy())
-        v, i = torch.topk(s, min(kb, hi - lo), dim=0)  # merge this block's best rows per column into the running k
-        col_val, pick = torch.topk(torch.cat([col_val, v]), min(kb, len(col_val) + len(v)), dim=0)
-        col_idx = torch.gather(torch.cat([col_idx, i + lo]), 0, pick)
-    rows.append(col_idx.reshape(-1).numpy())
-    cols.append(np.tile(np.arange(n_b), len(col_idx)))
-    vals.append(col_val.reshape(-1).numpy())
+        col_val, col_idx = _merge_column_topk(s, lo, col_val, col_idx)
+    have = torch.isfinite(col_val)
+    rows.append(col_idx[have].numpy())
+    cols.append(torch.nonzero(have)[:, 0].numpy())
+    vals.append(col_val[have].numpy())
     key, first = np.unique(np.concatenate(rows).astype(np.int64) * n_b + np.concatenate(cols), return_index=True)
     return key // n_b, key % n_b, np.concatenate(vals)[first].astype(np.float32)
 
 
-def _cosine_block(a: np.ndarray, b: np.ndarray) -> BlockFn:
-    """Blocks of a @ b.T in bfloat16 (about 4x float32 on CPUs with AMX/AVX512-BF16), good enough to pick
-    candidates; their similarities are then computed exactly in float32."""
+def _merge_column_topk(s, lo: int, col_val, col_idx):
+    """Block rows lo.. of s [h, n_b] merged into each column's running top-kb (col_val, col_idx [n_b, kb]); returns
+    the new pair. After the first block only entries above a column's current kb-th best can enter, and those are
+    few (about kb * h / rows seen per column): filtering them and merging a small padded [n_b, kb + m] is several
+    times faster than torch.topk along dim 0 (strided) or a transposed copy of every block."""
     import torch
 
-    ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
-    return lambda lo, hi: (ta[lo:hi] @ tb.T).float()
+    n_b, kb = col_val.shape
+    if lo == 0:  # the first block: its own top-k per column
+        v, r = torch.topk(s, min(kb, len(s)), dim=0)
+        v, r = v.T, r.T
+        if v.shape[1] < kb:
+            v = torch.cat([v, torch.full((n_b, kb - v.shape[1]), -torch.inf)], 1)
+            r = torch.cat([r, torch.zeros((n_b, kb - r.shape[1]), dtype=torch.int64)], 1)
+        return v.contiguous(), r.contiguous()
+    r, c = torch.nonzero(s > col_val.min(dim=1).values, as_tuple=True)
+    if not len(r):
+        return col_val, col_idx
+    v = s[r, c]
+    order = torch.argsort(c)  # group by column; order within a column does not matter
+    r, c, v = r[order] + lo, c[order], v[order]
+    counts = torch.bincount(c, minlength=n_b)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(c)) - starts[c]
+    m = int(counts.max())
+    new_v = torch.full((n_b, m), -torch.inf)
+    new_i = torch.zeros((n_b, m), dtype=torch.int64)
+    new_v[c, rank], new_i[c, rank] = v, r
+    col_val, pick = torch.topk(torch.cat([col_val, new_v], 1), kb, dim=1)
+    return col_val, torch.gather(torch.cat([col_idx, new_i], 1), 1, pick)
 
 
-def _row_dots(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    out = np.empty(len(rows), np.float32)
-    for lo in range(0, len(rows), 1 << 14):  # small gathers stay in cache
-        r, c = rows[lo:lo + (1 << 14)], cols[lo:lo + (1 << 14)]
-        out[lo:lo + len(r)] = np.einsum("ij,ij->i", a[r], b[c])
-    return out
+def _cosine_block(a: np.ndarray, b: np.ndarray) -> BlockFn:
+    """Blocks of a @ b.T in float32, written into one reused buffer (a fresh 2048 x 32k result per block costs page
+    faults) against a pre-transposed b: ~70 GFLOP per CPU-second here vs ~55 for torch's matmul. Not bfloat16:
+    without AVX512-BF16/AMX (this project's AVX2-only AMD EPYC) bf16 matmul is ~4x slower than float32
+    (docs/benchmarks.md). The block is only valid until the next call."""
+    bt = np.ascontiguousarray(b.T)
+    buf = np.empty((min(BLOCK, len(a)), len(b)), np.float32)
+
+    def block(lo: int, hi: int) -> np.ndarray:
+        return np.matmul(a[lo:hi], bt, out=buf[:hi - lo])
+    return block
 
 
 # --- assignment -----------------------------------------------------------------------------------------------------
@@ -172,20 +202,20 @@ def assign(rows: np.ndarray, cols: np.ndarray, sims: np.ndarray, n_a: int, n_b: 
     graph of positive similarities, exactly the dense Hungarian answer (scipy's linear_sum_assignment).
 
     Not forcing every latent into a pair matters on a sparse graph: a full matching there can be forced to break a
-    strong pair to place latents whose few candidates are taken. As a full matching for scipy's LAPJVsp: left = A +
-    one dummy per B latent, right = B + one dummy per A latent; A_i–B_j costs C - s_ij; A_i–dummy(A_i) and
-    dummy(B_j)–B_j cost C (unmatched); dummy(B_j)–dummy(A_i) costs C for every candidate edge, so when A_i takes B_j
-    their dummies pair up. Every full matching has n_a + n_b edges, so C (keeping weights > 0, as scipy needs)
-    changes no choice."""
+    strong pair to place latents whose few candidates are taken. As a full matching for scipy's LAPJVsp on the
+    rectangular graph A x (B + one dummy per A latent): A_i–B_j costs C - s_ij, A_i–dummy(A_i) costs C (unmatched);
+    every A latent is matched (to a B or its dummy), a B latent may stay free. Every such matching costs
+    n_a * C - (its total similarity), so it is the optimum; C (keeping weights > 0, as scipy needs) changes no
+    choice. (The square form with dummies on both sides and dummy–dummy edges is the same optimum, 8-11x slower.)"""
     if not len(rows):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     c = 2.0 + float(np.abs(sims).max())
-    ia, ib = np.arange(n_a), np.arange(n_b)
-    left = np.concatenate([rows, ia, n_a + ib, n_a + cols])
-    right = np.concatenate([cols, n_b + ia, ib, n_b + rows])
-    cost = np.concatenate([c - sims.astype(np.float64), np.full(n_a + n_b + len(rows), c)])
-    li, ri = min_weight_full_bipartite_matching(sp.csr_matrix((cost, (left, right)), shape=(n_a + n_b,) * 2))
-    real = (li < n_a) & (ri < n_b)
+    ia = np.arange(n_a)
+    cost = np.concatenate([c - sims.astype(np.float64), np.full(n_a, c)])
+    graph = sp.csr_matrix((cost, (np.concatenate([rows, ia]), np.concatenate([cols, n_b + ia]))),
+                          shape=(n_a, n_b + n_a))
+    li, ri = min_weight_full_bipartite_matching(graph)
+    real = ri < n_b
     a, b = li[real].astype(np.int64), ri[real].astype(np.int64)
     order = np.argsort(a)
     a, b = a[order], b[order]
@@ -218,13 +248,12 @@ def cosine_matching(a: np.ndarray, b: np.ndarray, method: str = "cosine", k: int
     a, b = unit_rows(_matrix(a, f"{method} A")), unit_rows(_matrix(b, f"{method} B"))
     if a.shape[1] != b.shape[1]:
         raise ConfigError(f"compare {method}: A has width {a.shape[1]}, B has {b.shape[1]} (they must be equal)")
-    rows, cols, _ = _candidates(_cosine_block(a, b), len(a), len(b), k)
-    return _matching(method, rows, cols, _row_dots(a, b, rows, cols), len(a), len(b), threshold, -1.0,
-                     min_similarity)
+    rows, cols, sims = _candidates(_cosine_block(a, b), len(a), len(b), k)  # float32 blocks: exact similarities
+    return _matching(method, rows, cols, sims, len(a), len(b), threshold, -1.0, min_similarity)
 
 
-def compare_explanations(emb_a: np.ndarray, emb_b: np.ndarray, k: int = DEFAULT_K,
-                         threshold: float = SHARED_THRESHOLD, min_similarity: float = MIN_SIMILARITY) -> Matching:
+def compare_explanations(emb_a: np.ndarray, emb_b: np.ndarray, k: int = DEFAULT_K, threshold: float = SHARED_THRESHOLD,
+                         min_similarity: float = EXPLANATION_MIN_SIMILARITY) -> Matching:
     """Match explanations by the cosine of their embeddings (rows: the explained latents, in the caller's order;
     map pair indices back to latent indices with the caller's row -> latent table)."""
     return cosine_matching(emb_a, emb_b, "explanation", k, threshold, min_similarity)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -38,11 +39,14 @@ def planted(a: np.ndarray, share: float, noise: float, rng: np.random.Generator,
 
 
 def timed(label: str, fn):
-    t = time.perf_counter()
+    """fn's result and wall seconds; prints the process CPU seconds and the load average beside them (on a shared
+    machine wall time is an upper bound; CPU seconds / cores is what an idle machine would approach)."""
+    t, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    dt = time.perf_counter() - t
-    print(f"{label}: {dt:.1f} s, peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
-          flush=True)
+    dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{label}: {dt:.1f} s wall, {dcpu:.1f} s CPU, load average {load}, peak RSS so far "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
     return out, dt
 
 
@@ -53,21 +57,23 @@ def main() -> None:
     p.add_argument("--share", type=float, default=0.5)
     p.add_argument("--noise", type=float, default=0.017)  # 0.017 * sqrt(768) = 0.47 -> cosine ~0.9
     p.add_argument("--skip-explanations", action="store_true")
+    p.add_argument("--skip-directions", action="store_true")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     n, d = args.n, args.d_in
     unit = lambda: unit_rows(rng.standard_normal((n, d), dtype=np.float32))  # noqa: E731
     out = {}
-    dec_a, enc_a = unit(), unit()
-    res, dt = timed("random: decoder + encoder", lambda: compare_directions(dec_a, unit(), enc_a, unit()))
-    out["random"] = {"seconds": round(dt, 1), "shared_fraction": res.shared_fraction,
-                     "decoder": res.decoder.summary, "encoder": res.encoder.summary}
-    dec_b = planted(dec_a, args.share, args.noise, np.random.default_rng(1))
-    enc_b = planted(enc_a, args.share, args.noise, np.random.default_rng(1))  # same seed: same rows, same shuffle
-    res, dt = timed("planted: decoder + encoder", lambda: compare_directions(dec_a, dec_b, enc_a, enc_b))
-    out["planted"] = {"seconds": round(dt, 1), "shared_fraction": res.shared_fraction,
-                      "same_partner_fraction": res.same_partner_fraction,
-                      "decoder": res.decoder.summary, "encoder": res.encoder.summary}
+    if not args.skip_directions:
+        dec_a, enc_a = unit(), unit()
+        res, dt = timed("random: decoder + encoder", lambda: compare_directions(dec_a, unit(), enc_a, unit()))
+        out["random"] = {"seconds": round(dt, 1), "shared_fraction": res.shared_fraction,
+                         "decoder": res.decoder.summary, "encoder": res.encoder.summary}
+        dec_b = planted(dec_a, args.share, args.noise, np.random.default_rng(1))
+        enc_b = planted(enc_a, args.share, args.noise, np.random.default_rng(1))  # same seed: same rows, shuffle
+        res, dt = timed("planted: decoder + encoder", lambda: compare_directions(dec_a, dec_b, enc_a, enc_b))
+        out["planted"] = {"seconds": round(dt, 1), "shared_fraction": res.shared_fraction,
+                          "same_partner_fraction": res.same_partner_fraction,
+                          "decoder": res.decoder.summary, "encoder": res.encoder.summary}
     if not args.skip_explanations:
         sys.path.insert(0, str(Path(__file__).parent))
         from search import dataset, real_vectors  # noqa: E402 (bench/search.py's cached real embeddings)
@@ -76,7 +82,7 @@ def main() -> None:
         emb_a, others = dataset(real[::2], n, 0.025), dataset(real[1::2], n, 0.025)
         emb_b = planted(emb_a, args.share, 0.025, np.random.default_rng(2), others)
         res, dt = timed("explanations", lambda: compare_explanations(emb_a, emb_b))
-        out["explanations"] = {"seconds": round(dt, 1), **res.summary}
+        out["explanations"] = {"seconds": round(dt, 1), "real_vectors": len(real), **res.summary}
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"n": n, "d_in": d, "share": args.share, **out}, indent=1))
 

@@ -8,8 +8,9 @@ import pytest
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
-from autointerp.compare import (DEFAULT_K, Matching, assign, compare_activations, compare_directions,
-                                compare_explanations, nearest)
+import autointerp.compare as compare_mod
+from autointerp.compare import (DEFAULT_K, Matching, _candidates, _cosine_block, assign, compare_activations,
+                                compare_directions, compare_explanations, nearest)
 from autointerp.errors import ConfigError
 from autointerp.vector_index import VectorIndex, unit_rows
 
@@ -40,6 +41,32 @@ def test_assignment_leaves_latents_unmatched_rather_than_break_a_strong_pair():
     assert a.tolist() == [1, 2] and b.tolist() == [0, 2] and np.allclose(s, [0.9, 0.8])
 
 
+@pytest.mark.parametrize("shape", [(60, 60), (40, 75), (90, 30)])
+def test_sparse_assignment_equals_dense_hungarian_with_missing_edges_worth_zero(shape):
+    """Random sparse graphs with negative edges: a missing or negative edge is worth the same as no partner, so
+    the optimum is dense Hungarian on max(s, 0) with zeros where no edge is."""
+    for seed in range(5):
+        r = np.random.default_rng(seed)
+        s = r.uniform(-0.3, 1, shape) * (r.random(shape) < 0.15)
+        rows, cols = np.nonzero(s)
+        a, b, sims = assign(rows, cols, s[rows, cols].astype(np.float32), *shape)
+        dense = np.maximum(s, 0)
+        ra, cb = linear_sum_assignment(dense, maximize=True)
+        assert len(set(a)) == len(a) and len(set(b)) == len(b) and (s[a, b] > 0).all()
+        assert sims.sum() == pytest.approx(dense[ra, cb].sum(), abs=1e-4)
+
+
+def test_candidates_are_each_sides_exact_top_k(monkeypatch):
+    monkeypatch.setattr(compare_mod, "BLOCK", 64)  # several blocks: the running column top-k is merged
+    a, b = unit_rows(rng.standard_normal((300, 24))), unit_rows(rng.standard_normal((250, 24)))
+    rows, cols, vals = _candidates(_cosine_block(a.astype(np.float32), b.astype(np.float32)), 300, 250, 5)
+    s = a @ b.T
+    want = {(i, j) for i in range(300) for j in np.argsort(-s[i])[:5]}
+    want |= {(i, j) for j in range(250) for i in np.argsort(-s[:, j])[:5]}
+    assert set(zip(rows.tolist(), cols.tolist())) == want
+    assert np.allclose(vals, s[rows, cols], atol=1e-5)
+
+
 def test_sparse_candidates_find_the_planted_matching():
     n, d = 600, 64
     a = rng.standard_normal((n, d))
@@ -47,6 +74,16 @@ def test_sparse_candidates_find_the_planted_matching():
     m = compare_explanations(a, a[perm] + 0.2 * rng.standard_normal((n, d)))
     assert len(m.a_index) == n and (perm[m.b_index] == m.a_index).all()
     assert m.summary["matched_fraction_a"] == 1 and len(m.novel_a) == len(m.novel_b) == 0
+
+
+def test_explanations_below_the_explanation_floor_stay_unmatched():
+    """Pairs of explanations at cosine 0.3 (unrelated MiniLM sentences reach that) are not matched by default; the
+    floor is a parameter."""
+    a = np.eye(4, 8)
+    b = unit_rows(0.3 * a + np.sqrt(1 - 0.09) * np.eye(8)[4:])  # b_i . a_i = 0.3, orthogonal otherwise
+    assert len(compare_explanations(a, b).a_index) == 0
+    m = compare_explanations(a, b, min_similarity=0.2)
+    assert m.a_index.tolist() == m.b_index.tolist() == [0, 1, 2, 3] and np.allclose(m.similarity, 0.3)
 
 
 def test_shared_fraction_on_constructed_dictionaries():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from autointerp.errors import ConfigError
-from autointerp.vector_index import IdFingerprint, IndexUnusable, VectorIndex, exact_topk, open_index, unit_rows
+from autointerp.vector_index import (HnswParams, IdFingerprint, IndexUnusable, VectorIndex, exact_topk, open_index,
+                                     unit_rows)
 
 
 def clustered(n: int, d: int = 48, seed: int = 0) -> np.ndarray:
@@ -156,3 +157,15 @@ def test_missing_stale_corrupt_are_detected_and_rebuilt(tmp_path, data):
     manifest = json.loads(path.with_name("ix.json").read_text())
     assert manifest["file_bytes"] > 100
     assert open_index(path, table, vectors, embedder="m", exact_max=1000)[1] == "corrupt"
+
+
+def test_an_index_saved_with_a_narrow_search_is_searched_at_the_default_width(tmp_path, data):
+    """expansion_search is a search-time setting: an index saved before the default was raised (64 gave recall@10
+    0.66 at 1M) must not keep its old width; a wider saved one keeps its own."""
+    ids, x = data
+    VectorIndex.build(ids, x, exact_max=1000, params=HnswParams(expansion_search=16)).save(tmp_path / "narrow")
+    back = VectorIndex.load(tmp_path / "narrow")
+    assert back._graph.expansion_search == back.params.expansion_search == HnswParams().expansion_search >= 256
+    wide = HnswParams().expansion_search * 2
+    VectorIndex.build(ids, x, exact_max=1000, params=HnswParams(expansion_search=wide)).save(tmp_path / "wide")
+    assert VectorIndex.load(tmp_path / "wide")._graph.expansion_search == wide
