@@ -38,18 +38,17 @@ def highlight_mask(acts: np.ndarray, threshold: float) -> np.ndarray:
 
 def render_tokens(tokens: Sequence[str], mask: np.ndarray | Sequence[bool] | None = None) -> str:
     """Join token strings; runs of masked tokens are wrapped in one `<<…>>` pair."""
+    tokens = list(tokens)
+    if mask is None or not tokens:
+        return neutralise_markers("".join(tokens).translate(_TRANSLATE))
+    m = np.asarray(mask, bool)[: len(tokens)]
+    # one escape per run, not per token: ~170 windows are rendered per latent
     out: list[str] = []
-    inside = False
-    for i, tok in enumerate(tokens):
-        on = bool(mask[i]) if mask is not None else False
-        if on and not inside:
-            out.append(HL_OPEN)
-        elif not on and inside:
-            out.append(HL_CLOSE)
-        inside = on
-        out.append(escape_token(tok))
-    if inside:
-        out.append(HL_CLOSE)
+    start = 0
+    for end in [*(np.flatnonzero(m[1:] != m[:-1]) + 1).tolist(), len(tokens)]:
+        run = "".join(tokens[start:end]).translate(_TRANSLATE)
+        out.append(HL_OPEN + run + HL_CLOSE if m[start] else run)
+        start = end
     return neutralise_markers("".join(out))
 
 

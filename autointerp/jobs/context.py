@@ -154,13 +154,13 @@ def token_decoder(tokenizer):
     table: dict[int, str] = {}
 
     def decode(ids):
-        out = []
-        for i in ids:
-            s = table.get(i)
-            if s is None:
-                s = table[i] = tokenizer.decode([i])
-            out.append(s)
-        return out
+        try:
+            return [table[i] for i in ids]
+        except KeyError:
+            for i in ids:
+                if i not in table:
+                    table[i] = tokenizer.decode([i])
+            return [table[i] for i in ids]
 
     return decode
 
