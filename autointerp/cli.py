@@ -801,7 +801,11 @@ def serve(
     os.environ.update({"AUTOINTERP_DATABASE_URL": app_.state.store.url, "AUTOINTERP_API_READ_KEY": str(int(read_key)),
                        "AUTOINTERP_API_CORS_ORIGINS": ",".join(cors_origin), "AUTOINTERP_API_RUN_JOBS":
                        str(int(run_jobs)), **({"AUTOINTERP_API_DEVICE": device} if device else {})})
-    uvicorn.run("autointerp.api.app:create_app", factory=True, fd=sock.fileno(), workers=workers,
+    # by host and port, not fd=: uvicorn reopens an fd as a Unix socket, and the accepted TCP connections then lack
+    # TCP_NODELAY (each response's second write waited ~40 ms for the client's delayed ACK)
+    bound = sock.getsockname()[1]
+    sock.close()
+    uvicorn.run("autointerp.api.app:create_app", factory=True, host=host, port=bound, workers=workers,
                 log_level="warning")
 
 
