@@ -129,7 +129,7 @@ class LatentCache:
         self._decode = decode
 
     def attach_tokenizer(self, tokenizer) -> None:
-        self.set_decoder(lambda ids: [tokenizer.decode([i]) for i in ids])
+        self.set_decoder(token_decoder(tokenizer))
 
     def _examples(self, rows: np.ndarray, acts: np.ndarray) -> Examples:
         rows = np.asarray(rows, dtype=np.int64)
@@ -212,3 +212,20 @@ class LatentCache:
             out.append({"latent": int(i), "frequency": n / max(1, self.n_tokens), "max_act": float(s["act_max"][i]),
                         "mean_act": float(s["act_sum"][i] / n) if n else 0.0})
         return out
+
+
+def token_decoder(tokenizer):
+    """decode(ids) -> one string per token, each token id decoded once per process: a HF `decode([id])` costs
+    ~50 µs, and a latent's prompts and embeddings render ~20k tokens (most of the CPU per latent before)."""
+    table: dict[int, str] = {}
+
+    def decode(ids):
+        try:
+            return [table[i] for i in ids]
+        except KeyError:
+            for i in ids:
+                if i not in table:
+                    table[i] = tokenizer.decode([i])
+            return [table[i] for i in ids]
+
+    return decode

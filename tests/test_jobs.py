@@ -533,7 +533,7 @@ def test_identity_holds_display_windows_and_scorer_defaults(monkeypatch):
 
 
 def test_job_context_decodes_each_token_id_once():
-    from autointerp.jobs.context import token_decoder
+    from autointerp.cache import token_decoder
 
     class Tok:
         calls = 0

@@ -148,23 +148,6 @@ def _tokenizer(cache: LatentCache):
     return load_tokenizer(cache.manifest["model"])
 
 
-def token_decoder(tokenizer):
-    """decode(ids) -> one string per token, each token id decoded once per process: a HF `decode([id])` costs
-    ~50 µs, and a latent's prompts and embeddings render ~20k tokens (most of the CPU per latent before)."""
-    table: dict[int, str] = {}
-
-    def decode(ids):
-        try:
-            return [table[i] for i in ids]
-        except KeyError:
-            for i in ids:
-                if i not in table:
-                    table[i] = tokenizer.decode([i])
-            return [table[i] for i in ids]
-
-    return decode
-
-
 def _scorer_context(cache: LatentCache, scorers: list[str]) -> dict:
     """Live objects that some scorers' Configs take by field name: intervention steers the subject model with the
     dictionary's decoder at the cache's hookpoint; surprisal reads with the subject model already loaded."""
@@ -196,7 +179,7 @@ def load_context(store, spec: JobSpec, dictionary: dict, *, random_pool=None) ->
         raise ConfigError(f"dictionary {dictionary['name']}: its cache folder {dictionary.get('cache_path')} is "
                           "missing on this machine (workers need the extraction's cache at the same path)")
     cache = LatentCache(dictionary["cache_path"])
-    cache.set_decoder(token_decoder(_tokenizer(cache)))
+    cache.attach_tokenizer(_tokenizer(cache))
     sampling = spec.sampling_config()
     prompt_dir = Path(spec.prompt_dir) if spec.prompt_dir else None
     expl_cfg = ExplainConfig(sampling=sampling, prompt_dir=prompt_dir, random_pool=random_pool)
