@@ -59,10 +59,11 @@ def ensure_demo_dictionary(subject=None, progress: bool = True, seeds: tuple[int
 
 # ----------------------------------------------------------------------------------------------- the demo run
 
-# Smaller test sets than the defaults: the local 135M explainer/judge answers one call at a time on a CPU, and
-# these keep the first run within minutes (explain + 2 detection + 2 fuzzing calls per latent).
-DEMO_SAMPLING = {"n_explain": 12, "n_test": 20, "n_negatives": 20, "n_explain_negatives": 0, "min_explain": 5,
-                 "min_test": 10, "min_negatives": 10}
+# Smaller test sets than the defaults: the local 135M explainer/judge answers one call at a time on a CPU (~400
+# prompt tokens/s, a forward step per answer entry), and these keep its part of the first run to a few minutes:
+# explain + 1 detection call (24 examples) + 1 fuzzing call (12) per latent.
+DEMO_SAMPLING = {"n_explain": 12, "n_test": 12, "n_negatives": 12, "n_explain_negatives": 0, "min_explain": 5,
+                 "min_test": 8, "min_negatives": 8}
 DEMO_SCORERS = ["detection", "fuzzing", "embedding"]
 
 

@@ -180,7 +180,9 @@ async def explain(
         raise ConfigError(f"explainer {kind!r} needs an LLM client")
     messages, version, used = build_messages(record, sample, kind, config)
     max_tokens = config.cot_max_tokens if kind == "cot" else config.max_tokens
-    params = SamplingParams(max_tokens=max_tokens, temperature=config.temperature, seed=seed)
+    # every explainer prompt ends its answer with the marked line: a backend that can prefill (local) starts there
+    params = SamplingParams(max_tokens=max_tokens, temperature=config.temperature, seed=seed,
+                            answer_prefix="[EXPLANATION]:")
     completion = await client.complete(messages, params)
     text, ok = parse_explanation(completion.text)
     if not text:

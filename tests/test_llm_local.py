@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
 
 import pytest
 
@@ -74,3 +75,22 @@ def test_local_judge_answers_in_the_list_grammar_with_p1_per_entry(local):
     s = SamplingParams(max_tokens=40, temperature=1.0, seed=7, answer_bits=7)
     assert asyncio.run(local.complete(msg, s)).text == asyncio.run(local.complete(msg, s)).text
     assert "answer_bits" in p.as_dict() and "answer_bits" not in SamplingParams().as_dict()
+
+
+def test_local_answer_prefix_prefills_the_final_line(local):
+    """answer_prefix: the model's turn starts with the prefix and the answer is the rest of that line, to the end of
+    its first sentence."""
+    from autointerp.explainers import parse_explanation
+
+    msg = [ChatMessage("system", "Explain what the marked words have in common. End with a final line\n"
+                                 "[EXPLANATION]: <your explanation>"),
+           ChatMessage("user", "Examples:\n1. the <<cat>> sat\n2. a <<dog>> barked\n3. my <<horse>> ran")]
+    p = SamplingParams(max_tokens=120, answer_prefix="[EXPLANATION]:")
+    a = asyncio.run(local.complete(msg, p))
+    assert a.text.startswith("[EXPLANATION]:") and "\n" not in a.text.strip(), a.text
+    text, parsed = parse_explanation(a.text)
+    assert parsed and text  # the marker is there, with something after it
+    assert a.usage.completion_tokens < 120  # stopped at the first sentence's end, not at max_tokens
+    assert re.search(r"[.!?]\s+\S", text) is None  # one sentence
+    assert a.usage.prompt_tokens > asyncio.run(local.complete(msg, SamplingParams(max_tokens=1))).usage.prompt_tokens
+    assert "answer_prefix" in p.as_dict() and "answer_prefix" not in SamplingParams().as_dict()

@@ -87,6 +87,9 @@ class SamplingParams:
     # (local) emits exactly that, choosing each entry between the two digit tokens; others ignore it (the caller
     # parses free text either way). 0: free text.
     answer_bits: int = 0
+    # The answer's final line starts with this (e.g. "[EXPLANATION]:"). A backend that can prefill its own turn
+    # (local) writes it and generates only the rest of that line; others ignore it (the caller parses either way).
+    answer_prefix: str = ""
 
     def as_dict(self) -> dict:
         d = {
@@ -98,6 +101,8 @@ class SamplingParams:
         }
         if self.answer_bits:  # only when set: the cache keys of every other request stay as they were
             d["answer_bits"] = self.answer_bits
+        if self.answer_prefix:
+            d["answer_prefix"] = self.answer_prefix
         return d
 
 

@@ -13,12 +13,17 @@ A request with `answer_bits = n` (the detection and fuzzing judges) is decoded u
 exactly "[b, b, …]" with n entries, each chosen between the "0" and "1" tokens by the model's own logits (the
 brackets and separators are forced). A small judge that would wander off the format still gives its judgement on
 every example, with P(1) per entry; vLLM's guided decoding does the same on a server.
+
+A request with `answer_prefix` (the explainers: "[EXPLANATION]:") gets its turn prefilled with that text: the model
+writes only the rest of that line, to the end of its first sentence (explanations are one sentence). A 135M explainer asked for reasoning and then a
+marked final line mostly answered "I'm ready to help. What's your question?"; prefilled, it writes an explanation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 from dataclasses import dataclass
 
@@ -93,6 +98,31 @@ def _load(spec: str, device: str | None, dtype) -> _Loaded:
         return loaded
 
 
+_SENTENCE_END = re.compile(r"\n|(?<=[.!?])\s")
+
+
+def _first_sentence_end(text: str) -> int | None:
+    """Where the first line or sentence of `text` (leading whitespace skipped) ends, or None."""
+    body = text.lstrip()
+    m = _SENTENCE_END.search(body)
+    return None if m is None else len(text) - len(body) + m.start()
+
+
+class _LineEnd:
+    """A generate() stopping criterion: the generated text has ended its first line or sentence."""
+
+    def __init__(self, tok):
+        self.tok, self.n_in = tok, None
+
+    def __call__(self, input_ids, scores, **kw):
+        import torch
+
+        if self.n_in is None:
+            self.n_in = input_ids.shape[1] - 1  # first call: one token generated
+        done = _first_sentence_end(self.tok.decode(input_ids[0, self.n_in:])) is not None
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 class LocalBackend:
     cost_free = True  # no per-token price
 
@@ -136,7 +166,13 @@ class LocalBackend:
 
         lm = _load(self.model, self.device, self.dtype)
         model, tok = lm.model, lm.tokenizer
-        enc = self._encode(tok, messages).to(model.device)
+        enc = self._encode(tok, messages)
+        prefix = params.answer_prefix if params.answer_bits <= 0 else ""
+        if prefix:  # the answer's start, written into the model's own turn
+            ids = torch.tensor([tok.encode(prefix, add_special_tokens=False)], dtype=enc["input_ids"].dtype)
+            enc["input_ids"] = torch.cat([enc["input_ids"], ids], 1)
+            enc["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones_like(ids)], 1)
+        enc = enc.to(model.device)
         n_in = int(enc["input_ids"].shape[1])
         max_new = params.max_tokens
         if lm.max_len:
@@ -160,7 +196,8 @@ class LocalBackend:
         with lm.lock, torch.inference_mode():
             if sample:  # global RNG, safe under the lock
                 torch.manual_seed(params.seed if params.seed is not None else random.randrange(2**31))
-            out = model.generate(**enc, generation_config=cfg, output_logits=want_lp, return_dict_in_generate=True)
+            out = model.generate(**enc, generation_config=cfg, output_logits=want_lp, return_dict_in_generate=True,
+                                 **({"stopping_criteria": [_LineEnd(tok)]} if prefix else {}))
 
         gen = out.sequences[0, n_in:].tolist()
         stop = set(lm.stop_ids)
@@ -181,6 +218,9 @@ class LocalBackend:
                         top.setdefault(tok.decode([j]), v)  # distinct ids can decode alike; keep the likelier
                 logprobs.append(TokenLogprob(token=tok.decode([gen[i]]), logprob=float(lp[gen[i]]), top=top))
         usage = Usage(prompt_tokens=n_in, completion_tokens=n_generated, calls=1)
+        if prefix:  # the rest of the prefilled line, to its first sentence's end (logprobs: generated tokens)
+            cut = _first_sentence_end(text)
+            text = prefix + (text if cut is None else text[:cut])
         return Completion(text=text, usage=usage, model=self.model, logprobs=logprobs)
 
     def _complete_bits(self, lm: _Loaded, enc, n_in: int, params: SamplingParams) -> Completion:
@@ -193,7 +233,6 @@ class LocalBackend:
         k = max(0, params.top_logprobs)
         names = {g.zero: tok.decode([g.zero]), g.one: tok.decode([g.one])}
         gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        out_tokens: list[TokenLogprob] = []
 
         def lp_entry(lp, tid: int, choice: bool) -> TokenLogprob:
             top = {}
@@ -205,8 +244,9 @@ class LocalBackend:
                 top.update({names[g.zero]: float(lp[g.zero]), names[g.one]: float(lp[g.one])})
             return TokenLogprob(token=tok.decode([tid]), logprob=float(lp[tid]), top=top)
 
+        out_tokens: list[TokenLogprob] = []
         with lm.lock, torch.inference_mode():
-            out = model(**enc, use_cache=True)
+            out = model(**enc, use_cache=True, logits_to_keep=1)  # the prompt: only its last logits are read
             past, last = out.past_key_values, out.logits[0, -1]
 
             def feed(ids: tuple[int, ...], choice: bool = False):
@@ -220,12 +260,15 @@ class LocalBackend:
                     out_tokens.append(lp_entry(torch.log_softmax(lg.float(), -1), tid, choice and i == 0))
                 past, last = out.past_key_values, out.logits[0, -1]
 
+            # One step per entry (its digit and the separator after it). Jacobi passes over the whole answer were
+            # tried: exact too, but a 135M judge needed ~18 passes of ~100 tokens for 34 entries, 3x slower.
             feed(g.open)
+            draws = torch.rand(params.answer_bits, generator=gen)
             for i in range(params.answer_bits):
                 lp = torch.log_softmax(last.float(), -1)
                 pair = torch.stack([lp[g.zero], lp[g.one]])
                 if params.temperature > 0:
-                    pick = int(torch.multinomial(torch.softmax(pair / params.temperature, 0), 1, generator=gen))
+                    pick = int(float(draws[i]) < float(torch.softmax(pair / params.temperature, 0)[1]))
                 else:
                     pick = int(pair[1] > pair[0])
                 feed(((g.zero, g.one)[pick],) + (g.sep if i < params.answer_bits - 1 else g.close), choice=True)
