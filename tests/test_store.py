@@ -161,3 +161,30 @@ def test_bad_urls_are_one_line(tmp_path):
     sqlite3.connect(other).execute("create table customers (id int)").connection.commit()
     with pytest.raises(StoreError, match="holds tables but no autointerp schema"):
         open_store(f"sqlite:///{other}")
+
+
+def test_a_claim_takes_what_another_claimer_does_not_hold_instead_of_waiting(pg_url, small_cache):
+    """PostgreSQL: another transaction holds one item of a latent (its claim's candidate query locked it); a claim
+    of that latent leases the latent's other items at once. Its UPDATE used to wait for the held row — and two
+    claimers each holding a part of the other's latent deadlocked (seen in the suite)."""
+    import threading
+
+    store = open_store()
+    latent = int(small_cache.alive_latents()[0])
+    job_id = submit(store, {**_baseline_spec(small_cache, [latent]), "explainer_model": "openai:x@http://127.0.0.1:9/v1",
+                            "explainer": "default", "scorers": ["detection", "fuzzing"]})
+    with store.engine.connect() as other:
+        tx = other.begin()
+        held = other.execute(select(T_ITEM.c.stage).where(T_ITEM.c.job_id == job_id, T_ITEM.c.latent == latent,
+                                                          T_ITEM.c.stage == "score:fuzzing")
+                             .with_for_update()).scalar_one()
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(store.claim_latents(job_id, "w1", 1, 60.0)), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the claim waited for the row another transaction holds"
+        tx.rollback()
+    (leased,) = got[0]
+    assert leased[0] == latent and held not in leased[1] and sorted(leased[1]) == ["explain", "score:detection"]
+    # the held item was left pending: the next claim takes it
+    assert store.claim_latents(job_id, "w2", 1, 60.0) == [(latent, ["score:fuzzing"])]

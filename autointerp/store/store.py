@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
@@ -46,8 +46,18 @@ def _slug(text: str) -> str:
 def _lease(conn: Connection, claimable, latents: list[int], worker: str, lease_s: float,
            now) -> list[tuple[int, list[str]]]:
     """Lease the claimable items of `latents`: [(latent, [stages])] of what this UPDATE changed (RETURNING), so two
-    claimers never lease the same item whatever the isolation level."""
-    rows = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(latents))
+    claimers never lease the same item whatever the isolation level.
+
+    On PostgreSQL the UPDATE takes only rows no other transaction holds (a SKIP LOCKED sub-select): the candidate
+    query has locked rows of these latents in this transaction, another claimer may hold the rest of one of them,
+    and two UPDATEs each waiting for the other's rows were a deadlock. Rows skipped here stay pending for later."""
+    target = T_ITEM.c.latent.in_(latents)
+    if conn.dialect.name == "postgresql":
+        key = tuple_(T_ITEM.c.job_id, T_ITEM.c.latent, T_ITEM.c.stage)
+        free = (select(T_ITEM.c.job_id, T_ITEM.c.latent, T_ITEM.c.stage).where(claimable, target)
+                .with_for_update(skip_locked=True))
+        target = key.in_(free)
+    rows = conn.execute(update(T_ITEM).where(claimable, target)
                         .values(status="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
                                 attempts=T_ITEM.c.attempts + 1, updated=now)
                         .returning(T_ITEM.c.latent, T_ITEM.c.stage)).all()
