@@ -19,7 +19,6 @@ def fast_env(api_env, store_url):
     """A store of its own (writes here do not disturb the shared API store): the second cache registered, two
     latents explained, one scored; a real server on it."""
     from autointerp.api import Settings
-    from autointerp.jobs.spec import digest
     from autointerp.store import open_store
 
     store = open_store(store_url)

@@ -19,7 +19,7 @@ from autointerp import cli
 from autointerp.errors import ConfigError
 from autointerp.jobs import JobSpec, parse_job_spec, retry_failed, run, status, submit
 from autointerp.jobs.export import export_rows, import_jsonl, read_jsonl, write_jsonl
-from autointerp.llm import LLMError, PermanentLLMError, Usage
+from autointerp.llm import LLMError, PermanentLLMError
 from autointerp.prompt_files import load_prompt, prompts_dir
 from autointerp.sampling import SamplingConfig
 from autointerp.store import open_store

@@ -18,7 +18,6 @@ import numpy as np
 from sqlalchemy import or_, select
 from starlette.background import BackgroundTask
 
-from ..errors import ConfigError
 from ..jobs.spec import JobSpec
 from ..store import Store
 from ..store import queries as Q

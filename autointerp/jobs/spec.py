@@ -22,7 +22,7 @@ from ..explainers import EXPLAINERS, ExplainConfig, check_kind
 from ..llm.client import parse_spec
 from ..prompt_files import _load, prompts_dir
 from ..sampling import SamplingConfig
-from ..scorers import SCORERS, get_scorer
+from ..scorers import SCORERS
 
 STAGE_EXPLAIN = "explain"
 
