@@ -146,3 +146,14 @@ def bag_of_words_embed(texts: list[str], dim: int = 256) -> np.ndarray:
             out[r, zlib.crc32(w.encode()) % dim] += 1.0
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.maximum(norms, 1e-9)
+
+
+class CountingEmbed:
+    """bag_of_words_embed that records every text it was asked to embed."""
+
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, texts):
+        self.texts += list(texts)
+        return bag_of_words_embed(texts)

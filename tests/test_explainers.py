@@ -25,7 +25,7 @@ from autointerp.records import Examples, LatentRecord, LatentStats
 from autointerp.sampling import NegativePool, SamplingConfig, Skipped, sample_latent
 from judges import rule_words
 from llm_server_fixture import start_llm_server
-from synthetic import bag_of_words_embed, make_world, oracle_explanation, trigger_set
+from synthetic import CountingEmbed, bag_of_words_embed, make_world, oracle_explanation, trigger_set
 
 
 @pytest.fixture(scope="module")
@@ -217,15 +217,6 @@ def test_contrastive_shows_hard_negatives(world, srv):
 
 
 # ------------------------------------------------------------------------------------------------ display windows
-
-
-class CountingEmbed:
-    def __init__(self):
-        self.texts = []
-
-    def __call__(self, texts):
-        self.texts += list(texts)
-        return bag_of_words_embed(texts)
 
 
 @pytest.mark.parametrize("kind", ["default", "contrastive"])

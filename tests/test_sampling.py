@@ -17,21 +17,12 @@ from autointerp.sampling import (
     quantile_of,
     sample_latent,
 )
-from synthetic import bag_of_words_embed, make_world
+from synthetic import CountingEmbed, bag_of_words_embed, make_world
 
 
 @pytest.fixture(scope="module")
 def world():
     return make_world(n_latents=4)
-
-
-class CountingEmbed:
-    def __init__(self):
-        self.texts = []
-
-    def __call__(self, texts):
-        self.texts += list(texts)
-        return bag_of_words_embed(texts)
 
 
 def ids(ex):
