@@ -9,13 +9,15 @@ changes nothing the second time.
 from __future__ import annotations
 
 import hashlib
+import random
 import re
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import and_, delete, func, or_, select, tuple_, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
@@ -43,21 +45,30 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:120] or "dictionary"
 
 
+# rows of the candidate window a claim looks at: wide enough that concurrent claimers find latents nobody holds
+CLAIM_WINDOW = 64
+
+# SELECT the first `n` candidate latents whose per-latent lock this transaction gets: the SRF is scanned in order and
+# LIMIT stops the scan, so no more locks are taken than leased latents
+_TRY_LOCK = text("SELECT l FROM unnest(CAST(:ls AS integer[])) AS c(l) "
+                 "WHERE pg_try_advisory_xact_lock(CAST(:j AS integer), l) LIMIT :n")
+
+
+def _lock_latents(conn: Connection, job_id: int, candidates: list[int], limit: int) -> list[int]:
+    """The latents this claim may lease: on PostgreSQL the first `limit` candidates whose (job, latent) advisory lock
+    it gets (held until commit, skipped when another claimer holds it). A latent is claimed whole: row locks taken
+    row by row (FOR UPDATE SKIP LOCKED) split a latent's stages between two claimers, and both ran it. On SQLite
+    the write transaction is exclusive."""
+    if conn.dialect.name != "postgresql":
+        return candidates[:limit]
+    return [int(x) for x in conn.execute(_TRY_LOCK, {"ls": candidates, "j": job_id, "n": limit}).scalars()]
+
+
 def _lease(conn: Connection, claimable, latents: list[int], worker: str, lease_s: float,
            now) -> list[tuple[int, list[str]]]:
-    """Lease the claimable items of `latents`: [(latent, [stages])] of what this UPDATE changed (RETURNING), so two
-    claimers never lease the same item whatever the isolation level.
-
-    On PostgreSQL the UPDATE takes only rows no other transaction holds (a SKIP LOCKED sub-select): the candidate
-    query has locked rows of these latents in this transaction, another claimer may hold the rest of one of them,
-    and two UPDATEs each waiting for the other's rows were a deadlock. Rows skipped here stay pending for later."""
-    target = T_ITEM.c.latent.in_(latents)
-    if conn.dialect.name == "postgresql":
-        key = tuple_(T_ITEM.c.job_id, T_ITEM.c.latent, T_ITEM.c.stage)
-        free = (select(T_ITEM.c.job_id, T_ITEM.c.latent, T_ITEM.c.stage).where(claimable, target)
-                .with_for_update(skip_locked=True))
-        target = key.in_(free)
-    rows = conn.execute(update(T_ITEM).where(claimable, target)
+    """Lease the claimable items of `latents` (locked by `_lock_latents`): [(latent, [stages])] of what this UPDATE
+    changed (RETURNING), so two claimers never lease the same item whatever the isolation level."""
+    rows = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent.in_(latents))
                         .values(status="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
                                 attempts=T_ITEM.c.attempts + 1, updated=now)
                         .returning(T_ITEM.c.latent, T_ITEM.c.stage)).all()
@@ -65,6 +76,11 @@ def _lease(conn: Connection, claimable, latents: list[int], worker: str, lease_s
     for latent, stage in rows:
         out.setdefault(int(latent), []).append(stage)
     return sorted(out.items())
+
+
+def _contended(attempt: int) -> None:
+    """Every candidate was held by other claimers: back off a little before looking again."""
+    time.sleep(0.005 * (attempt + 1) + random.random() * 0.005)
 
 
 class Store:
@@ -271,9 +287,9 @@ class Store:
                       latents: Sequence[int] | None = None) -> list[tuple[int, list[str]]]:
         """Lease up to `limit` latents with work left (pending items, or running ones whose lease expired):
         [(latent, [stages])], in latent order. What is returned is what this call's UPDATE changed (RETURNING), so
-        two workers never lease the same item, whatever the isolation level; on PostgreSQL candidates locked by
-        another claimer are skipped (SKIP LOCKED) instead of waited for."""
-        for _ in range(5):
+        two workers never lease the same item, whatever the isolation level; a latent is leased whole, and on
+        PostgreSQL latents another claimer is leasing are skipped instead of waited for."""
+        for attempt in range(5):
             now = utcnow()
             claimable = and_(T_ITEM.c.job_id == job_id,
                              or_(T_ITEM.c.status == "pending",
@@ -282,15 +298,15 @@ class Store:
                 q = select(T_ITEM.c.latent).where(claimable)
                 if latents is not None:
                     q = q.where(T_ITEM.c.latent.in_(list(latents)))
-                q = q.order_by(T_ITEM.c.latent).limit(limit * 16)
-                if self.dialect == "postgresql":
-                    q = q.with_for_update(skip_locked=True)
-                chosen = list(dict.fromkeys(conn.execute(q).scalars()))[:limit]
-                if not chosen:
+                q = q.order_by(T_ITEM.c.latent).limit(max(CLAIM_WINDOW, limit * 16))
+                candidates = list(dict.fromkeys(conn.execute(q).scalars()))
+                if not candidates:
                     return []
-                leased = _lease(conn, claimable, chosen, worker, lease_s, now)
+                chosen = _lock_latents(conn, job_id, candidates, limit)
+                leased = _lease(conn, claimable, chosen, worker, lease_s, now) if chosen else []
             if leased:
                 return leased
+            _contended(attempt)
         return []  # only contended candidates, five times over: the caller comes back later
 
     def renew_leases(self, job_id: int, worker: str, latents: Sequence[int], lease_s: float) -> None:
@@ -513,29 +529,31 @@ class Store:
                      after_explain: bool) -> list[tuple[int, list[str]]]:
         """`claim_latents` restricted to some stages (one queue's share of a job: e.g. the gpu queue's intervention
         items, claimable once the llm queue has explained the latent). Same guarantees: what is returned is what
-        this call's UPDATE changed; SKIP LOCKED on PostgreSQL."""
-        for _ in range(5):
+        this call's UPDATE changed; latents leased whole (of these stages), held ones skipped."""
+        for attempt in range(5):
             now = utcnow()
             claimable = self._stage_claimable(job_id, stages, after_explain, now)
             with self.tx(write=True) as conn:
                 # pending items first, then expired leases: bounded range scans of ix_job_item_status in latent
                 # order (one query with the OR made PostgreSQL sort all of a 3M-item job)
-                chosen: list[int] = []
+                candidates: list[int] = []
                 for status in ("pending", "running"):
-                    q = self._stage_candidates(job_id, stages, after_explain, status, now,
-                                               max(256, limit * 16) if after_explain else limit * 16, lock=True)
-                    chosen = list(dict.fromkeys(chosen + list(conn.execute(q).scalars())))[:limit]
-                    if len(chosen) >= limit:
+                    window = max(256 if after_explain else CLAIM_WINDOW, limit * 16)
+                    q = self._stage_candidates(job_id, stages, after_explain, status, now, window)
+                    candidates = list(dict.fromkeys(candidates + list(conn.execute(q).scalars())))
+                    if len(candidates) >= limit * 4:
                         break
-                if not chosen:
+                if not candidates:
                     return []
-                leased = _lease(conn, claimable, chosen, worker, lease_s, now)
+                chosen = _lock_latents(conn, job_id, candidates, limit)
+                leased = _lease(conn, claimable, chosen, worker, lease_s, now) if chosen else []
             if leased:
                 return leased
+            _contended(attempt)
         return []
 
     def _stage_candidates(self, job_id: int, stages: Sequence[str], after_explain: bool, status: str, now,
-                          window: int, lock: bool = False):
+                          window: int):
         """Latents to try to claim: the first `window` items of `stages` with `status` (expired, for running) in
         latent order — and with `after_explain`, those of them already explained. Explanations finish roughly in
         latent order, so the window holds the claimable ones; a bounded window keeps this one index range scan at
@@ -544,8 +562,6 @@ class Store:
         if status == "running":
             cond.append(T_ITEM.c.lease_until < now)
         inner = select(T_ITEM.c.latent).where(*cond).order_by(T_ITEM.c.latent).limit(window)
-        if lock and self.dialect == "postgresql":
-            inner = inner.with_for_update(skip_locked=True)
         if not after_explain:
             return inner
         sub = inner.subquery()
