@@ -34,6 +34,13 @@ MIN_SIMILARITY = 0.2  # candidate pairs at or below this are not considered (ran
 # MiniLM explanations: unrelated sentences reach 0.35 at the 99th percentile (bench/search.py's real texts, mean
 # 0.09), so pairs below 0.4 say nothing, and they were ~1M candidate edges that made the assignment slow
 EXPLANATION_MIN_SIMILARITY = 0.4
+# The candidate screen: above SCREEN_MIN_CELLS similarities and for vectors at least twice SCREEN_DIM wide (decoder
+# and encoder rows; not 384-d explanation embeddings), candidates are found on random projections to SCREEN_DIM
+# dimensions (cosine estimates, error sd ~ 1/sqrt(SCREEN_DIM)), SCREEN_WIDEN x more of them per latent, then every
+# candidate pair is re-scored exactly: the dense products cost SCREEN_DIM / d of the exact ones.
+SCREEN_DIM = 256
+SCREEN_WIDEN = 2
+SCREEN_MIN_CELLS = 4096 * 4096
 
 
 @dataclass
@@ -248,8 +255,31 @@ def cosine_matching(a: np.ndarray, b: np.ndarray, method: str = "cosine", k: int
     a, b = unit_rows(_matrix(a, f"{method} A")), unit_rows(_matrix(b, f"{method} B"))
     if a.shape[1] != b.shape[1]:
         raise ConfigError(f"compare {method}: A has width {a.shape[1]}, B has {b.shape[1]} (they must be equal)")
-    rows, cols, sims = _candidates(_cosine_block(a, b), len(a), len(b), k)  # float32 blocks: exact similarities
+    if len(a) * len(b) >= SCREEN_MIN_CELLS and a.shape[1] >= 2 * SCREEN_DIM:
+        rows, cols, sims = _screened_candidates(a, b, k)
+    else:
+        rows, cols, sims = _candidates(_cosine_block(a, b), len(a), len(b), k)  # float32 blocks: exact
     return _matching(method, rows, cols, sims, len(a), len(b), threshold, -1.0, min_similarity)
+
+
+def _screened_candidates(a: np.ndarray, b: np.ndarray, k: int, dim: int = SCREEN_DIM, widen: int = SCREEN_WIDEN
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_candidates` of unit rows a, b with the top-(widen * k) both ways found on a seeded random projection to `dim`
+    dimensions, then re-scored exactly (the similarities returned are the exact cosines). A pair of cosine s is
+    estimated with an error of sd ~ (1 - s^2) / sqrt(dim): strong pairs are never missed; weak ones (s ~ 0.3,
+    against 32k near-zero neighbours) stay in the widened top-k with high probability (docs/benchmarks.md)."""
+    proj = np.random.default_rng(0).standard_normal((a.shape[1], dim), dtype=np.float32)
+    rows, cols, _ = _candidates(_cosine_block(unit_rows(a @ proj), unit_rows(b @ proj)), len(a), len(b), widen * k)
+    return rows, cols, _row_dots(a, b, rows, cols)
+
+
+def _row_dots(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """a[rows[i]] . b[cols[i]] for every i, in chunks (the gathered rows of all pairs would not fit)."""
+    out = np.empty(len(rows), np.float32)
+    for lo in range(0, len(rows), chunk):
+        hi = min(lo + chunk, len(rows))
+        out[lo:hi] = np.einsum("ij,ij->i", a[rows[lo:hi]], b[cols[lo:hi]])
+    return out
 
 
 def compare_explanations(emb_a: np.ndarray, emb_b: np.ndarray, k: int = DEFAULT_K, threshold: float = SHARED_THRESHOLD,

@@ -76,6 +76,32 @@ def test_sparse_candidates_find_the_planted_matching():
     assert m.summary["matched_fraction_a"] == 1 and len(m.novel_a) == len(m.novel_b) == 0
 
 
+def test_the_projection_screen_finds_the_exact_matching(monkeypatch):
+    """Above SCREEN_MIN_CELLS the candidates come from a 256-d random projection and are re-scored exactly: on
+    dictionaries with strong (cosine ~0.9), moderate (~0.5) and weak (~0.3) planted pairs among random ones, the
+    screened matching has every strong and moderate pair of the exact one, nearly every weak one, and exact
+    similarities (the exact path is forced by raising the threshold)."""
+    n, d = 1200, 768
+    monkeypatch.setattr(compare_mod, "SCREEN_MIN_CELLS", n * n)
+    a = unit_rows(rng.standard_normal((n, d))).astype(np.float32)
+    b = unit_rows(rng.standard_normal((n, d))).astype(np.float32)
+    for lo, hi, cos in ((0, 300, 0.9), (300, 600, 0.5), (600, 800, 0.3)):  # b_i = cos a_i + sqrt(1-cos^2) noise
+        b[lo:hi] = unit_rows(cos * a[lo:hi] + np.sqrt(1 - cos**2) * b[lo:hi])
+    perm = rng.permutation(n)
+    screened = compare_mod.cosine_matching(a, b[perm], "decoder")
+    monkeypatch.setattr(compare_mod, "SCREEN_MIN_CELLS", n * n + 1)
+    exact = compare_mod.cosine_matching(a, b[perm], "decoder")
+    inv = np.argsort(perm)
+    planted = lambda lo, hi: {(i, int(inv[i])) for i in range(lo, hi)}  # noqa: E731
+    got, want = [set(zip(m.a_index.tolist(), m.b_index.tolist())) for m in (screened, exact)]
+    assert planted(0, 800) <= want  # the exact matching finds every planted pair, down to cosine 0.3
+    assert planted(0, 600) <= got and len(planted(600, 800) - got) <= 4  # a 0.3 pair may be estimated < 0.12
+    assert len(got ^ want) <= 8
+    assert np.allclose(screened.similarity, np.einsum("ij,ij->i", a[screened.a_index], b[perm][screened.b_index]),
+                       atol=1e-5)  # exact re-scores
+    assert screened.summary["matched_fraction_a"] == exact.summary["matched_fraction_a"] == 0.25  # at >= 0.7
+
+
 def test_explanations_below_the_explanation_floor_stay_unmatched():
     """Pairs of explanations at cosine 0.3 (unrelated MiniLM sentences reach that) are not matched by default; the
     floor is a parameter."""

@@ -33,7 +33,7 @@ def test_local_generates_with_logprobs(local):
 
     a, b = asyncio.run(go())
     assert a.text.strip() and a.text == b.text  # greedy is deterministic
-    assert a.model == "builtin:smollm2" and local.supports_logprobs
+    assert a.model == "builtin:smollm2+int8" and local.supports_logprobs
     assert 1 <= len(a.logprobs) <= 6 and a.usage.completion_tokens >= len(a.logprobs)
     assert "".join(t.token for t in a.logprobs).strip() == a.text.strip()
     for t in a.logprobs:
@@ -94,3 +94,41 @@ def test_local_answer_prefix_prefills_the_final_line(local):
     assert re.search(r"[.!?]\s+\S", text) is None  # one sentence
     assert a.usage.prompt_tokens > asyncio.run(local.complete(msg, SamplingParams(max_tokens=1))).usage.prompt_tokens
     assert "answer_prefix" in p.as_dict() and "answer_prefix" not in SamplingParams().as_dict()
+
+
+def test_int8_by_default_on_a_cpu_float32_on_request(local, monkeypatch):
+    """On a CPU the local model's Linear layers run int8 (dynamic quantization) unless AUTOINTERP_LOCAL_QUANTIZE is
+    'none'; the setting names the model in results, the response cache and the job identity, and its judgements
+    stay close to float32's."""
+    import torch
+
+    from autointerp.errors import ConfigError
+    from autointerp.jobs.spec import model_identity
+    from autointerp.scorers._classify import parse_answer, probs_from_logprobs
+
+    lm = local.backend._lm()
+    assert local.model == "builtin:smollm2+int8" and lm.name == "builtin:smollm2+int8"
+    def quantized(model) -> int:
+        return sum(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in model.modules())
+
+    assert quantized(lm.model) == 30 * 5 + 1  # q, k, v, gate, up of the 30 layers and the head
+    assert model_identity("local") == "local:+int8"
+    monkeypatch.setenv("AUTOINTERP_LOCAL_QUANTIZE", "none")
+    f32 = make_client("local", cache_path=None)
+    assert f32.model == "builtin:smollm2" and model_identity("local") == "local:"
+    assert quantized(f32.backend._lm().model) == 0
+    assert isinstance(f32.backend._lm().model.lm_head, torch.nn.Linear)
+    msg = [ChatMessage("user", "Is each number even? Answer a list of 1 (yes) or 0 (no).\n1. 4\n2. 7\n3. 10\n"
+                               "4. 3\n5. 8\n6. 12\n7. 5")]
+    p = SamplingParams(max_tokens=40, logprobs=True, top_logprobs=2, answer_bits=7)
+    probs = []
+    for c in (local, f32):
+        a = asyncio.run(c.complete(msg, p))
+        probs.append(probs_from_logprobs(a, parse_answer(a.text, 7)[1]))
+        assert a.model == c.model
+    # close, not equal (seen: mean |dP| 0.09, the largest 0.28, on entries float32 also gets wrong)
+    assert sum(abs(x - y) for x, y in zip(*probs)) / 7 < 0.15, probs
+    assert sum((x > 0.5) == (y > 0.5) for x, y in zip(*probs)) >= 5, probs
+    monkeypatch.setenv("AUTOINTERP_LOCAL_QUANTIZE", "int4")
+    with pytest.raises(ConfigError, match="AUTOINTERP_LOCAL_QUANTIZE='int4': expected 'int8' or 'none'"):
+        make_client("local", cache_path=None)

@@ -127,8 +127,14 @@ def digest(obj: Any) -> str:
 
 
 def model_identity(spec: str) -> str:
-    """What names a model's answers: backend and model, not the server's address (one model served anywhere)."""
+    """What names a model's answers: backend and model, not the server's address (one model served anywhere); for
+    the in-process backend, its quantization too (an int8 model answers differently)."""
     p = parse_spec(spec)
+    if p["backend"] == "local":
+        from ..llm.local_backend import local_quantization
+
+        q = local_quantization()
+        return f"local:{p['model'] or ''}" + ("" if q == "none" else f"+{q}")
     return f"{p['backend']}:{p['model'] or ''}"
 
 

@@ -98,7 +98,7 @@ class MeteredClient:
         meter: UsageMeter | None = None,
     ):
         self.backend = backend
-        self.model = backend.model
+        self.model = getattr(backend, "model_name", None) or backend.model  # local: "+int8" when quantized
         self.cache = cache
         self.prices = prices or PriceTable()
         self.meter = meter

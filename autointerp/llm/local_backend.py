@@ -17,11 +17,18 @@ every example, with P(1) per entry; vLLM's guided decoding does the same on a se
 A request with `answer_prefix` (the explainers: "[EXPLANATION]:") gets its turn prefilled with that text: the model
 writes only the rest of that line, to the end of its first sentence (explanations are one sentence). A 135M explainer asked for reasoning and then a
 marked final line mostly answered "I'm ready to help. What's your question?"; prefilled, it writes an explanation.
+
+On a CPU most of the model's Linear layers run int8 (torch's dynamic quantization: int8 weights, activations
+quantized per call) unless $AUTOINTERP_LOCAL_QUANTIZE is `none`; see docs/benchmarks.md for the speed and the
+distance from float32. The answers differ from float32's, so the setting is part of the model's identity
+(`local:…+int8`), of the response cache's key, and recorded in every result's model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
 import re
 import threading
@@ -31,6 +38,17 @@ from ..errors import ConfigError
 from .base import ChatMessage, Completion, LLMError, PermanentLLMError, SamplingParams, TokenLogprob, Usage
 
 DEFAULT_LOCAL_MODEL = "builtin:smollm2"
+QUANTIZE_ENV = "AUTOINTERP_LOCAL_QUANTIZE"
+
+log = logging.getLogger(__name__)
+
+
+def local_quantization() -> str:
+    """'int8' (the default: on a CPU, Linear layers run dynamically quantized) or 'none', from $AUTOINTERP_LOCAL_QUANTIZE."""
+    v = (os.environ.get(QUANTIZE_ENV) or "int8").strip().lower()
+    if v not in ("int8", "none"):
+        raise ConfigError(f"${QUANTIZE_ENV}={v!r}: expected 'int8' or 'none'")
+    return v
 
 
 @dataclass
@@ -41,6 +59,8 @@ class _Loaded:
     stop_ids: list[int]
     max_len: int | None
     bits: "_BitsGrammar | None" = None
+    name: str = ""  # what results record as the model: the spec, "+int8" when quantized
+    breaks: list[int] | None = None  # token ids holding a line break (`_break_ids`)
 
 
 @dataclass(frozen=True)
@@ -73,8 +93,35 @@ _LOADED: dict[tuple, _Loaded] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def _load(spec: str, device: str | None, dtype) -> _Loaded:
-    key = (spec, device, str(dtype))
+# Linear layers left in float32: their inputs carry the outlier features that per-tensor int8 activations clip.
+# On SmolLM2-135M, next-token KL from float32 is 0.57 nats with every layer int8 and 0.066 without these two.
+_FLOAT_LAYERS = ("o_proj", "down_proj")
+
+
+def _quantized(model, spec: str):
+    """`model` with int8 dynamic quantization of its Linear layers (but `_FLOAT_LAYERS`), or None where it cannot run
+    (not on a CPU, not float32, or a torch without the kernels): the caller keeps the float model."""
+    import warnings
+
+    import torch
+
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    layers = {n: default_dynamic_qconfig for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not n.endswith(_FLOAT_LAYERS)}
+    try:
+        with warnings.catch_warnings():  # torch deprecates the quantized-tensor API in favour of torchao
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(model, layers, dtype=torch.qint8)
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        log.warning("local model %s: int8 quantization unavailable (%s); running float32", spec, e)
+        return None
+
+
+def _load(spec: str, device: str | None, dtype, quantize: str = "none") -> _Loaded:
+    key = (spec, device, str(dtype), quantize)
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
@@ -84,6 +131,8 @@ def _load(spec: str, device: str | None, dtype) -> _Loaded:
             model, tok = load_causal_lm(spec, device=device, dtype=dtype)
         except ConfigError as e:
             raise PermanentLLMError(f"local model {spec!r}: {e}") from e
+        quantized = _quantized(model, spec) if quantize == "int8" else None
+        model = quantized if quantized is not None else model
         stop = set()
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
         stop.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
@@ -93,7 +142,8 @@ def _load(spec: str, device: str | None, dtype) -> _Loaded:
             if isinstance(tid, int) and tid != tok.unk_token_id:
                 stop.add(tid)
         max_len = getattr(model.config, "max_position_embeddings", None)
-        loaded = _Loaded(model, tok, threading.Lock(), sorted(stop), max_len, _BitsGrammar.of(tok))
+        loaded = _Loaded(model, tok, threading.Lock(), sorted(stop), max_len, _BitsGrammar.of(tok),
+                         f"{spec}+int8" if quantized is not None else spec)
         _LOADED[key] = loaded
         return loaded
 
@@ -123,13 +173,38 @@ class _LineEnd:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+class _SameLine:
+    """A generate() logits processor: no line break before the answer has visible text, so the prefilled line gets
+    its answer on that line (an int8 135M model otherwise often opened with a blank line and wandered off)."""
+
+    def __init__(self, tok, breaks: list[int], n_in: int):
+        self.tok, self.breaks, self.n_in = tok, breaks, n_in
+
+    def __call__(self, input_ids, scores):
+        if not self.tok.decode(input_ids[0, self.n_in:]).strip():
+            scores[:, self.breaks] = float("-inf")
+        return scores
+
+
+def _break_ids(lm: "_Loaded") -> list[int]:
+    """Token ids whose text holds a line break (computed once per loaded model)."""
+    if lm.breaks is None:
+        tok = lm.tokenizer
+        lm.breaks = [i for i in range(len(tok)) if "\n" in tok.decode([i])]
+    return lm.breaks
+
+
 class LocalBackend:
     cost_free = True  # no per-token price
 
-    def __init__(self, model: str = DEFAULT_LOCAL_MODEL, device: str | None = None, dtype=None):
+    def __init__(self, model: str = DEFAULT_LOCAL_MODEL, device: str | None = None, dtype=None,
+                 quantize: str | None = None):
         self.model = model or DEFAULT_LOCAL_MODEL
         self.device = device
         self.dtype = dtype
+        self.quantize = quantize or local_quantization()
+        # what results record, and what the response cache keys on: a quantized model's answers are its own
+        self.model_name = self.model + ("+int8" if self.quantize == "int8" else "")
 
     @property
     def supports_logprobs(self) -> bool:
@@ -141,7 +216,10 @@ class LocalBackend:
 
     def load(self) -> None:
         """Load the model now (otherwise the first complete() does)."""
-        _load(self.model, self.device, self.dtype)
+        self._lm()
+
+    def _lm(self) -> _Loaded:
+        return _load(self.model, self.device, self.dtype, self.quantize)
 
     async def aclose(self) -> None:
         pass
@@ -164,7 +242,7 @@ class LocalBackend:
         import torch
         from transformers import GenerationConfig
 
-        lm = _load(self.model, self.device, self.dtype)
+        lm = self._lm()
         model, tok = lm.model, lm.tokenizer
         enc = self._encode(tok, messages)
         prefix = params.answer_prefix if params.answer_bits <= 0 else ""
@@ -196,8 +274,10 @@ class LocalBackend:
         with lm.lock, torch.inference_mode():
             if sample:  # global RNG, safe under the lock
                 torch.manual_seed(params.seed if params.seed is not None else random.randrange(2**31))
+            line = {"stopping_criteria": [_LineEnd(tok)],
+                    "logits_processor": [_SameLine(tok, _break_ids(lm), n_in)]} if prefix else {}
             out = model.generate(**enc, generation_config=cfg, output_logits=want_lp, return_dict_in_generate=True,
-                                 **({"stopping_criteria": [_LineEnd(tok)]} if prefix else {}))
+                                 **line)
 
         gen = out.sequences[0, n_in:].tolist()
         stop = set(lm.stop_ids)
@@ -221,7 +301,7 @@ class LocalBackend:
         if prefix:  # the rest of the prefilled line, to its first sentence's end (logprobs: generated tokens)
             cut = _first_sentence_end(text)
             text = prefix + (text if cut is None else text[:cut])
-        return Completion(text=text, usage=usage, model=self.model, logprobs=logprobs)
+        return Completion(text=text, usage=usage, model=lm.name, logprobs=logprobs)
 
     def _complete_bits(self, lm: _Loaded, enc, n_in: int, params: SamplingParams) -> Completion:
         """The answer "[b, …]" under the grammar: n + 1 short forward passes on the KV cache after the prompt."""
@@ -274,5 +354,5 @@ class LocalBackend:
                 feed(((g.zero, g.one)[pick],) + (g.sep if i < params.answer_bits - 1 else g.close), choice=True)
         text = "".join(t.token for t in out_tokens)
         usage = Usage(prompt_tokens=n_in, completion_tokens=len(out_tokens), calls=1)
-        return Completion(text=text, usage=usage, model=self.model,
+        return Completion(text=text, usage=usage, model=lm.name,
                           logprobs=out_tokens if params.logprobs else None)
