@@ -352,6 +352,8 @@ def test_cache_path_resolution(monkeypatch, tmp_path):
     assert resolve_cache_path() == tmp_path / "x.sqlite"
     monkeypatch.delenv("AUTOINTERP_LLM_CACHE")
     assert resolve_cache_path().name == "llm_cache.sqlite"
+    monkeypatch.setenv("AUTOINTERP_CACHE", str(tmp_path / "root"))  # the README: under the cache root
+    assert resolve_cache_path() == tmp_path / "root" / "llm_cache.sqlite"
     assert resolve_cache_path(None) is None
 
 

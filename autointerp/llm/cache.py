@@ -4,7 +4,8 @@ deployments, a proxy and the upstream) need not be the same model; extra_body (v
 switch, …) changes what comes back.
 
 One file shared by every process on the machine (WAL mode + busy timeout make concurrent writers safe).
-Default path `~/.cache/autointerp/llm_cache.sqlite`; the env var AUTOINTERP_LLM_CACHE overrides it, and
+Default path `~/.cache/autointerp/llm_cache.sqlite` (under $AUTOINTERP_CACHE when set, like every other cache); the
+env var AUTOINTERP_LLM_CACHE overrides it, and
 AUTOINTERP_LLM_CACHE=off (or "", "0", "none") disables caching.
 
 Sampling with temperature > 0 and no seed is not cached: each call is meant to differ.
@@ -38,7 +39,8 @@ def resolve_cache_path(cache_path: str | Path | None = DEFAULT) -> Path | None:
         env = os.environ.get(CACHE_ENV)
         if env is not None:
             return None if env.strip().lower() in _OFF else Path(env).expanduser()
-        return DEFAULT_CACHE_PATH.expanduser()
+        root = os.environ.get("AUTOINTERP_CACHE")  # the cache root (hf_loading.cache_root, without importing torch)
+        return Path(root).expanduser() / DEFAULT_CACHE_PATH.name if root else DEFAULT_CACHE_PATH.expanduser()
     return Path(cache_path).expanduser()
 
 
