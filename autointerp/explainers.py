@@ -128,12 +128,21 @@ def token_frequency_explanation(record: LatentRecord, sample: LatentSample, thre
     for toks, acts in zip(shown.tokens, shown.acts):
         strs = record.token_strings(toks)
         for k in np.flatnonzero(highlight_mask(acts, thr)):
-            t = " ".join(strs[k].split())
+            t = _token_label(strs[k])
             if t:
                 count[t] += 1
                 mass[t] += float(acts[k])
     best = sorted(count, key=lambda t: (-count[t], -mass[t], t))[:n]
     return "fires on: " + ", ".join(best) if best else ""
+
+
+def _token_label(text: str) -> str:
+    """A token as the baseline names it: its text with whitespace runs collapsed; a whitespace-only token by what it
+    is (latents that fire on line breaks were skipped as 'no token above the highlight threshold')."""
+    t = " ".join(text.split())
+    if t or not text:
+        return t
+    return "line break" if "\n" in text or "\r" in text else "tab" if "\t" in text else "space"
 
 
 def random_explanation(latent: int, pool: Mapping[int, str] | Sequence[str], seed: int) -> str | None:

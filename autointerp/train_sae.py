@@ -82,7 +82,8 @@ def train_topk_sae(
 ) -> TrainResult:
     """Train on acts [N, d_in] (a transcoder predicts targets [N, d_out] from them); `epochs` overrides `steps`.
 
-    Deterministic for a given seed (and thread count). `num_threads` sets torch's intra-op threads for the run
+    Deterministic for a given seed (and thread count). The seed alone draws the initial decoder: two SAEs of one
+    seed on different hookpoints start from the same rows (give them different seeds to compare them). `num_threads` sets torch's intra-op threads for the run
     only: small SAEs train much faster on one thread than on busy shared cores.
     """
     if acts.ndim != 2 or not acts.is_floating_point():

@@ -132,6 +132,25 @@ def test_llm_kinds_with_rule_judge(world, srv, kind):
     assert not want & s.test_ids
 
 
+def test_token_frequency_names_whitespace_tokens():
+    """A latent that fires on line breaks (and tabs, spaces) is explained by them, not skipped for 'no token above
+    the highlight threshold' (found on a real SAE: a latent on line breaks in wrapped prose)."""
+    vocab = ["a", "\n", "b", "\t", " ", "c", "\n\n", "d"]
+    n, ctx = 12, 8
+    acts = np.zeros((n, ctx), np.float32)
+    acts[:, 1], acts[:, 6] = 3.0, 2.0  # the line-break tokens
+    acts[: n // 2, 3] = 1.5  # the tab, in half the windows
+    tokens = np.tile(np.arange(ctx, dtype=np.int32), (n, 1))
+    ex = Examples(np.arange(n, dtype=np.int64), tokens, acts)
+    neg = Examples(np.arange(100, 100 + n, dtype=np.int64), tokens.copy(), np.zeros_like(acts))
+    rec = LatentRecord(0, ex, ex, neg, LatentStats(1, 1, 1, 1, np.zeros(2), np.zeros(1)),
+                       decode=lambda ids: [vocab[i] for i in ids])
+    cfg = ExplainConfig(sampling=SamplingConfig(n_explain=6, n_test=5, n_negatives=5, min_explain=2, min_test=2,
+                                                min_negatives=2, display_ctx=0))
+    e = asyncio.run(explain(rec, None, kind="token_frequency", config=cfg, seed=0))
+    assert isinstance(e, Explanation) and e.text.startswith("fires on: line break"), e
+
+
 def test_baselines(world):
     rec = world.record(2)
     e = asyncio.run(explain(rec, None, kind="token_frequency", seed=0))
