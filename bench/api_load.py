@@ -231,6 +231,8 @@ def run_backend(name: str, url: str, args, work: Path) -> list[dict]:
             ([f"/api/v1/dictionaries/{real}/latents/{i}" for i in info["real_latents"]], {}),
         "GET latents page (sort by detection score, 50 rows, keyset)":
             ([f"/api/v1/dictionaries/{syn}/latents?sort=score&scorer=detection&order=desc&limit=50"], {}),
+        "GET latents page (sort by max activation, 50 rows, keyset)":
+            ([f"/api/v1/dictionaries/{syn}/latents?sort=max_act&order=desc&limit=50"], {}),
         "search keyword (FTS over all explanations, k=20)":
             (["/api/v1/search?" + urllib.parse.urlencode({"q": w, "mode": "keyword"})
               for w in ("numbers", "French", "brackets code", "money", "legal text", "HTML")], {}),

@@ -4,9 +4,11 @@ URL: `AUTOINTERP_DATABASE_URL` (or the `url` argument); default `sqlite:///<cach
 `postgresql://…` uses psycopg 3. SQLite runs in WAL mode with a busy timeout, so several worker processes on one
 machine write safely (each write transaction is short; readers never block writers).
 
-Schema: Alembic migrations in db/. A new, empty database is brought to the current schema on first open; a database
-at an older revision is refused with one line telling the user to run `autointerp db upgrade` (a migration of a
-shared PostgreSQL is an operator's decision, never a side effect of a worker starting).
+Schema: Alembic migrations in db/. A new, empty database is brought to the current schema on first open. An SQLite
+store at an older revision is upgraded on open, said once on stderr (it is one user's embedded file, and a release
+that adds an index should not stop the CLI). A PostgreSQL database at an older revision is refused with one line
+telling the user to run `autointerp db upgrade` (a migration of a shared database is an operator's decision, never a
+side effect of a worker starting).
 """
 
 from __future__ import annotations
@@ -124,6 +126,21 @@ def _check_reachable(engine: Engine, url: str) -> str | None:
         raise StoreError(f"database {make_url(url).render_as_string()} is unreachable: {msg[:300]}") from None
 
 
+def _auto_upgrade(engine: Engine, url: str, rev: str, head: str) -> None:
+    """Upgrade an embedded SQLite store. Another process opening it may upgrade it at the same time: when ours fails,
+    the store at the head revision is what counts."""
+    import sys
+
+    try:
+        upgrade(url)
+    except Exception as e:  # noqa: BLE001 - judged by the revision the store is at afterwards
+        if current_revision(engine) != head:
+            raise StoreError(f"database {make_url(url).render_as_string()} is at schema {rev}; upgrading it to "
+                             f"{head} failed: {' '.join(str(e).split())[:300]}") from None
+    print(f"autointerp: upgraded the store {make_url(url).render_as_string()} from schema {rev} to {head}",
+          file=sys.stderr)
+
+
 @lru_cache(maxsize=8)
 def engine_for(url: str) -> Engine:
     """The engine of a URL, checked once per process: reachable, and at the code's schema (a new database is
@@ -139,6 +156,8 @@ def engine_for(url: str) -> Engine:
                 raise StoreError(f"database {make_url(url).render_as_string()} holds tables but no autointerp schema "
                                  "version: point AUTOINTERP_DATABASE_URL at an autointerp store or an empty database")
             upgrade(url)
+        elif rev != head and engine.dialect.name == "sqlite":
+            _auto_upgrade(engine, url, rev, head)
         elif rev != head:
             raise StoreError(f"database {make_url(url).render_as_string()} is at schema {rev}, this autointerp needs "
                              f"{head}: run `autointerp db upgrade`")

@@ -53,6 +53,9 @@ class Dictionary(SQLModel, table=True):
 
 class Latent(SQLModel, table=True):
     __tablename__ = "latent"
+    # pages sorted by max/mean activation are range scans (migration 0004)
+    __table_args__ = (Index("ix_latent_max_act", "dictionary_pk", "max_act", "index"),
+                      Index("ix_latent_mean_act", "dictionary_pk", "mean_act", "index"))
     dictionary_pk: int = Field(foreign_key="dictionary.id", primary_key=True)
     index: int = Field(primary_key=True)
     n_active: int = 0
