@@ -313,7 +313,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown backend {b}")
     print()
-    print(f"| backend | request | req/s | p50 ms | p99 ms | errors | load generator | load average (1/5/15 min) |")
+    print("| backend | request | req/s | p50 ms | p99 ms | errors | load generator | load average (1/5/15 min) |")
     print("|---|---|---:|---:|---:|---:|---|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['scenario']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
