@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .corpus import CorpusSpec
 from .errors import ConfigError
-from .hf_loading import cache_root
+from .paths import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ BUILTIN_MODELS = {
 }
 DEFAULT_MODEL = "builtin:smollm2"
 _lock = threading.Lock()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("AUTOINTERP_CACHE", Path.home() / ".cache" / "autointerp"))
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -256,7 +256,7 @@ def index_path(store: Store, embedder: str) -> Path:
     """Beside the SQLite file; for a server database, under the cache folder (one per database and embedder)."""
     from sqlalchemy.engine import make_url
 
-    from .hf_loading import cache_root
+    from .paths import cache_root
     from .jobs.spec import digest
 
     u = make_url(store.url)

@@ -131,10 +131,9 @@ def model_identity(spec: str) -> str:
     the in-process backend, its quantization too (an int8 model answers differently)."""
     p = parse_spec(spec)
     if p["backend"] == "local":
-        from ..llm.local_backend import local_quantization
+        from ..llm.local_backend import local_quantization, quantized_name
 
-        q = local_quantization()
-        return f"local:{p['model'] or ''}" + ("" if q == "none" else f"+{q}")
+        return quantized_name(f"local:{p['model'] or ''}", local_quantization())
     return f"{p['backend']}:{p['model'] or ''}"
 
 

@@ -39,8 +39,9 @@ def resolve_cache_path(cache_path: str | Path | None = DEFAULT) -> Path | None:
         env = os.environ.get(CACHE_ENV)
         if env is not None:
             return None if env.strip().lower() in _OFF else Path(env).expanduser()
-        root = os.environ.get("AUTOINTERP_CACHE")  # the cache root (hf_loading.cache_root, without importing torch)
-        return Path(root).expanduser() / DEFAULT_CACHE_PATH.name if root else DEFAULT_CACHE_PATH.expanduser()
+        from ..paths import cache_root
+
+        return cache_root().expanduser() / DEFAULT_CACHE_PATH.name
     return Path(cache_path).expanduser()
 
 

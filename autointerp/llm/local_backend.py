@@ -51,6 +51,11 @@ def local_quantization() -> str:
     return v
 
 
+def quantized_name(name: str, quantize: str) -> str:
+    """How results name a model run with `quantize`: "builtin:smollm2+int8"; unchanged for 'none'."""
+    return name if quantize == "none" else f"{name}+{quantize}"
+
+
 @dataclass
 class _Loaded:
     model: object
@@ -143,7 +148,7 @@ def _load(spec: str, device: str | None, dtype, quantize: str = "none") -> _Load
                 stop.add(tid)
         max_len = getattr(model.config, "max_position_embeddings", None)
         loaded = _Loaded(model, tok, threading.Lock(), sorted(stop), max_len, _BitsGrammar.of(tok),
-                         f"{spec}+int8" if quantized is not None else spec)
+                         quantized_name(spec, "int8" if quantized is not None else "none"))
         _LOADED[key] = loaded
         return loaded
 
@@ -204,7 +209,7 @@ class LocalBackend:
         self.dtype = dtype
         self.quantize = quantize or local_quantization()
         # what results record, and what the response cache keys on: a quantized model's answers are its own
-        self.model_name = self.model + ("+int8" if self.quantize == "int8" else "")
+        self.model_name = quantized_name(self.model, self.quantize)
 
     @property
     def supports_logprobs(self) -> bool:

@@ -32,7 +32,7 @@ class StoreError(ConfigError):
 
 
 def default_url() -> str:
-    from ..hf_loading import cache_root
+    from ..paths import cache_root
 
     return f"sqlite:///{cache_root() / 'autointerp.db'}"
 

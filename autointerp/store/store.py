@@ -78,9 +78,13 @@ def _lease(conn: Connection, claimable, latents: list[int], worker: str, lease_s
     return sorted(out.items())
 
 
+CLAIM_ATTEMPTS = 5  # a claim whose candidates are all held by others looks again this often, then returns []
+
+
 def _contended(attempt: int) -> None:
-    """Every candidate was held by other claimers: back off a little before looking again."""
-    time.sleep(0.005 * (attempt + 1) + random.random() * 0.005)
+    """Every candidate was held by other claimers: back off a little before looking again (not after the last)."""
+    if attempt < CLAIM_ATTEMPTS - 1:
+        time.sleep(0.005 * (attempt + 1) + random.random() * 0.005)
 
 
 class Store:
@@ -289,7 +293,7 @@ class Store:
         [(latent, [stages])], in latent order. What is returned is what this call's UPDATE changed (RETURNING), so
         two workers never lease the same item, whatever the isolation level; a latent is leased whole, and on
         PostgreSQL latents another claimer is leasing are skipped instead of waited for."""
-        for attempt in range(5):
+        for attempt in range(CLAIM_ATTEMPTS):
             now = utcnow()
             claimable = and_(T_ITEM.c.job_id == job_id,
                              or_(T_ITEM.c.status == "pending",
@@ -530,7 +534,7 @@ class Store:
         """`claim_latents` restricted to some stages (one queue's share of a job: e.g. the gpu queue's intervention
         items, claimable once the llm queue has explained the latent). Same guarantees: what is returned is what
         this call's UPDATE changed; latents leased whole (of these stages), held ones skipped."""
-        for attempt in range(5):
+        for attempt in range(CLAIM_ATTEMPTS):
             now = utcnow()
             claimable = self._stage_claimable(job_id, stages, after_explain, now)
             with self.tx(write=True) as conn:
