@@ -76,7 +76,113 @@ def write_kept(folder: Path, buffer: str, chunks, n_latents: int, n_slots: int, 
         m.flush()
 
 
-class LatentCache:
+def dense_acts(ctx_len: int, wmax: np.ndarray, nnz: np.ndarray, pos: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Format 2's kept windows back to dense activations [windows, ctx_len]."""
+    slot = np.repeat(np.arange(len(wmax)), np.asarray(nnz, np.int64))
+    acts = np.zeros((len(wmax), ctx_len), np.float32)
+    # q / QMAX is exactly 1 at the window's max, so maxima (order, deciles) read back exact
+    acts[slot, np.asarray(pos, np.int64)] = np.asarray(wmax, np.float32)[slot] * (np.asarray(q, np.float32) /
+                                                                                  np.float32(QMAX))
+    return acts
+
+
+class ExampleSource:
+    """What reads an extraction's examples, wherever they live (a cache folder here, rows of the store in
+    store/examples.py): subclasses give `manifest`, `kept`, `windows`, `pool`, `latent_stats`, `alive_latents`."""
+
+    manifest: dict
+    path: Path | None = None
+    _decode = None
+
+    @property
+    def n_latents(self) -> int:
+        return int(self.manifest["dictionary"]["n_latents"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def dictionary_id(self) -> str:
+        return str(self.manifest["dictionary"]["id"])
+
+    @property
+    def ctx_len(self) -> int:
+        return int(self.manifest["corpus"]["ctx_len"])
+
+    @property
+    def n_windows_stored(self) -> int:
+        return int(self.manifest.get("n_windows_stored") or 0)
+
+    def set_decoder(self, decode) -> None:
+        """decode(list[int]) -> list[str], one string per token (e.g. from the subject model's tokenizer)."""
+        self._decode = decode
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        self.set_decoder(token_decoder(tokenizer))
+
+    @property
+    def hist_edges(self) -> np.ndarray:
+        return hist_edges(int(self.manifest.get("collector", {}).get("hist_bins", 80)))
+
+    def windows(self, rows) -> np.ndarray:
+        """Token ids [len(rows), ctx_len] int32 of stored windows, in the order asked."""
+        raise NotImplementedError
+
+    def kept(self, buffer: str, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """(window rows, dense activations [n, T]) of one latent's `top` or `sample` windows, in stored order."""
+        raise NotImplementedError
+
+    def pool(self) -> dict[str, np.ndarray]:
+        """The shared random pool: rows, indptr / latents / max (CSR: the latents firing in each pool window)."""
+        raise NotImplementedError
+
+    def latent_stats(self, latent: int) -> LatentStats:
+        raise NotImplementedError
+
+    def alive_latents(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _examples(self, rows: np.ndarray, acts: np.ndarray) -> Examples:
+        rows = np.asarray(rows, dtype=np.int64)
+        tokens = self.windows(rows) if len(rows) else np.zeros((0, self.ctx_len), np.int32)
+        return Examples(rows, np.asarray(tokens, dtype=np.int32), np.asarray(acts, dtype=np.float32))
+
+    @cached_property
+    def _pool_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of the pool's CSR, built once: for each latent, the pool windows it fires in."""
+        p = self.pool()
+        indptr, lat = np.asarray(p["indptr"]), np.asarray(p["latents"])
+        window = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        order = np.argsort(lat, kind="stable")
+        starts = np.searchsorted(lat[order], np.arange(self.n_latents + 1))
+        return window[order], starts
+
+    def negatives_for(self, latent: int, limit: int | None = None) -> Examples:
+        windows, starts = self._pool_index
+        pool_rows = np.asarray(self.pool()["rows"])
+        fires = np.zeros(len(pool_rows), dtype=bool)
+        fires[windows[starts[latent]:starts[latent + 1]]] = True
+        rows = pool_rows[~fires]
+        if limit is not None:
+            rows = rows[:limit]
+        return self._examples(rows, np.zeros((len(rows), self.ctx_len), np.float32))
+
+    def record(self, latent: int) -> LatentRecord:
+        if not 0 <= latent < self.n_latents:
+            raise ConfigError(f"latent {latent} out of range (the dictionary has {self.n_latents} latents)")
+        return LatentRecord(
+            latent=latent,
+            top=self._examples(*self.kept("top", latent)),
+            sample=self._examples(*self.kept("sample", latent)),
+            negatives=self.negatives_for(latent),
+            stats=self.latent_stats(latent),
+            dictionary_id=self.dictionary_id,
+            decode=self._decode,
+        )
+
+
+class LatentCache(ExampleSource):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         mpath = self.path / "manifest.json"
@@ -109,68 +215,33 @@ class LatentCache:
             return {k: z[k] for k in z.files}
 
     @property
-    def n_latents(self) -> int:
-        return int(self.manifest["dictionary"]["n_latents"])
+    def n_windows_stored(self) -> int:
+        return len(self.array("windows"))
 
     @property
-    def n_tokens(self) -> int:
-        return int(self.manifest["n_tokens"])
+    def hist_edges(self) -> np.ndarray:
+        return np.asarray(self.stats["hist_edges"]) if "hist_edges" in self.stats else super().hist_edges
 
-    @property
-    def dictionary_id(self) -> str:
-        return str(self.manifest["dictionary"]["id"])
-
-    @property
-    def ctx_len(self) -> int:
-        return int(self.manifest["corpus"]["ctx_len"])
-
-    def set_decoder(self, decode) -> None:
-        """decode(list[int]) -> list[str], one string per token (e.g. from the subject model's tokenizer)."""
-        self._decode = decode
-
-    def attach_tokenizer(self, tokenizer) -> None:
-        self.set_decoder(token_decoder(tokenizer))
-
-    def _examples(self, rows: np.ndarray, acts: np.ndarray) -> Examples:
+    def windows(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
-        tokens = self.array("windows")[np.sort(rows)] if len(rows) else np.zeros((0, self.ctx_len), np.int32)
-        # fancy-index a memmap in sorted order (sequential reads), then restore the record's order
+        # fancy-index a memmap in sorted order (sequential reads), then restore the order asked
+        tokens = np.asarray(self.array("windows")[np.sort(rows)])
         order = np.argsort(np.argsort(rows, kind="stable"), kind="stable")
-        return Examples(rows, np.asarray(tokens)[order].astype(np.int32), np.asarray(acts, dtype=np.float32))
+        return tokens[order].astype(np.int32)
 
     def kept(self, buffer: str, latent: int) -> tuple[np.ndarray, np.ndarray]:
-        """(window rows, dense activations [n, T]) of one latent's `top` or `sample` windows, in stored order."""
         if self.format_version == 1:
             rows, acts = self.array(f"{buffer}_rows")[latent], self.array(f"{buffer}_acts")[latent]
             return rows[rows >= 0], acts[rows >= 0]
         a, b = (int(i) for i in self.array(f"{buffer}_ptr")[latent:latent + 2])
         e0, e1 = (int(i) for i in self.array(f"{buffer}_eptr")[latent:latent + 2])
-        slot = np.repeat(np.arange(b - a), np.asarray(self.array(f"{buffer}_nnz")[a:b], np.int64))
-        wmax = np.asarray(self.array(f"{buffer}_max")[a:b], np.float32)
-        q = np.asarray(self.array(f"{buffer}_q")[e0:e1], np.float32)
-        acts = np.zeros((b - a, self.ctx_len), np.float32)
-        # q / QMAX is exactly 1 at the window's max, so maxima (order, deciles) read back exact
-        acts[slot, np.asarray(self.array(f"{buffer}_pos")[e0:e1], np.int64)] = wmax[slot] * (q / np.float32(QMAX))
+        acts = dense_acts(self.ctx_len, self.array(f"{buffer}_max")[a:b], self.array(f"{buffer}_nnz")[a:b],
+                          self.array(f"{buffer}_pos")[e0:e1], self.array(f"{buffer}_q")[e0:e1])
         return np.asarray(self.array(f"{buffer}_rows")[a:b]), acts
 
-    @cached_property
-    def _pool_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """Inverse of the pool's CSR, built once: for each latent, the pool windows it fires in."""
-        indptr = np.asarray(self.array("pool_indptr"))
-        lat = np.asarray(self.array("pool_latents"))
-        window = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-        order = np.argsort(lat, kind="stable")
-        starts = np.searchsorted(lat[order], np.arange(self.n_latents + 1))
-        return window[order], starts
-
-    def negatives_for(self, latent: int, limit: int | None = None) -> Examples:
-        windows, starts = self._pool_index
-        fires = np.zeros(len(self.array("pool_rows")), dtype=bool)
-        fires[windows[starts[latent]:starts[latent + 1]]] = True
-        rows = np.asarray(self.array("pool_rows"))[~fires]
-        if limit is not None:
-            rows = rows[:limit]
-        return self._examples(rows, np.zeros((len(rows), self.ctx_len), np.float32))
+    def pool(self) -> dict[str, np.ndarray]:
+        return {"rows": self.array("pool_rows"), "indptr": self.array("pool_indptr"),
+                "latents": self.array("pool_latents"), "max": self.array("pool_max")}
 
     def latent_stats(self, latent: int) -> LatentStats:
         s = self.stats
@@ -182,19 +253,6 @@ class LatentCache:
             mean_act=float(s["act_sum"][latent] / n_active) if n_active else 0.0,
             hist_edges=s["hist_edges"],
             hist_counts=np.asarray(self.array("hist")[latent]),
-        )
-
-    def record(self, latent: int) -> LatentRecord:
-        if not 0 <= latent < self.n_latents:
-            raise ConfigError(f"latent {latent} out of range (the dictionary has {self.n_latents} latents)")
-        return LatentRecord(
-            latent=latent,
-            top=self._examples(*self.kept("top", latent)),
-            sample=self._examples(*self.kept("sample", latent)),
-            negatives=self.negatives_for(latent),
-            stats=self.latent_stats(latent),
-            dictionary_id=self.dictionary_id,
-            decode=self._decode,
         )
 
     def alive_latents(self) -> np.ndarray:

@@ -418,25 +418,29 @@ def _explanation_vectors(store, d: dict, embedder: str | None) -> tuple[np.ndarr
     return latents, np.stack([np.frombuffer(by_latent[i], np.float32) for i in latents])
 
 
-def _dictionary_of(d: dict):
-    from .cache import LatentCache
+def _examples_of(store, d: dict):
+    from .store.examples import open_examples
+
+    ex = open_examples(d, store)
+    if ex is None:
+        raise ConfigError(f"dictionary {d['name']}: no extraction here (no cache folder, no examples in the store)")
+    return ex
+
+
+def _dictionary_of(store, d: dict):
     from .dictionaries import load_cached_dictionary
 
-    if not d.get("cache_path"):
-        raise ConfigError(f"dictionary {d['name']}: no extraction cache recorded")
-    return load_cached_dictionary(LatentCache(d["cache_path"]).manifest["dictionary"])
+    return load_cached_dictionary(_examples_of(store, d).manifest["dictionary"])
 
 
-def _pool_codes(d: dict) -> tuple[np.ndarray, sp.csr_matrix]:
+def _pool_codes(store, d: dict) -> tuple[np.ndarray, sp.csr_matrix]:
     """Window-level codes over the cache's shared random pool: [pool windows, n_latents], each latent's max
     activation in each window (the cache keeps which latents fire in every pool window)."""
-    from .cache import LatentCache
-
-    c = LatentCache(d["cache_path"])
-    indptr, lat = np.asarray(c.array("pool_indptr")), np.asarray(c.array("pool_latents"))
-    vals = np.asarray(c.array("pool_max"), np.float64)
-    rows = np.asarray(c.array("pool_rows"))
-    tokens = np.asarray(c.array("windows")[np.sort(rows)])
+    c = _examples_of(store, d)
+    p = c.pool()
+    indptr, lat = np.asarray(p["indptr"]), np.asarray(p["latents"])
+    vals = np.asarray(p["max"], np.float64)
+    tokens = c.windows(np.sort(np.asarray(p["rows"])))
     return tokens, sp.csr_matrix((vals, lat, indptr), shape=(len(indptr) - 1, c.n_latents))
 
 
@@ -470,7 +474,7 @@ def compare(store, a: str | int, b: str | int, method: str = "embedding", *, k: 
         result, summary = _remap(m, la, lb), {**m.summary, "explained_a": len(la), "explained_b": len(lb)}
         params["embedder"] = embedder or "default"
     elif method in ("decoder", "encoder"):
-        xa, xb = _dictionary_of(da), _dictionary_of(db)
+        xa, xb = _dictionary_of(store, da), _dictionary_of(store, db)
         dec_a, dec_b = (x.decoder_directions().float().cpu().numpy() for x in (xa, xb))
         if dec_a.shape[1] != dec_b.shape[1]:
             raise ConfigError(f"compare decoder: {da['name']} has d_in {dec_a.shape[1]}, {db['name']} has "
@@ -483,8 +487,8 @@ def compare(store, a: str | int, b: str | int, method: str = "embedding", *, k: 
                    "decoder": r.decoder.summary, "encoder": None if r.encoder is None else r.encoder.summary}
         method = "decoder"
     else:
-        ta, ca = _pool_codes(da)
-        tb, cb = _pool_codes(db)
+        ta, ca = _pool_codes(store, da)
+        tb, cb = _pool_codes(store, db)
         if ta.shape != tb.shape or not np.array_equal(ta, tb):
             raise ConfigError(f"compare activation: {da['name']} and {db['name']} were not extracted over the same "
                               "pool windows (extract both in one pass, or with the same corpus, seed and n_tokens)")

@@ -137,8 +137,8 @@ def export_neuronpedia(store: Store, dictionary: int | str, out: str | Path, *, 
     from .api.runtime import open_cache
     from .cache import hist_edges
 
-    cache = open_cache(d)
-    cache_edges = np.asarray(cache.stats["hist_edges"]) if cache is not None and "hist_edges" in cache.stats else None
+    cache = open_cache(d, store)
+    cache_edges = cache.hist_edges if cache is not None else None
     feats, exps, acts, scs = (_Batches(root / k, batch_size) for k in ("features", "explanations", "activations",
                                                                        "autointerp_scores"))
     try:
@@ -228,7 +228,7 @@ def export_delphi(store: Store, dictionary: int | str, out: str | Path, *, expla
     (out / "explanations").mkdir(parents=True, exist_ok=True)
     best = _best_per_latent(_explanations(store, d["id"]), explainer)
     scores = _scores_by_expl(store, [e["id"] for e in best.values()])
-    cache = open_cache(d)
+    cache = open_cache(d, store)
     decode = decoder_for(cache.manifest["model"]) if cache is not None else None
     models, prompts = set(), set()
     for i, e in sorted(best.items()):
@@ -268,8 +268,8 @@ def _delphi_records(score: dict, cache, decode, known: dict[int, np.ndarray]) ->
         w = x.get("window_id")
         toks: list[str] = []
         acts: list[float] = []
-        if cache is not None and isinstance(w, int) and 0 <= w < len(cache.array("windows")):
-            ids = cache.array("windows")[w]
+        if cache is not None and isinstance(w, int) and 0 <= w < cache.n_windows_stored:
+            ids = cache.windows([w])[0].tolist()
             toks = decode(ids)
             a = known.get(w)
             acts = [round(float(v), 4) for v in a] if a is not None else [0.0] * len(toks)

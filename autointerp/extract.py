@@ -550,16 +550,8 @@ def extract(
                     continue
                 if wid < done:
                     batch, wid = batch[done - wid:], done
-                ids = torch.from_numpy(batch).long()
                 in_batch = True
-                acts = subject.capture(ids, hooks)
-                special = subject.special_token_mask(ids).to(dev)
-                window_ids = torch.arange(wid, wid + len(batch), device=dev)
-                for t, h in zip(targets, hooks):
-                    x = acts[h.name]
-                    # BOS/EOS/separators and massive-activation outliers: sequence artefacts, not text
-                    ignore = special | subject.outlier_mask(x, max_norm_ratio)
-                    t.collector.update(encode_for_collector(t.dictionary, x, ignore), window_ids)
+                collect_batch(subject, targets, hooks, batch, wid, max_norm_ratio)
                 ckpt.append(batch)
                 in_batch = False
                 wid += len(batch)
@@ -582,13 +574,7 @@ def extract(
                 ckpt.close()
         if interrupted:
             return []
-        extra = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"autointerp": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                         "transformers": _version("transformers")},
-            "device": str(dev),
-            "ignored_token_ids": sorted(int(i) for i in subject.tokenizer.all_special_ids),
-        }
+        extra = _manifest_extra(subject)
         windows = ckpt.windows()
         for t in targets:
             _publish(t, t.collector, windows, extra)
@@ -603,9 +589,16 @@ def extract(
 
 
 def encode_for_collector(dictionary, x: torch.Tensor, ignore: torch.Tensor):
-    """The dictionary's codes of x with the `ignore` positions zeroed: SparseCodes for top-k encoders (no dense
-    [B, T, n_latents] tensor), a dense tensor otherwise."""
+    """The dictionary's codes of x with the `ignore` positions zeroed, never a dense [B, T, n_latents] tensor over
+    ENCODE_CHUNK_BYTES: SparseCodes for top-k encoders, LatentChunks (encoded a latent chunk at a time while the
+    collector reads them) for the other rules, a dense tensor when the whole batch fits in one chunk."""
+    from .collector import LatentChunks
+    from .dictionaries.base import ENCODE_CHUNK_BYTES
+
     sparse = dictionary.encode_topk(x.to(torch.float32))
+    if sparse is None and x[..., 0].numel() * dictionary.n_latents * 4 > ENCODE_CHUNK_BYTES:
+        return LatentChunks(dictionary.encode_chunks(x.to(torch.float32)), (*x.shape[:-1], dictionary.n_latents),
+                            ignore, nnz_bound=dictionary.nnz_bound())
     if sparse is None:
         codes = dictionary.encode(x.to(torch.float32))
         # not in place: an identity-like encoder (raw neurons) returns x itself, which other dictionaries on the
@@ -623,3 +616,118 @@ def _version(pkg: str) -> str | None:
         return version(pkg)
     except Exception:
         return None
+
+
+def collect_batch(subject: SubjectModel, targets: list[Target], hooks, batch: np.ndarray, wid: int,
+                  max_norm_ratio: float) -> None:
+    """One batch of windows (global ids wid, wid+1, ...) through the model into every target's collector: the
+    step the one-process run and every shard share, so both see the same batches."""
+    dev = subject.device
+    ids = torch.from_numpy(batch).long()
+    acts = subject.capture(ids, hooks)
+    special = subject.special_token_mask(ids).to(dev)
+    window_ids = torch.arange(wid, wid + len(batch), device=dev)
+    for t, h in zip(targets, hooks):
+        x = acts[h.name]
+        # BOS/EOS/separators and massive-activation outliers: sequence artefacts, not text
+        ignore = special | subject.outlier_mask(x, max_norm_ratio)
+        t.collector.update(encode_for_collector(t.dictionary, x, ignore), window_ids)
+
+
+def _manifest_extra(subject: SubjectModel) -> dict:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"autointerp": __version__, "torch": str(torch.__version__), "python": platform.python_version(),
+                     "transformers": _version("transformers")},
+        "device": str(subject.device),
+        "ignored_token_ids": sorted(int(i) for i in subject.tokenizer.all_special_ids),
+    }
+
+
+def extract_shard(
+    model: str | SubjectModel,
+    dictionary: str | object,
+    hookpoint: str | None,
+    corpus: str | CorpusSpec,
+    *,
+    windows: tuple[int, int],
+    n_tokens: int = 100_000,
+    ctx_len: int = 64,
+    batch_size: int = 32,
+    seed: int = 0,
+    top_k: int = CollectorConfig.top_k,
+    n_sample: int = CollectorConfig.n_sample,
+    pool_size: int = 1000,
+    text_column: str = "text",
+    split: str = "train",
+    device: str | None = None,
+    dtype: str | None = None,
+    max_norm_ratio: float = 5.0,
+    encode_dtype: str | None = None,
+    norm_scaling_factor: float | None = None,
+    on_progress=None,
+) -> bytes:
+    """Collect the windows [w0, w1) of the run `extract` would make with these settings (one dictionary) and
+    return the shard's state as bytes (`shards.shard_state`) for `publish_shards`. Windows before w0 are
+    tokenized and skipped (no model call). `on_progress(tokens_done, tokens_total)` is called after each batch."""
+    from .shards import shard_state
+
+    w0, w1 = windows
+    spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(
+        source=corpus, ctx_len=ctx_len, n_tokens=n_tokens, seed=seed, text_column=text_column, split=split)
+    spec.validate()
+    if w0 % batch_size:
+        raise ConfigError(f"shard windows [{w0}, {w1}): must start on a batch boundary (batch_size {batch_size})")
+    subject = model if isinstance(model, SubjectModel) else load_subject(model, device=device, dtype=dtype)
+    enc_dtype = _encode_dtype(encode_dtype)
+    targets = _resolve_targets(subject, [dictionary], [hookpoint], Path("."), subject.device, norm_scaling_factor,
+                               enc_dtype)
+    if len(targets) != 1:
+        raise ConfigError(f"dictionary {dictionary}: {len(targets)} members; a job extracts one dictionary "
+                          "(name its hookpoint)")
+    (t,) = targets
+    t.dictionary.to(subject.device, enc_dtype)
+    cfg = CollectorConfig(top_k=top_k, n_sample=n_sample, pool_size=pool_size, seed=seed)
+    t.identity = _identity(subject, t, spec, cfg, max_norm_ratio)
+    t.collector = Collector(t.dictionary.n_latents, spec.ctx_len, cfg, subject.device)
+    hooks = [subject.hookpoint(t.hookpoint)]
+    kept: dict[int, np.ndarray] = {}
+    wid = 0
+    for batch in iter_windows(spec, subject.tokenizer, batch_size):
+        if wid >= w1:
+            break
+        if wid + len(batch) <= w0:
+            wid += len(batch)
+            continue
+        batch = batch[: w1 - wid]
+        collect_batch(subject, targets, hooks, batch, wid, max_norm_ratio)
+        kept.update(zip(range(wid, wid + len(batch)), batch))
+        wid += len(batch)
+        if on_progress is not None:
+            on_progress((wid - w0) * spec.ctx_len, (w1 - w0) * spec.ctx_len)
+    meta = {"identity": t.identity, "windows": [w0, w1], "extra": _manifest_extra(subject),
+            "n_latents": int(t.dictionary.n_latents), "ctx_len": spec.ctx_len, "collector": cfg.as_dict()}
+    return shard_state(t.collector, kept, meta)
+
+
+def publish_shards(states: list[bytes], out: str | Path) -> LatentCache:
+    """Merge shard states (`extract_shard`'s bytes, any order) into one cache folder at `out`: the cache a
+    one-process `extract` of the same windows writes."""
+    from .shards import WindowTable, load_shard_state, merge_states
+
+    parts = sorted((load_shard_state(b) for b in states), key=lambda p: p["meta"]["windows"][0])
+    meta = parts[0]["meta"]
+    for p in parts[1:]:
+        if not _same_run(p["meta"]["identity"], meta["identity"]):
+            raise ConfigError("merge: shards of different extractions")
+    for a, b in zip(parts, parts[1:]):
+        if a["meta"]["windows"][1] != b["meta"]["windows"][0]:
+            raise ConfigError(f"merge: shard windows {a['meta']['windows']} and {b['meta']['windows']} do not meet")
+    cfg = CollectorConfig(**meta["collector"])
+    collector = merge_states([p["state"] for p in parts], meta["n_latents"], meta["ctx_len"], cfg)
+    t = Target(None, meta["identity"]["hookpoint"], Path(out))
+    t.identity = meta["identity"]
+    t.out_dir.mkdir(parents=True, exist_ok=True)
+    _publish(t, collector, WindowTable(parts), meta["extra"])
+    shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
+    return LatentCache(t.out_dir)

@@ -247,8 +247,8 @@ def main() -> None:
         refs.append((f"{s['name']} vs its own init, directions", r.shared_fraction,
                      float(np.median(r.decoder.partner_similarity()))))
     da, db = store.dictionary(names["near-s0"]), store.dictionary(names["near-s1"])
-    _, ca = _pool_codes(da)
-    _, cb = _pool_codes(db)
+    _, ca = _pool_codes(store, da)
+    _, cb = _pool_codes(store, db)
     perm = np.random.default_rng(0).permutation(cb.shape[0])
     m = compare_activations(ca, cb[perm])
     refs.append(("near-s0 vs near-s1, activation, B's pool windows shuffled", m.summary["matched_fraction_a"],

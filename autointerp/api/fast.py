@@ -268,7 +268,7 @@ class FastLatent:
                 return None
             row = {c.name: v[c.name] for c in T_LATENT.c if c.name not in ("dictionary_pk", "index")}
             expl = explanations(q, d["id"], index)
-            if runtime.open_cache(dct) is not None:  # examples: memory-mapped reads, token decoding: off the loop
+            if runtime.open_cache(dct, store) is not None:  # examples: memory-mapped reads, token decoding: off the loop
                 data = await run_in_threadpool(latent_detail, store, dct, index, n_top, row, expl)
             else:
                 data = latent_detail(store, dct, index, n_top, row, expl)

@@ -120,10 +120,10 @@ def _lookup_dictionary(store: Store, ref: str) -> dict:
     return dict(rows[0])
 
 
-def _dict_out(d: dict, counts: dict) -> dict:
+def _dict_out(d: dict, counts: dict, store: Store | None = None) -> dict:
     c = counts.get(d["id"], {})
     return {**d, **{k: c.get(k, 0) for k in ("n_explained", "n_explanations", "n_scores")},
-            "cost_usd": float(c.get("cost_usd", 0.0)), "has_cache": runtime.open_cache(d) is not None}
+            "cost_usd": float(c.get("cost_usd", 0.0)), "has_cache": runtime.open_cache(d, store) is not None}
 
 
 # ------------------------------------------------------------------------------------------------- reads
@@ -151,7 +151,7 @@ def list_dictionaries(request: Request, subject_model: Optional[str] = Query(Non
     ds = store.dictionaries()
     if subject_model:
         ds = [d for d in ds if d["subject_model"] == subject_model]
-    return [_dict_out(d, counts) for d in ds]
+    return [_dict_out(d, counts, store) for d in ds]
 
 
 @reads.get("/dictionaries/{ref}", response_model=DictionaryDetail, tags=["browse"])
@@ -159,7 +159,7 @@ def get_dictionary(request: Request, ref: str):
     store = store_of(request)
     d = lookup_dictionary(store, ref)
     table = Q.score_table(store, d["id"])
-    out = _dict_out(d, Q.dictionary_counts(store))
+    out = _dict_out(d, Q.dictionary_counts(store), store)
     return {**out, "scores": table, "explainers": sorted({r["explainer"] for r in table})}
 
 
@@ -210,7 +210,7 @@ def latent_detail(store: Store, d: dict, index: int, n_top: int = 20, row: dict 
                                                       T_LATENT.c.index == index)).mappings().first()
     if row is None:
         raise HTTPException(404, f"latent {index} of {d['name']} has no statistics (not extracted)")
-    ex = runtime.latent_examples(d, index, n_top=n_top)
+    ex = runtime.latent_examples(d, index, n_top=n_top, store=store)
     if expl is None:
         expl = Q.latent_explanations(store, d["id"], index)
     for e in expl:
@@ -466,7 +466,7 @@ def activations(request: Request, body: ActivationsRequest):
     their activations and best explanations."""
     store = store_of(request)
     d = lookup_dictionary(store, body.dictionary)
-    out = runtime.activations(d, body.text, body.top_k, request.app.state.settings.device)
+    out = runtime.activations(d, body.text, body.top_k, request.app.state.settings.device, store=store)
     labels = Q.explanation_texts(store, d["id"], [l["latent"] for t in out["tokens"] for l in t["latents"]])
     for t in out["tokens"]:
         for l in t["latents"]:
@@ -480,7 +480,7 @@ def steer(request: Request, body: SteerRequest):
     store = store_of(request)
     d = lookup_dictionary(store, body.dictionary)
     return runtime.steer(d, body.latent, body.prompt, body.strengths, body.max_new_tokens,
-                         request.app.state.settings.device)
+                         request.app.state.settings.device, store=store)
 
 
 router.include_router(reads)

@@ -44,22 +44,20 @@ _MODELS = _LRU(2)
 _DICTS = _LRU(4)
 
 
-def open_cache(dictionary: dict):
-    """The extraction cache a dictionary row points to, or None when it has none or it is gone."""
-    from ..cache import LatentCache
+def open_cache(dictionary: dict, store=None):
+    """Where a dictionary's examples are read on this machine (its cache folder, else the store), or None."""
+    from ..store.examples import open_examples
 
-    path = dictionary.get("cache_path")
-    if not path or not (Path(path) / "manifest.json").is_file():
-        return None
+    key = (str(dictionary.get("cache_path")), dictionary.get("id"), str(dictionary.get("n_tokens")), repr(store))
 
     def make():
         try:
-            return LatentCache(path)
+            return open_examples(dictionary, store)
         except ConfigError as e:
-            log.warning("dictionary %s: cache unreadable (%s)", dictionary.get("name"), e)
+            log.warning("dictionary %s: examples unreadable (%s)", dictionary.get("name"), e)
             return None
 
-    return _CACHES.get(str(path), make)
+    return _CACHES.get(key, make)
 
 
 @lru_cache(maxsize=8)
@@ -117,11 +115,11 @@ def _rows(examples, decode, limit: int | None = None) -> list[dict]:
 
 
 def latent_examples(dictionary: dict, index: int, n_top: int = 20, n_quantiles: int = 4,
-                    per_quantile: int = 5) -> dict[str, Any] | None:
+                    per_quantile: int = 5, store=None) -> dict[str, Any] | None:
     """{top: [...], quantiles: [{label, lo, hi, examples}], hist_edges} from the cache, or None without one.
     Quantiles: the uniform random sample of activating windows, split by window max into equal-count strata
     (highest first), as the explainers' quantile sampling sees them."""
-    cache = open_cache(dictionary)
+    cache = open_cache(dictionary, store)
     if cache is None or not 0 <= index < cache.n_latents:
         return None
     decode = decoder_for(cache.manifest["model"])
@@ -139,7 +137,7 @@ def latent_examples(dictionary: dict, index: int, n_top: int = 20, n_quantiles: 
             m = sample.max_acts[part]
             quantiles.append({"label": f"Q{q + 1}", "lo": float(m.min()), "hi": float(m.max()),
                               "examples": _rows(ex, decode)})
-    edges = cache.stats.get("hist_edges")
+    edges = cache.hist_edges
     return {"top": _rows(top, decode, n_top), "quantiles": quantiles,
             "hist_edges": None if edges is None else [float(e) for e in edges], "ctx_len": cache.ctx_len,
             "tokens_decoded": decode.tok is not None}
@@ -161,22 +159,23 @@ def dictionary_for(cache, device: str | None = None):
     return _DICTS.get((str(entry["id"]), str(device)), lambda: load_cached_dictionary(entry, device=device or "cpu"))
 
 
-def _need_cache(dictionary: dict):
-    cache = open_cache(dictionary)
+def _need_cache(dictionary: dict, store=None):
+    cache = open_cache(dictionary, store)
     if cache is None:
-        raise ConfigError(f"dictionary {dictionary['name']}: its extraction cache ({dictionary.get('cache_path')}) "
-                          "is not on this machine; the subject model and checkpoint are found through it")
+        raise ConfigError(f"dictionary {dictionary['name']}: no examples here (cache folder "
+                          f"{dictionary.get('cache_path')} absent and none in the store); the subject model and "
+                          "checkpoint are found through them")
     return cache
 
 
-def activations(dictionary: dict, text: str, top_k: int = 5, device: str | None = None) -> dict:
+def activations(dictionary: dict, text: str, top_k: int = 5, device: str | None = None, store=None) -> dict:
     """Run the subject model on `text` to the dictionary's hookpoint, encode, and return per token the `top_k`
     latents with their activations (special tokens included, marked)."""
     import torch
 
     from ..steering import model_lock
 
-    cache = _need_cache(dictionary)
+    cache = _need_cache(dictionary, store)
     subject = subject_for(cache.manifest["model"], device)
     d = dictionary_for(cache, str(subject.device))
     hook = cache.manifest["hookpoint"]
@@ -204,12 +203,12 @@ def activations(dictionary: dict, text: str, top_k: int = 5, device: str | None 
 
 
 def steer(dictionary: dict, latent: int, prompt: str, strengths: list[float], max_new_tokens: int,
-          device: str | None = None) -> dict:
+          device: str | None = None, store=None) -> dict:
     """Greedy completions of `prompt` with the latent's unit decoder direction added at each strength (multiples of
     the median activation norm at the hookpoint; 0 = the clean completion), as the intervention scorer steers."""
     from ..scorers.intervention import SteeringTarget
 
-    cache = _need_cache(dictionary)
+    cache = _need_cache(dictionary, store)
     if not 0 <= latent < cache.n_latents:
         raise ConfigError(f"latent {latent} out of range (the dictionary has {cache.n_latents} latents)")
     subject = subject_for(cache.manifest["model"], device)

@@ -95,7 +95,7 @@ def index(request: Request):
 
     store = _store(request)
     counts = Q.dictionary_counts(store)
-    ds = [_dict_out(d, counts) for d in store.dictionaries()]
+    ds = [_dict_out(d, counts, store) for d in store.dictionaries()]
     models: dict[str, list] = {}
     for d in ds:
         models.setdefault(d["subject_model"], []).append(d)
@@ -115,7 +115,7 @@ def dictionary_page(request: Request, ref: str,
     d = lookup_dictionary(store, ref)
     sort = sort if sort in Q.SORTS else "index"
     order = order if order in ("asc", "desc") else "asc"
-    out = _dict_out(d, Q.dictionary_counts(store))
+    out = _dict_out(d, Q.dictionary_counts(store), store)
     table = Q.score_table(store, d["id"])
     scorers = sorted({r["scorer"] for r in table})
 

@@ -3,9 +3,9 @@ the cache and its tokenizer, the negative pool's embeddings, scorer configs with
 dictionary), the identity keys. LLM clients are made per event loop (`JobContext.clients()`), since an HTTP client
 belongs to the loop it was made in.
 
-The negative pool is embedded once per cache and embedder and saved beside the cache (`pool_emb-<hash>.npz`), so a
-resume or a second job starts at once; all embedding runs on one background thread (`embed_executor`), never on the
-event loop where it would stall every LLM call in flight.
+The negative pool is embedded once per cache and embedder and saved beside the cache folder (`pool_emb-<hash>.npz`),
+or in the store when the examples are read from there, so a resume or a second job starts at once; all embedding
+runs on one background thread (`embed_executor`), never on the event loop where it would stall every LLM call.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from ..cache import LatentCache
+from ..cache import ExampleSource
 from ..errors import ConfigError
 from ..explainers import ExplainConfig
 from ..explainers import templates as explainer_templates
@@ -42,35 +42,64 @@ def embed_executor() -> ThreadPoolExecutor:
     return _EMBED
 
 
-def pool_examples(cache: LatentCache):
+def pool_examples(cache: ExampleSource):
     from ..records import Examples
 
-    rows = np.sort(np.asarray(cache.array("pool_rows"), dtype=np.int64))
-    tokens = np.asarray(cache.array("windows")[rows], dtype=np.int32)
+    rows = np.sort(np.asarray(cache.pool()["rows"], dtype=np.int64))
+    tokens = cache.windows(rows)
     return Examples(rows, tokens, np.zeros(tokens.shape, np.float32))
 
 
-def load_pool(cache: LatentCache, embedder: str | None = None) -> NegativePool:
-    """The cache's random pool with its embeddings: read from beside the cache when saved there, else embedded
-    now and saved (atomically; a read-only cache folder just skips the save)."""
+def _saved_pool(cache: ExampleSource, name: str, store) -> tuple:
+    """(read() -> npz bytes or None, write(bytes)) for the pool's embeddings: beside a cache folder, else a blob in
+    the store (so every worker embeds a dictionary's pool once, not once per machine)."""
+    tag = digest([name, cache.manifest.get("dictionary", {}).get("id")])[:12]
+    if cache.path is not None:
+        path = cache.path / f"pool_emb-{tag}.npz"
+
+        def write(data: bytes) -> None:
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return (lambda: path.read_bytes() if path.is_file() else None), write
+    from ..store.examples import get_blob, put_blob
+
+    key = f"examples/{cache.pk}/pool_emb-{tag}"
+
+    def write_blob(data: bytes) -> None:
+        with store.tx(write=True) as conn:
+            put_blob(conn, key, data)
+
+    def read_blob():
+        with store.tx() as conn:
+            return get_blob(conn, key)
+    return read_blob, write_blob
+
+
+def load_pool(cache: ExampleSource, embedder: str | None = None, store=None) -> NegativePool:
+    """The cache's random pool with its embeddings: read from where they were saved (beside the cache folder, or
+    in the store), else embedded now and saved (a read-only place just skips the save)."""
+    import io
+
     from ..embedder import embedder_name
 
     name = embedder_name(embedder)
     ex = pool_examples(cache)
-    path = cache.path / f"pool_emb-{digest([name, cache.manifest.get('dictionary', {}).get('id')])[:12]}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as z:
+    read, write = _saved_pool(cache, name, store or getattr(cache, "store", None))
+    try:
+        data = read()
+        if data is not None:
+            with np.load(io.BytesIO(data)) as z:
                 if np.array_equal(z["ids"], ex.window_ids):
                     return NegativePool.from_matrix(ex.window_ids, z["vectors"], embedder=embedder)
-        except (OSError, ValueError, KeyError):
-            log.warning("%s: unreadable, embedding the pool again", path)
+    except (OSError, ValueError, KeyError):
+        log.warning("saved pool embeddings unreadable; embedding the pool again")
     pool = NegativePool.from_examples(ex, cache._decode, embedder=embedder)
     try:
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, ids=ex.window_ids, vectors=pool.matrix(ex.window_ids))
-        os.replace(tmp, path)
-    except OSError as e:
+        buf = io.BytesIO()
+        np.savez(buf, ids=ex.window_ids, vectors=pool.matrix(ex.window_ids))
+        write(buf.getvalue())
+    except Exception as e:  # a read-only folder, a store that refuses: the next process embeds again
         log.info("pool embeddings not saved (%s)", e)
     return pool
 
@@ -79,7 +108,7 @@ def load_pool(cache: LatentCache, embedder: str | None = None) -> NegativePool:
 class JobContext:
     spec: JobSpec
     dictionary: dict  # the store's row
-    cache: LatentCache
+    cache: ExampleSource
     explain_key: str
     score_keys: dict[str, str]
     explain_config: ExplainConfig
@@ -142,13 +171,13 @@ class JobContext:
                 explain_negatives=contrastive and sampling == self.explain_config.sampling))
 
 
-def _tokenizer(cache: LatentCache):
+def _tokenizer(cache: ExampleSource):
     from ..hf_loading import load_tokenizer
 
     return load_tokenizer(cache.manifest["model"])
 
 
-def _scorer_context(cache: LatentCache, scorers: list[str]) -> dict:
+def _scorer_context(cache: ExampleSource, scorers: list[str]) -> dict:
     """Live objects that some scorers' Configs take by field name: intervention steers the subject model with the
     dictionary's decoder at the cache's hookpoint; surprisal reads with the subject model already loaded."""
     if not {"intervention", "surprisal"} & set(scorers):
@@ -170,15 +199,19 @@ def load_context(store, spec: JobSpec, dictionary: dict, *, random_pool=None) ->
     """The context of (spec, dictionary), built once per process (the last 4 are kept)."""
     from ..interpret import scorer_config
 
-    key = (spec.model_dump_json(), dictionary["id"], dictionary.get("cache_path"))
+    key = (spec.model_dump_json(), dictionary["id"], dictionary.get("cache_path"), dictionary.get("n_tokens"),
+           store.url if store is not None else None)
     with _LOCK:
         if key in _CONTEXTS and random_pool is None:
             _CONTEXTS.move_to_end(key)
             return _CONTEXTS[key]
-    if not dictionary.get("cache_path") or not Path(dictionary["cache_path"]).is_dir():
-        raise ConfigError(f"dictionary {dictionary['name']}: its cache folder {dictionary.get('cache_path')} is "
-                          "missing on this machine (workers need the extraction's cache at the same path)")
-    cache = LatentCache(dictionary["cache_path"])
+    from ..store.examples import open_examples
+
+    cache = open_examples(dictionary, store)
+    if cache is None:
+        raise ConfigError(f"dictionary {dictionary['name']}: no examples on this machine (its cache folder "
+                          f"{dictionary.get('cache_path')} is absent and the store holds none: extract it with "
+                          "AUTOINTERP_EXAMPLES=store, the default)")
     cache.attach_tokenizer(_tokenizer(cache))
     sampling = spec.sampling_config()
     prompt_dir = Path(spec.prompt_dir) if spec.prompt_dir else None
@@ -187,7 +220,7 @@ def load_context(store, spec: JobSpec, dictionary: dict, *, random_pool=None) ->
     extra = _scorer_context(cache, spec.scorers)
     for name in spec.scorers:
         scorer_config(name, spec, None, extra)  # options checked before the pool embedding too
-    pool = load_pool(cache) if spec.hard_negatives else None
+    pool = load_pool(cache, store=store) if spec.hard_negatives else None
     ek = digest(explain_identity(spec, dictionary["key"]))
     ctx = JobContext(spec=spec, dictionary=dictionary, cache=cache, explain_key=ek,
                      score_keys={s: digest(score_identity(spec, s, ek)) for s in spec.scorers},

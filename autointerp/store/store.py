@@ -118,9 +118,15 @@ class Store:
 
     # ------------------------------------------------------------------------------------------- dictionaries
 
-    def register_cache(self, cache, name: str | None = None) -> dict:
-        """Register an extraction: its subject model, its dictionary (by checkpoint id and hookpoint) and every
-        latent's statistics, in one transaction (a re-extraction replaces the statistics). Returns the row."""
+    def register_cache(self, cache, name: str | None = None, *, extraction_key: str | None = None,
+                       keep_path: bool = True) -> dict:
+        """Register an extraction: its subject model, its dictionary (by checkpoint id and hookpoint), every
+        latent's statistics and (unless AUTOINTERP_EXAMPLES=folder) its display examples, in one transaction (a
+        re-extraction replaces them). `extraction_key`: the job settings that made it (a later job on the same
+        settings reuses it); `keep_path=False`: the folder is temporary, record no path. Returns the row."""
+        from ..cache import LatentCache
+        from .examples import examples_in_store, save_examples
+
         m = cache.manifest
         d = m["dictionary"]
         key = f"{d['id']}@{m['hookpoint']}"
@@ -132,8 +138,11 @@ class Store:
         row = {"key": key, "name": name or _slug(f"{d['id'].rstrip('/').split('/')[-1]}-{m['hookpoint']}"),
                "dictionary_id": d["id"], "hookpoint": m["hookpoint"], "format": d.get("format", ""),
                "source": str(d.get("source", "")), "n_latents": int(d["n_latents"]), "d_in": int(d.get("d_in", 0)),
-               "n_tokens": int(cache.n_tokens), "ctx_len": int(cache.ctx_len), "cache_path": str(cache.path.resolve()),
-               "n_alive": int((n_active > 0).sum())}
+               "n_tokens": int(cache.n_tokens), "ctx_len": int(cache.ctx_len),
+               "cache_path": str(cache.path.resolve()) if keep_path else None,
+               "n_alive": int((n_active > 0).sum()), "manifest": m, "extraction_key": extraction_key,
+               "examples_in_store": False}
+        in_store = examples_in_store() and isinstance(cache, LatentCache)
         with self.tx(write=True) as conn:
             conn.execute(self._insert_ignore(T_SUBJECT, ["name"]).values(name=m["model"], created=utcnow()))
             subject_pk = conn.execute(select(T_SUBJECT.c.id).where(T_SUBJECT.c.name == m["model"])).scalar_one()
@@ -150,6 +159,10 @@ class Store:
                      "mean_act": float(act_sum[i] / n_active[i]) if n_active[i] else 0.0,
                      "hist": hist[i].tolist() if n_active[i] else None}
                     for i in range(lo, hi)])
+            if in_store:
+                manifest = save_examples(conn, pk, cache)
+                conn.execute(update(T_DICT).where(T_DICT.c.id == pk).values(manifest=manifest,
+                                                                            examples_in_store=True))
         return self.dictionary(pk)
 
     def dictionary(self, ref: int | str) -> dict:

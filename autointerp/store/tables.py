@@ -48,6 +48,9 @@ class Dictionary(SQLModel, table=True):
     ctx_len: int = 0
     cache_path: Optional[str] = Field(default=None, max_length=2000)
     n_alive: int = 0
+    manifest: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))  # the extraction's
+    extraction_key: Optional[str] = Field(default=None, max_length=64, index=True)  # its settings' hash (jobs)
+    examples_in_store: bool = False  # example_window / latent_example hold its display examples
     created: datetime = Field(default_factory=utcnow)
 
 
@@ -154,7 +157,36 @@ class JobItem(SQLModel, table=True):
     completion_tokens: int = 0
     calls: int = 0
     cost_usd: float = 0.0
+    progress: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))  # an extract shard's tokens, rate
     updated: datetime = Field(default_factory=utcnow)
+
+
+class ExampleWindow(SQLModel, table=True):
+    """A token window some latent's examples (or the negative pool) refer to, stored once per dictionary."""
+
+    __tablename__ = "example_window"
+    dictionary_pk: int = Field(foreign_key="dictionary.id", primary_key=True)
+    row: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    tokens: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # little-endian ids (manifest: dtype)
+
+
+class LatentExample(SQLModel, table=True):
+    """One latent's top and sample windows as one compact blob (store/examples.py has the layout)."""
+
+    __tablename__ = "latent_example"
+    dictionary_pk: int = Field(foreign_key="dictionary.id", primary_key=True)
+    latent: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class Blob(SQLModel, table=True):
+    """Bytes a job's units hand each other (a shard's collector state), in parts of a few MB."""
+
+    __tablename__ = "blob"
+    key: str = Field(primary_key=True, max_length=300)
+    part: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created: datetime = Field(default_factory=utcnow)
 
 
 class Comparison(SQLModel, table=True):
