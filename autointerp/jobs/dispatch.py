@@ -383,6 +383,21 @@ async def run_batch_async(store: Store, job_id: int, settings: Settings, worker:
         res.stopped_by = job["status"]
         return res
     worker = worker or worker_name()
+    if job["dictionary_pk"] is None:  # the extraction stage: shards and the merge run on the gpu queue
+        if queue not in (None, "gpu"):
+            return res
+        from .extraction import run_extraction_units
+
+        try:
+            finished = await asyncio.to_thread(run_extraction_units, store, job_id, worker, settings.lease_s)
+        except AutointerpError as e:
+            await _stop(store, job_id, "stopped", error=f"{type(e).__name__}: {e}"[:2000])
+            res.stopped_by = f"{type(e).__name__}: {e}"
+            return res
+        await asyncio.to_thread(store.set_job_status_from, job_id, ("pending",), "running", start=True)
+        if not finished:
+            return res  # other workers hold the remaining shards
+        job = await asyncio.to_thread(store.job, job_id)
     budget_usd = job["budget_usd"]
     budget = Budget(store, job_id, settings) if budget_usd is not None else None
     if budget is not None and await asyncio.to_thread(budget.spent) >= budget_usd:
@@ -540,6 +555,13 @@ class Dispatcher:
                 done = store.finish_job_if_complete(job["id"])
                 if done is not None:
                     finished[job["id"]] = done
+                continue
+            if job["dictionary_pk"] is None:  # extracting: the gpu queue's shards and merge
+                bad = store.failed_unit(job["id"])
+                if bad is not None:
+                    store.set_job_status_from(job["id"], ACTIVE, "stopped", error=bad[:2000])
+                elif store.has_pending_units(job["id"]):
+                    per_queue.setdefault("gpu", []).append(job["id"])
                 continue
             try:
                 plan = queue_plan(job["spec"])

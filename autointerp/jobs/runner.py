@@ -79,7 +79,19 @@ def submit(store: Store, spec: JobSpec | dict | str) -> int:
 
     scorer_options(spec)
     _preflight(spec)
-    dictionary = ensure_dictionary(store, spec.dictionary)
+    if spec.extraction is not None:
+        existing = store.find_job(_extraction_job_key(spec))
+        if existing is not None:  # this very job, submitted before (extracting or done): runtime settings apply,
+            # but its shards stay as its items were made
+            store.set_job(existing["id"], budget_usd=spec.budget_usd,
+                          spec={**spec.model_dump(mode="json"), "extraction": existing["spec"]["extraction"]})
+            return int(existing["id"])
+        dictionary = store.dictionary_by_extraction(spec.extraction.key())
+        if dictionary is None:
+            return _submit_extraction(store, spec)
+        # extracted before with these settings (by another job): this one starts at its latents
+    else:
+        dictionary = ensure_dictionary(store, spec.dictionary)
     latents = select_latents(store, dictionary, spec)
     key = digest(job_identity(spec, dictionary["key"], latents))  # reads every prompt file: a missing one fails here
     existing = store.find_job(key)
@@ -90,6 +102,39 @@ def submit(store: Store, spec: JobSpec | dict | str) -> int:
     stages = spec.stages()
     return store.create_job_bulk(key, spec.model_dump(mode="json"), dictionary["id"], spec.budget_usd, latents,
                                  stages)
+
+
+def _submit_extraction(store: Store, spec: JobSpec) -> int:
+    """A job that extracts first: one item per shard and a merge item; its latents are queued by the merge."""
+    from .spec import STAGE_EXTRACT, STAGE_MERGE
+
+    ex = spec.extraction
+    _check_extraction(ex)
+    ident = job_identity(spec, f"extraction:{ex.key()}", [])
+    key = digest({**ident, "selection": [spec.latents, spec.n_latents]})
+    existing = store.find_job(key)
+    if existing is not None:
+        store.set_job(existing["id"], budget_usd=spec.budget_usd, spec=spec.model_dump(mode="json"))
+        return int(existing["id"])
+    items = [(s, STAGE_EXTRACT) for s in range(len(ex.shard_bounds()))] + [(0, STAGE_MERGE)]
+    return store.create_job(key, spec.model_dump(mode="json"), None, spec.budget_usd, items)
+
+
+def _extraction_job_key(spec: JobSpec) -> str:
+    """An extracting job's identity: the extraction's settings, the results' identity, the latent selection."""
+    ident = job_identity(spec, f"extraction:{spec.extraction.key()}", [])
+    return digest({**ident, "selection": [spec.latents, spec.n_latents]})
+
+
+def _check_extraction(ex) -> None:
+    """What can be checked without loading anything: the corpus names a source that exists here or anywhere."""
+    from ..corpus import CorpusSpec, is_local
+
+    spec = CorpusSpec(source=ex.corpus, ctx_len=ex.ctx_len, n_tokens=ex.n_tokens, seed=ex.seed,
+                      text_column=ex.text_column, split=ex.split)
+    spec.validate()
+    if is_local(spec) and not Path(ex.corpus).expanduser().exists():
+        raise ConfigError(f"extraction.corpus {ex.corpus}: no such file (workers read it at this path)")
 
 
 class _AnyJudge:
@@ -172,10 +217,12 @@ async def run_embedded(store: Store, job_id: int, *, progress: bool = True, late
     job = store.job(job_id)
     if job["status"] == "cancelled":
         raise ConfigError(f"job {job_id} is cancelled: `autointerp job resume {job_id}` first")
-    ctx = job_context(store, job)
-    spec = ctx.spec
     worker = worker or _worker_name()
     release_dead_local_workers(store, job_id)
+    if job["dictionary_pk"] is None:  # the extraction stage first: this process runs what nobody else holds
+        job = _extract_embedded(store, job_id, worker, progress)
+    ctx = job_context(store, job)
+    spec = ctx.spec
     summary = JobSummary(job_id, "running")
     spent0 = store.job_spend(job_id)["cost_usd"]
     store.set_job(job_id, status="running", started=job["started"] or utcnow(), finished=None, error=None)
@@ -250,6 +297,35 @@ async def run_embedded(store: Store, job_id: int, *, progress: bool = True, late
     return summary
 
 
+def _extract_embedded(store: Store, job_id: int, worker: str, progress: bool) -> dict:
+    """Run the job's extraction units here (waiting for shards other workers hold), then return the job row with
+    its dictionary. A failure stops the job with its reason; Ctrl-C gives the unit back."""
+    from .extraction import extraction_status, run_extraction_units
+
+    job = store.job(job_id)
+    store.set_job(job_id, status="running", started=job["started"] or utcnow(), finished=None, error=None)
+
+    def cancelled() -> bool:
+        return store.job(job_id)["status"] == "cancelled"
+
+    try:
+        done = run_extraction_units(store, job_id, worker, LEASE_S, wait=True, should_stop=cancelled)
+    except BaseException as e:
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
+        store.set_job(job_id, status="pending" if interrupted else "stopped",
+                      error=None if interrupted else f"{type(e).__name__}: {e}"[:2000],
+                      finished=None if interrupted else utcnow())
+        raise
+    if not done:
+        raise ConfigError(f"job {job_id} is cancelled: `autointerp job resume {job_id}` first")
+    if progress:
+        st = extraction_status(store, job_id, parse_job_spec(job["spec"]))
+        if st is not None:
+            print(f"job {job_id}: extracted {st['tokens']:,} tokens in {st['shards']} shard(s)"
+                  + (f" at {st['tokens_per_s']:,.0f} tokens/s" if st["tokens_per_s"] else ""), flush=True)
+    return store.job(job_id)
+
+
 def _count(summary: JobSummary, out: LatentOutcome, stages: list[str]) -> None:
     summary.usage.add(out.usage)
     field_name = {"failed": "latents_failed", "skipped": "latents_skipped",
@@ -289,6 +365,7 @@ class JobStatus:
     eta_s: float | None
     error: str | None
     errors: list[dict]
+    extraction: dict | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -308,9 +385,13 @@ def status(store: Store, job_id: int) -> JobStatus:
         elapsed = max(1e-6, (end - job["started"]).total_seconds())
         rate = finished / elapsed
         eta = unfinished / rate if unfinished else 0.0
-    return JobStatus(job_id, job["status"], store.dictionary(job["dictionary_pk"])["name"], counts,
-                     store.job_spend(job_id), job["budget_usd"], n, finished, rate, eta, job["error"],
-                     store.item_errors(job_id))
+    from .extraction import extraction_status
+
+    spec = parse_job_spec(job["spec"])
+    name = store.dictionary(job["dictionary_pk"])["name"] if job["dictionary_pk"] is not None else \
+        f"(extracting {spec.extraction.dictionary})"
+    return JobStatus(job_id, job["status"], name, counts, store.job_spend(job_id), job["budget_usd"], n, finished,
+                     rate, eta, job["error"], store.item_errors(job_id), extraction_status(store, job_id, spec))
 
 
 def cancel(store: Store, job_id: int) -> None:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..explainers import EXPLAINERS, ExplainConfig, check_kind
@@ -25,6 +25,9 @@ from ..sampling import SamplingConfig
 from ..scorers import SCORERS
 
 STAGE_EXPLAIN = "explain"
+STAGE_EXTRACT = "extract"  # one item per shard (its index in the item's `latent`)
+STAGE_MERGE = "merge"  # one item (latent 0): the shards merged, the dictionary registered, the latents queued
+EXTRACTION_STAGES = (STAGE_EXTRACT, STAGE_MERGE)
 
 
 def score_stage(scorer: str) -> str:
@@ -44,12 +47,62 @@ class LLMSettings(BaseModel):
     prices: Optional[str] = Field(None, description="Price table file (JSON/TOML)")
 
 
-class JobSpec(BaseModel):
-    """Explain and score latents of one extracted dictionary."""
+class ExtractionSpec(BaseModel):
+    """What to extract first: the subject model, one dictionary at its hookpoint, the corpus (as `autointerp
+    extract` takes them). Everything here but `shards` and `device` changes the result and is hashed into the
+    extraction's identity: a job on the same settings reuses an extraction already in the store."""
 
     model_config = ConfigDict(extra="forbid")
-    dictionary: str = Field(..., description="A cache folder written by `autointerp extract`, or a dictionary "
-                                             "name/key in the store")
+    model: str = Field("builtin:smollm2", description="Subject model: builtin:smollm2, a hub id, a folder, a .gguf")
+    dictionary: str = Field(..., description="Checkpoint: a folder, a hub id, neurons, topk-neurons:K")
+    hookpoint: Optional[str] = Field(None, description="Where the dictionary reads (default: what it names)")
+    corpus: str = Field("builtin", description="builtin, builtin:code, a .txt/.jsonl/.parquet file, hf:NAME")
+    n_tokens: int = Field(100_000, ge=1)
+    ctx_len: int = Field(64, ge=2)
+    batch_size: int = Field(32, ge=1, description="Windows per forward pass (the shards' boundaries)")
+    seed: int = 0
+    top_k: int = Field(50, ge=1)
+    n_sample: int = Field(100, ge=1)
+    pool_size: int = Field(1000, ge=0)
+    text_column: str = "text"
+    split: str = "train"
+    dtype: Optional[str] = Field(None, description="Subject model dtype (float32, bfloat16, float16)")
+    encode_dtype: Optional[str] = Field(None, description="Dictionary encode dtype (default float32)")
+    max_norm_ratio: float = Field(5.0, gt=0)
+    shards: Optional[int] = Field(None, ge=1, description="Shards (default: one per ~1M tokens); the result does "
+                                                         "not depend on it")
+    device: Optional[str] = Field(None, description="Device of the GPU workers (default: CUDA when present)")
+
+    def identity(self) -> dict:
+        return self.model_dump(mode="json", exclude={"shards", "device"})
+
+    def key(self) -> str:
+        return digest(self.identity())
+
+    def n_shards(self) -> int:
+        from ..shards import default_shards
+
+        return min(self.shards or default_shards(self.n_tokens), max(1, self.n_tokens // self.ctx_len))
+
+    def shard_bounds(self) -> list[tuple[int, int]]:
+        from ..shards import shard_bounds
+
+        return shard_bounds(max(1, self.n_tokens // self.ctx_len), self.batch_size, self.n_shards())
+
+    def extract_kwargs(self) -> dict:
+        """The keyword arguments of `extract` / `extract_shard` these settings name."""
+        return self.model_dump(exclude={"model", "dictionary", "hookpoint", "corpus", "shards"})
+
+
+class JobSpec(BaseModel):
+    """Explain and score latents of one dictionary: already extracted (`dictionary`), or extracted by this job
+    first (`extraction`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dictionary: Optional[str] = Field(None, description="A cache folder written by `autointerp extract`, or a "
+                                                        "dictionary name/key in the store")
+    extraction: Optional[ExtractionSpec] = Field(None, description="Extract first (sharded over the gpu queue); "
+                                                                   "instead of `dictionary`")
     latents: Union[str, list[int], None] = Field(None, description="'all', '0-99,120', a list, or null (the first "
                                                                    "n_latents alive latents)")
     n_latents: int = Field(20, ge=1, description="How many alive latents when `latents` is null")
@@ -93,6 +146,12 @@ class JobSpec(BaseModel):
                 raise ValueError(str(e)) from None
         return v
 
+    @model_validator(mode="after")
+    def _one_source(self) -> "JobSpec":
+        if (self.dictionary is None) == (self.extraction is None):
+            raise ValueError("give either dictionary (an extracted one) or extraction (what to extract), not both")
+        return self
+
     @property
     def judge(self) -> str:
         return self.judge_model or self.explainer_model
@@ -118,7 +177,8 @@ def parse_job_spec(data: dict | str | JobSpec) -> JobSpec:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "spec"
-        raise ConfigError(f"job spec field {where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"job spec field {where}: {msg}") from None
 
 
 def digest(obj: Any) -> str:
@@ -206,5 +266,5 @@ def job_identity(spec: JobSpec, dictionary_key: str, latents: list[int]) -> dict
             "latents": digest(latents)}
 
 
-__all__ = ["JobSpec", "LLMSettings", "parse_job_spec", "digest", "explain_identity", "score_identity",
+__all__ = ["JobSpec", "ExtractionSpec", "LLMSettings", "STAGE_EXTRACT", "STAGE_MERGE", "EXTRACTION_STAGES", "parse_job_spec", "digest", "explain_identity", "score_identity",
            "job_identity", "STAGE_EXPLAIN", "score_stage"]

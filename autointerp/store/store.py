@@ -394,8 +394,9 @@ class Store:
 
     def latent_progress(self, job_id: int, latents: Sequence[int] | None = None,
                         statuses: Sequence[str] = ("pending", "running")) -> tuple[int, int]:
-        """(latents in the job, latents with an item in one of `statuses`), optionally among `latents`."""
-        cond = [T_ITEM.c.job_id == job_id]
+        """(latents in the job, latents with an item in one of `statuses`), optionally among `latents` (the
+        extraction's shard and merge items are not latents)."""
+        cond = [T_ITEM.c.job_id == job_id, T_ITEM.c.stage.notin_(("extract", "merge"))]
         if latents is not None:
             cond.append(T_ITEM.c.latent.in_(list(latents)))
         with self.tx() as conn:
@@ -606,6 +607,95 @@ class Store:
         with self.tx(write=True) as conn:
             return conn.execute(update(T_ITEM).where(cond).values(status="failed", updated=utcnow(),
                                                                   error="not run: the explanation failed")).rowcount
+
+
+    # ------------------------------------------------------------------------------------- job-level units
+
+    def claim_unit(self, job_id: int, worker: str, stage: str, lease_s: float,
+                   after: str | None = None) -> int | None:
+        """Lease one pending (or expired) item of a job-level stage (an extraction shard, the merge); with `after`,
+        only once every item of that stage is done. Returns the item's `latent` (the shard index) or None."""
+        for attempt in range(CLAIM_ATTEMPTS):
+            now = utcnow()
+            claimable = and_(T_ITEM.c.job_id == job_id, T_ITEM.c.stage == stage,
+                             or_(T_ITEM.c.status == "pending",
+                                 and_(T_ITEM.c.status == "running", T_ITEM.c.lease_until < now)))
+            with self.tx(write=True) as conn:
+                if after is not None and conn.execute(select(T_ITEM.c.latent).where(
+                        T_ITEM.c.job_id == job_id, T_ITEM.c.stage == after, T_ITEM.c.status != "done")
+                        .limit(1)).first() is not None:
+                    return None
+                unit = conn.execute(select(T_ITEM.c.latent).where(claimable).order_by(T_ITEM.c.latent)
+                                    .limit(1)).scalar()
+                if unit is None:
+                    return None
+                r = conn.execute(update(T_ITEM).where(claimable, T_ITEM.c.latent == unit).values(
+                    status="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
+                    attempts=T_ITEM.c.attempts + 1, updated=now))
+            if r.rowcount == 1:
+                return int(unit)
+            _contended(attempt)
+        return None
+
+    def set_progress(self, job_id: int, unit: int, stage: str, progress: dict, worker: str | None = None,
+                     lease_s: float | None = None) -> None:
+        """A running unit's progress (and, with `lease_s`, its lease renewed: the progress is its heartbeat)."""
+        values: dict[str, Any] = {"progress": progress, "updated": utcnow()}
+        if lease_s is not None:
+            values["lease_until"] = utcnow() + timedelta(seconds=lease_s)
+        cond = [T_ITEM.c.job_id == job_id, T_ITEM.c.latent == unit, T_ITEM.c.stage == stage,
+                T_ITEM.c.status == "running"]
+        if worker is not None:
+            cond.append(T_ITEM.c.worker == worker)
+        with self.tx(write=True) as conn:
+            conn.execute(update(T_ITEM).where(*cond).values(**values))
+
+    def has_pending_units(self, job_id: int) -> bool:
+        """Whether the job's extraction has a unit to hand out (a pending shard, or the merge once shards are
+        done; expired leases are the sweeper's)."""
+        with self.tx() as conn:
+            q = select(T_ITEM.c.stage).where(T_ITEM.c.job_id == job_id, T_ITEM.c.stage.in_(("extract", "merge")),
+                                            T_ITEM.c.status == "pending")
+            stages = set(conn.execute(q).scalars())
+            if "extract" in stages:
+                return True
+            return "merge" in stages and conn.execute(select(T_ITEM.c.latent).where(
+                T_ITEM.c.job_id == job_id, T_ITEM.c.stage == "extract", T_ITEM.c.status != "done")
+                .limit(1)).first() is None
+
+    def failed_unit(self, job_id: int) -> str | None:
+        """The reason of the job's first failed extraction unit, if any."""
+        with self.tx() as conn:
+            row = conn.execute(select(T_ITEM.c.stage, T_ITEM.c.latent, T_ITEM.c.error).where(
+                T_ITEM.c.job_id == job_id, T_ITEM.c.stage.in_(("extract", "merge")), T_ITEM.c.status == "failed")
+                .limit(1)).first()
+        return None if row is None else f"{row[0]} unit {row[1]} failed: {row[2]}"
+
+    def unit_items(self, job_id: int, stages: Sequence[str]) -> list[dict]:
+        with self.tx() as conn:
+            return [dict(r) for r in conn.execute(select(T_ITEM).where(T_ITEM.c.job_id == job_id,
+                                                                       T_ITEM.c.stage.in_(list(stages)))
+                                                  .order_by(T_ITEM.c.stage, T_ITEM.c.latent)).mappings()]
+
+    def dictionary_by_extraction(self, extraction_key: str) -> dict | None:
+        """The dictionary an extraction with these settings registered (with its examples in the store)."""
+        with self.tx() as conn:
+            row = conn.execute(select(T_DICT).where(T_DICT.c.extraction_key == extraction_key,
+                                                    T_DICT.c.examples_in_store.is_(True))
+                               .order_by(T_DICT.c.id.desc()).limit(1)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def add_latent_items(self, conn: Connection, job_id: int, latents: Sequence[int], stages: Sequence[str]) -> None:
+        """The latent units of a job whose dictionary was just extracted (inside the merge's transaction; a second
+        merge of the same job inserts nothing)."""
+        now = utcnow()
+        rows = [{"job_id": job_id, "latent": int(l), "stage": st, "status": "pending", "attempts": 0,
+                 "prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "cost_usd": 0.0, "updated": now}
+                for l in latents for st in stages]
+        for lo in range(0, len(rows), CHUNK):
+            conn.execute(self._insert_ignore(T_ITEM, ["job_id", "latent", "stage"]), rows[lo:lo + CHUNK])
+        conn.execute(update(T_JOB).where(T_JOB.c.id == job_id).values(n_items=T_JOB.c.n_items + len(rows),
+                                                                      updated=now))
 
 
 def open_store(url: str | None = None) -> Store:

@@ -1,0 +1,111 @@
+"""A job from model + dictionary + corpus to detection scores: the extraction is the job's first stage (shards on
+the gpu queue, an exact merge, examples in the store), run by the embedded runner and by Celery workers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+from llm_server_fixture import start_llm_server
+from sqlalchemy import select
+
+from autointerp.errors import ConfigError
+from autointerp.extract import extract
+from autointerp.jobs import run, status, submit
+from autointerp.store import open_store
+from autointerp.store.store import T_EXPL, T_ITEM, T_LATENT, T_SCORE
+
+SMALL_SAMPLING = dict(n_explain=5, n_test=10, n_negatives=10, n_explain_negatives=0, min_explain=3, min_test=4,
+                      min_negatives=4)
+FAST_LLM = {"api_key_env": None, "response_cache": False, "max_retries": 1, "backoff_base_s": 0.01}
+EXTRACTION = dict(model="builtin:smollm2", dictionary="topk-neurons:8", hookpoint="mlp_neurons.2", corpus="builtin",
+                  n_tokens=3072, ctx_len=32, batch_size=16, top_k=12, n_sample=12, pool_size=40, seed=1, shards=3)
+
+
+def _spec(srv, **kw) -> dict:
+    return {"extraction": {**EXTRACTION, **kw.pop("extraction", {})}, "n_latents": 6, "explainer": "token_frequency",
+            "explainer_model": f"openai:judge@{srv.base_url}", "scorers": ["detection"], "sampling": SMALL_SAMPLING,
+            "hard_negatives": False, "llm": FAST_LLM, **kw}
+
+
+def results(store, job_id: int) -> dict:
+    """What a job produced, comparable across runs and stores: latent statistics, examples, explanations, scores."""
+    d = store.dictionary(store.job(job_id)["dictionary_pk"])
+    with store.tx() as c:
+        lat = [tuple(r) for r in c.execute(select(T_LATENT.c.index, T_LATENT.c.n_active, T_LATENT.c.max_act,
+                                                  T_LATENT.c.mean_act).where(T_LATENT.c.dictionary_pk == d["id"])
+                                           .order_by(T_LATENT.c.index))]
+        expl = {r.latent: (r.id, r.text) for r in c.execute(select(T_EXPL).where(T_EXPL.c.dictionary_pk == d["id"]))}
+        by_id = {v[0]: k for k, v in expl.items()}
+        scores = sorted((by_id[r.explanation_id], r.scorer, r.value, r.skipped) for r in c.execute(
+            select(T_SCORE).where(T_SCORE.c.explanation_id.in_(list(by_id)))))
+    from autointerp.store.examples import StoredCache
+
+    ex = StoredCache(store, d)
+    examples = {i: [ex.kept(b, i) for b in ("top", "sample")] for i in sorted(expl)}
+    return {"latents": lat, "explanations": sorted((k, v[1]) for k, v in expl.items()), "scores": scores,
+            "examples": {i: [(r.tolist(), a.round(6).tolist()) for r, a in v] for i, v in examples.items()},
+            "n_tokens": d["n_tokens"]}
+
+
+def test_an_extraction_job_runs_embedded_reuses_its_extraction_and_equals_the_cli(subject, tmp_path):
+    store = open_store()
+    with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
+        job_id = submit(store, _spec(srv))
+        assert store.job(job_id)["dictionary_pk"] is None
+        st = status(store, job_id)
+        assert st.extraction["shards"] == 3 and st.extraction["shards_done"] == 0 and st.latents == 0
+        summary = run(store, job_id, progress=False)
+        assert summary.status == "done" and summary.latents_failed == 0
+        assert summary.latents_done + summary.latents_skipped == 6
+        st = status(store, job_id)
+        assert st.extraction["shards_done"] == 3 and st.extraction["merged"]
+        assert st.extraction["tokens"] == EXTRACTION["n_tokens"] and st.extraction["tokens_per_s"] > 0
+        d = store.dictionary(store.job(job_id)["dictionary_pk"])
+        assert d["examples_in_store"] and d["cache_path"] is None and d["n_tokens"] == EXTRACTION["n_tokens"]
+        with store.tx() as c:
+            assert not c.execute(select(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.status != "done",
+                                                      T_ITEM.c.status != "skipped")).first()
+            from autointerp.store.tables import Blob
+
+            assert c.execute(select(Blob.__table__.c.key)).scalars().all() == [f"examples/{d['id']}/pool"]
+        first = results(store, job_id)
+        assert first["scores"] and all(s[1] == "detection" for s in first["scores"])
+        # the same spec again: the same job; another scorer: a new job on the stored extraction (no shard runs)
+        assert submit(store, _spec(srv)) == job_id
+        again = submit(store, _spec(srv, scorers=["detection", "intruder"], extraction={"shards": 5}))
+        assert again != job_id and store.job(again)["dictionary_pk"] == d["id"]
+        assert status(store, again).extraction is None
+        assert run(store, again, progress=False).status == "done"
+    # the CLI's one-process extraction of the same settings gives the same statistics as the sharded job
+    kw = {k: v for k, v in EXTRACTION.items() if k not in ("model", "dictionary", "hookpoint", "corpus", "shards")}
+    (cache,) = extract(subject, "topk-neurons:8", "mlp_neurons.2", "builtin", tmp_path / "cli", progress=False, **kw)
+    n_active = np.array([r[1] for r in first["latents"]])
+    assert np.array_equal(n_active, cache.stats["n_active"])
+    assert np.allclose([r[2] for r in first["latents"]], cache.stats["act_max"], rtol=0, atol=0)
+    for latent, bufs in first["examples"].items():
+        for (rows, acts), buf in zip(bufs, ("top", "sample")):
+            crows, cacts = cache.kept(buf, latent)
+            assert np.allclose(np.asarray(acts), cacts.round(6)), (latent, buf)
+
+
+def test_a_bad_extraction_spec_is_refused_at_submit_and_a_failing_shard_stops_the_job(tmp_path):
+    store = open_store()
+    with pytest.raises(ConfigError, match="extraction.corpus .*no such file"):
+        submit(store, {"extraction": {**EXTRACTION, "corpus": str(tmp_path / "missing.txt")}, "explainer":
+                       "token_frequency", "scorers": ["embedding"]})
+    with pytest.raises(ConfigError, match="either dictionary .* or extraction"):
+        submit(store, {"dictionary": "x", "extraction": EXTRACTION})
+    with pytest.raises(ConfigError, match="extraction.n_tokens"):
+        submit(store, {"extraction": {**EXTRACTION, "n_tokens": 0}})
+    assert store.jobs() == []
+    # a hookpoint the model does not have: found by the shard, which fails; the job stops with the reason
+    job_id = submit(store, {"extraction": {**EXTRACTION, "hookpoint": "mlp_neurons.99"}, "explainer": "token_frequency",
+                            "scorers": ["embedding"], "hard_negatives": False})
+    with pytest.raises(ConfigError, match="mlp_neurons.99"):
+        run(store, job_id, progress=False)
+    job = store.job(job_id)
+    assert job["status"] == "stopped" and "mlp_neurons.99" in job["error"]
+    assert status(store, job_id).extraction["per_shard"][0]["status"] == "failed"
