@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from llm_server_fixture import start_llm_server
 from sqlalchemy import select
+from test_workers import _held_by, _wait, redis_server, workers  # noqa: F401 (fixtures)
 
 from autointerp.errors import ConfigError
 from autointerp.extract import extract
@@ -109,3 +110,27 @@ def test_a_bad_extraction_spec_is_refused_at_submit_and_a_failing_shard_stops_th
     job = store.job(job_id)
     assert job["status"] == "stopped" and "mlp_neurons.99" in job["error"]
     assert status(store, job_id).extraction["per_shard"][0]["status"] == "failed"
+
+
+def test_celery_workers_give_what_the_embedded_runner_gives_and_survive_kill_9_of_a_gpu_worker(tmp_path, workers):
+    """Two workers on gpu,llm,cpu run the same spec as the embedded runner (another store); one is killed with
+    SIGKILL while it holds a shard: the shard is leased again, nothing is counted twice, the results are equal."""
+    with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
+        embedded = open_store(f"sqlite:///{tmp_path / 'embedded.db'}")
+        ref = embedded_job = submit(embedded, _spec(srv))
+        assert run(embedded, embedded_job, progress=False).status == "done"
+        expected = results(embedded, ref)
+
+        store = open_store()
+        job_id = submit(store, _spec(srv))
+        victim = workers.start("--queues", "gpu,llm,cpu")
+        _wait(lambda: _held_by(store, job_id, victim), 120, "the first worker to lease a shard", workers)
+        workers.kill9(victim)
+        workers.start("--queues", "gpu,llm,cpu")
+        workers.start("--queues", "gpu,llm,cpu")
+        _wait(lambda: store.job(job_id)["status"] in ("done", "failed", "stopped"), 300, "the job to finish", workers)
+        assert store.job(job_id)["status"] == "done", (store.job(job_id)["error"], workers.logs())
+        shards = store.unit_items(job_id, ("extract",))
+        assert [s["status"] for s in shards] == ["done"] * 3 and max(s["attempts"] for s in shards) >= 2
+        got = results(store, job_id)
+    assert got == expected

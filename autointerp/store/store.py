@@ -443,7 +443,8 @@ class Store:
     def active_jobs(self, statuses: Sequence[str] = ("pending", "running")) -> list[dict]:
         with self.tx() as conn:
             return [dict(r) for r in conn.execute(
-                select(T_JOB.c.id, T_JOB.c.spec, T_JOB.c.status, T_JOB.c.budget_usd, T_JOB.c.started)
+                select(T_JOB.c.id, T_JOB.c.spec, T_JOB.c.status, T_JOB.c.budget_usd, T_JOB.c.started,
+                       T_JOB.c.dictionary_pk)
                 .where(T_JOB.c.status.in_(list(statuses))).order_by(T_JOB.c.id)).mappings()]
 
     def requeue_expired(self, job_id: int) -> int:
