@@ -36,7 +36,8 @@ def _ours(svc: dict) -> bool:
 def test_compose_has_the_services_and_resources():
     doc, _ = _compose()
     services = doc["services"]
-    assert {"redis", "postgres", "worker-gpu", "worker-llm", "flower"} <= set(services)
+    assert {"redis", "postgres", "api", "worker-gpu", "worker-llm", "flower"} <= set(services)
+    assert "gpu" in services["worker-gpu"]["command"][services["worker-gpu"]["command"].index("--queues") + 1]
     assert services["postgres"]["image"].startswith("pgvector/pgvector")
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d.get("capabilities", []) for d in gpu)
