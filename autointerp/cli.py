@@ -477,6 +477,15 @@ def _fmt_status(st) -> str:
     lines = [f"job {st.job_id} [{st.status}] dictionary {st.dictionary}: {st.latents_finished}/{st.latents} latents "
              f"finished; ${st.spend['cost_usd']:.4f} spent" + (f" of ${st.budget_usd:.2f}" if st.budget_usd else "")
              + f", {st.spend['calls']} LLM calls, {st.spend['prompt_tokens']}+{st.spend['completion_tokens']} tokens"]
+    ex = st.extraction
+    if ex:
+        lines.append(f"  extraction: {ex['shards_done']}/{ex['shards']} shards, {ex['tokens']:,} tokens"
+                     + (f", {ex['tokens_per_s']:,.0f} tokens/s" if ex["tokens_per_s"] else "")
+                     + (f", ETA {ex['eta_s']:.0f} s" if ex["eta_s"] else "") + (", merged" if ex["merged"] else ""))
+        for sh in ex["per_shard"]:
+            lines.append(f"    shard {sh['shard']:<3} {sh['status']:<8} {sh['tokens']:>10,}/{sh['tokens_total']:,} tokens"
+                         + (f"  {sh['tokens_per_s']:,.0f} tokens/s" if sh["tokens_per_s"] else "")
+                         + (f"  {sh['worker']}" if sh["status"] == "running" and sh["worker"] else ""))
     if st.rate_per_s:
         lines.append(f"  {st.rate_per_s:.2f} latents/s" + (f", ETA {st.eta_s:.0f} s" if st.eta_s else ""))
     for stage, c in sorted(st.stages.items()):

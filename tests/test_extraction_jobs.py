@@ -134,3 +134,18 @@ def test_celery_workers_give_what_the_embedded_runner_gives_and_survive_kill_9_o
         assert [s["status"] for s in shards] == ["done"] * 3 and max(s["attempts"] for s in shards) >= 2
         got = results(store, job_id)
     assert got == expected
+
+
+def test_job_status_prints_the_shards(tmp_path):
+    """`autointerp job status` of an extraction job names its shards and their tokens before anything ran."""
+    from typer.testing import CliRunner
+
+    from autointerp import cli
+
+    store = open_store()
+    job_id = submit(store, {"extraction": {**EXTRACTION, "shards": 2}, "explainer": "token_frequency",
+                            "scorers": ["embedding"], "hard_negatives": False})
+    r = CliRunner().invoke(cli.app, ["job", "status", str(job_id)])
+    assert r.exit_code == 0, r.output
+    assert "extraction: 0/2 shards, 0 tokens" in r.output
+    assert "shard 1   pending           0/1,536 tokens" in r.output

@@ -1,9 +1,9 @@
 """The store's tables (sqlmodel on SQLAlchemy 2). The migrations in db/versions create exactly these.
 
 What lives where (bytes per latent in docs/design-notes.md): statistics, histograms, explanations, scores, usage and
-jobs are rows here; the display examples (top and quantile windows with per-token activations) stay in the
-extraction's on-disk cache, which `Dictionary.cache_path` references — they are the bulk of the bytes and are read
-one latent at a time, memory-mapped.
+jobs are rows here; so are the display examples (top and quantile windows with per-token activations: one compact
+blob per latent, each window once; store/examples.py), so that no worker needs another machine's disk. The
+extraction's cache folder (`Dictionary.cache_path`, when there is one) is read in place where it exists.
 
 Identity: an explanation is unique per (dictionary, latent, explain_key) and a score per (explanation, score_key);
 the keys hash every setting that changes the result (models, prompt versions, sampling, options, seed), so a unit
