@@ -3,8 +3,6 @@ the gpu queue, an exact merge, examples in the store), run by the embedded runne
 
 from __future__ import annotations
 
-import os
-import time
 
 import numpy as np
 import pytest

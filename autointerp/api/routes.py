@@ -431,12 +431,13 @@ def submit_job(request: Request, spec: JobSpec,
 
     store = store_of(request)
     ref = spec.dictionary
-    if "\x00" in ref or not ref.strip():
+    if ref is not None and ("\x00" in ref or not ref.strip()):
         raise HTTPException(422, "dictionary: expected a dictionary name, key or cache folder")
     try:
         job_id = submit(store, spec)
     except (OSError, ValueError) as e:  # a "folder" the filesystem refuses to look at (name too long, …)
-        raise HTTPException(400, f"dictionary: not a usable cache folder or store name ({type(e).__name__})")
+        field = "dictionary" if ref is not None else "extraction.corpus"
+        raise HTTPException(400, f"{field}: not a usable path or store name ({type(e).__name__})")
     here = _start_runner(request, job_id) if run else False
     return {"job_id": job_id, "status": status(store, job_id).as_dict(), "running_here": here}
 

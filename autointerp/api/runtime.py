@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import OrderedDict
 from functools import lru_cache
-from pathlib import Path
+
 from typing import Any
 
 import numpy as np

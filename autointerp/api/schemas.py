@@ -265,6 +265,8 @@ class JobStatusOut(BaseModel):
     eta_s: Optional[float]
     error: Optional[str]
     errors: list[dict[str, Any]]
+    extraction: Optional[dict[str, Any]] = Field(None, description="An extracting job's shards: done / total, tokens, "
+                                                                   "tokens/s, ETA, per shard")
 
 
 class JobSubmitted(BaseModel):

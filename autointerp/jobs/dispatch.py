@@ -373,9 +373,8 @@ def run_batch(job_id: int, queue: str | None = None, settings: Settings | None =
 
 async def run_batch_async(store: Store, job_id: int, settings: Settings, worker: str | None = None,
                           queue: str | None = None) -> BatchResult:
-    from ..aio import first_error
+    from .loop import work
     from .runner import job_context
-    from .units import run_latent
 
     res = BatchResult(job_id)
     job = await asyncio.to_thread(store.job, job_id)
@@ -416,78 +415,11 @@ async def run_batch_async(store: Store, job_id: int, settings: Settings, worker:
         def claim():
             return store.claim_stages(job_id, worker, 1, settings.lease_s, stages, after_explain)
     ctx = await asyncio.to_thread(job_context, store, job)
-    spec = ctx.spec
-    in_flight: set[int] = set()
-    claimed = 0
-    stop: list[str] = []
-    last_check = [time.monotonic()]
-
-    async def still_wanted() -> bool:
-        if stop:
-            return False
-        if budget is not None and await asyncio.to_thread(budget.spent) >= budget_usd:
-            stop.append("budget_exhausted")
-            return False
-        if time.monotonic() - last_check[0] > 1.0:  # a cancel reaches running tasks within a second or so
-            last_check[0] = time.monotonic()
-            status = (await asyncio.to_thread(store.job, job_id))["status"]
-            if status not in ACTIVE:
-                stop.append(status)
-                return False
-        return True
-
-    async def heartbeat():
-        while True:
-            await asyncio.sleep(settings.lease_s / 3)
-            if in_flight:
-                await asyncio.to_thread(store.renew_leases, job_id, worker, sorted(in_flight), settings.lease_s)
-
-    async def slot(explainer_client, judge_client):
-        nonlocal claimed
-        while claimed < settings.task_latents and await still_wanted():
-            claimed += 1
-            got = await asyncio.to_thread(claim)
-            if not got:
-                claimed -= 1
-                return
-            (latent, stages), = got
-            in_flight.add(latent)
-            try:
-                out = await run_latent(ctx, store, job_id, latent, stages, explainer_client, judge_client)
-            finally:
-                in_flight.discard(latent)
-            res.latents += 1
-            res.cost_usd += out.usage.cost_usd
-            if budget is not None:
-                budget.add(out.usage.cost_usd)
-            if out.status == "failed":
-                res.failed += 1
-                if len(res.errors) < 5:
-                    res.errors.append(f"latent {latent}: {out.error}")
-
-    error: BaseException | None = None
-    try:
-        await asyncio.to_thread(store.set_job_status_from, job_id, ("pending",), "running", start=True)
-        async with ctx.clients() as (explainer_client, judge_client):
-            share_limits((explainer_client, judge_client), settings)
-            ctx.preflight(judge_client)
-            beat = asyncio.create_task(heartbeat())
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    for _ in range(min(spec.concurrency, settings.task_latents)):
-                        tg.create_task(slot(explainer_client, judge_client))
-            finally:
-                beat.cancel()
-    except BaseExceptionGroup as eg:
-        error = first_error(eg)
-    except BaseException as e:
-        error = e
-    finally:
-        if in_flight:
-            try:
-                await asyncio.to_thread(store.release_items, job_id, sorted(in_flight), worker)
-            except Exception:
-                log.exception("job %d: could not release latents %s (their leases expire)", job_id, sorted(in_flight))
+    await asyncio.to_thread(store.set_job_status_from, job_id, ("pending",), "running", start=True)
+    out = await work(store, job_id, ctx, claim=claim, worker=worker, lease_s=settings.lease_s, budget=budget,
+                     budget_usd=budget_usd, settings=settings, max_latents=settings.task_latents)
+    res.latents, res.failed, res.cost_usd, res.errors = out.latents, out.failed, out.usage.cost_usd, out.errors
+    error = out.error
     if isinstance(error, (PermanentLLMError, AutointerpError)):
         # the job cannot go on (bad credentials, unknown model, bad input): it stops with the reason, like the
         # embedded runner; `autointerp job resume` after fixing it
@@ -496,9 +428,9 @@ async def run_batch_async(store: Store, job_id: int, settings: Settings, worker:
         return res
     if error is not None:
         raise error  # database unavailable and the like: the Celery task retries; leases expire meanwhile
-    if stop:
-        res.stopped_by = stop[0]
-        if stop[0] == "budget_exhausted":
+    if out.stopped_by:
+        res.stopped_by = out.stopped_by
+        if out.stopped_by == "budget_exhausted":
             await _stop(store, job_id, "budget_exhausted")
     return res
 

@@ -5,9 +5,10 @@ the API call.
 folder, and writes the job row with one item per (latent, stage) in one transaction. A spec identical in everything
 that changes results (`job_identity`) resumes the existing job instead of creating a second one.
 
-`run_embedded` executes pending items in this process: an asyncio loop keeps `spec.concurrency` latents in flight,
-each leased in the store (renewed by a heartbeat while it works), so a Celery worker or a second embedded runner on
-the same store never runs the same latent at the same time, and a runner that dies leaves leases that expire.
+`run_embedded` executes pending items in this process with the one worker loop (`loop.work`, which the Celery tasks
+run too): `spec.concurrency` latents in flight, each leased in the store (renewed while it works), so a Celery worker
+or a second embedded runner on the same store never runs the same latent at the same time, and a runner that dies
+leaves leases that expire (at once for a dead process of this machine).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,8 @@ from ..store import Store
 from ..store.tables import utcnow
 from .context import load_context
 from .spec import JobSpec, digest, job_identity, parse_job_spec
-from .units import LatentOutcome, run_latent
+from .dispatch import Budget
+from .loop import work
 
 log = logging.getLogger(__name__)
 LEASE_S = 300.0
@@ -222,71 +223,25 @@ async def run_embedded(store: Store, job_id: int, *, progress: bool = True, late
     if job["dictionary_pk"] is None:  # the extraction stage first: this process runs what nobody else holds
         job = _extract_embedded(store, job_id, worker, progress)
     ctx = job_context(store, job)
-    spec = ctx.spec
+    settings = embedded_settings()
     summary = JobSummary(job_id, "running")
-    spent0 = store.job_spend(job_id)["cost_usd"]
     store.set_job(job_id, status="running", started=job["started"] or utcnow(), finished=None, error=None)
     n_latents, todo = store.latent_progress(job_id, latents)
     summary.latents_already_done = n_latents - todo - store.latent_progress(job_id, latents, ("failed",))[1]
     bar = tqdm(total=todo, unit="latent", disable=not progress, desc=f"job {job_id}", dynamic_ncols=True)
-    in_flight: set[int] = set()
-    stop: list[str] = []
-
-    def over_budget() -> bool:
-        return spec.budget_usd is not None and spent0 + summary.usage.cost_usd >= spec.budget_usd
-
-    async def heartbeat():
-        while True:
-            await asyncio.sleep(LEASE_S / 3)
-            await asyncio.to_thread(store.renew_leases, job_id, worker, sorted(in_flight), LEASE_S)
-
-    async def one_worker(explainer_client, judge_client):
-        while not stop:
-            if over_budget():
-                stop.append("budget_exhausted")
-                return
-            claimed = await asyncio.to_thread(store.claim_latents, job_id, worker, 1, LEASE_S, latents)
-            if not claimed:
-                return
-            (latent, stages), = claimed
-            in_flight.add(latent)
-            try:
-                out: LatentOutcome = await run_latent(ctx, store, job_id, latent, stages, explainer_client,
-                                                      judge_client)
-            finally:
-                in_flight.discard(latent)
-            _count(summary, out, stages)
-            bar.update(1)
-
-    async def watch_cancel():
-        while not stop:
-            await asyncio.sleep(2.0)
-            if (await asyncio.to_thread(store.job, job_id))["status"] == "cancelled":
-                stop.append("cancelled")
-
-    error: BaseException | None = None
+    job = store.job(job_id)
+    budget = Budget(store, job_id, settings) if job["budget_usd"] is not None else None
     try:
-        async with ctx.clients() as (explainer_client, judge_client):
-            ctx.preflight(judge_client)
-            beat = asyncio.create_task(heartbeat())
-            watcher = asyncio.create_task(watch_cancel())
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    for _ in range(spec.concurrency):
-                        tg.create_task(one_worker(explainer_client, judge_client))
-            finally:
-                beat.cancel()
-                watcher.cancel()
-    except BaseExceptionGroup as eg:
-        from ..aio import first_error
-
-        error = first_error(eg)
-    except BaseException as e:  # Ctrl-C, a failing preflight
-        error = e
+        res = await work(store, job_id, ctx, worker=worker, lease_s=settings.lease_s, settings=settings,
+                         claim=lambda: store.claim_latents(job_id, worker, 1, settings.lease_s, latents),
+                         budget=budget, budget_usd=job["budget_usd"], on_latent=lambda _: bar.update(1))
     finally:
         bar.close()
-        if in_flight:
-            store.release_items(job_id, sorted(in_flight), worker)
+    error = res.error
+    summary.usage = res.usage
+    summary.latents_done, summary.latents_skipped, summary.latents_failed = res.done, res.skipped, res.failed
+    summary.latents_already_done += res.already_done
+    stop = [res.stopped_by] if res.stopped_by else []
     summary.status = _final_status(store, job_id, stop, error)
     store.set_job(job_id, status=summary.status, finished=utcnow() if summary.status in FINAL else None,
                   error=None if error is None else f"{type(error).__name__}: {error}"[:2000])
@@ -295,6 +250,18 @@ async def run_embedded(store: Store, job_id: int, *, progress: bool = True, late
         raise error
     summary.errors = [f"latent {e['latent']} {e['stage']}: {e['error']}" for e in store.item_errors(job_id)]
     return summary
+
+
+def embedded_settings():
+    """The queue layer's settings for a runner in this process: its lease (AUTOINTERP_LEASE_S), shared LLM limits
+    and a Redis budget counter only when AUTOINTERP_REDIS_URL names a Redis explicitly (a laptop's Redis, if any,
+    may serve other stores whose job ids collide)."""
+    from .dispatch import Settings
+
+    settings = Settings.from_env()
+    if not os.environ.get("AUTOINTERP_REDIS_URL"):
+        settings.redis_url = None
+    return settings
 
 
 def _extract_embedded(store: Store, job_id: int, worker: str, progress: bool) -> dict:
@@ -309,7 +276,8 @@ def _extract_embedded(store: Store, job_id: int, worker: str, progress: bool) ->
         return store.job(job_id)["status"] == "cancelled"
 
     try:
-        done = run_extraction_units(store, job_id, worker, LEASE_S, wait=True, should_stop=cancelled)
+        done = run_extraction_units(store, job_id, worker, embedded_settings().lease_s, wait=True,
+                                    should_stop=cancelled)
     except BaseException as e:
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
         store.set_job(job_id, status="pending" if interrupted else "stopped",
@@ -324,13 +292,6 @@ def _extract_embedded(store: Store, job_id: int, worker: str, progress: bool) ->
             print(f"job {job_id}: extracted {st['tokens']:,} tokens in {st['shards']} shard(s)"
                   + (f" at {st['tokens_per_s']:,.0f} tokens/s" if st["tokens_per_s"] else ""), flush=True)
     return store.job(job_id)
-
-
-def _count(summary: JobSummary, out: LatentOutcome, stages: list[str]) -> None:
-    summary.usage.add(out.usage)
-    field_name = {"failed": "latents_failed", "skipped": "latents_skipped",
-                  "already_done": "latents_already_done"}.get(out.status, "latents_done")
-    setattr(summary, field_name, getattr(summary, field_name) + 1)
 
 
 def _final_status(store: Store, job_id: int, stop: list[str], error: BaseException | None) -> str:

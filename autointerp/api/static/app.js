@@ -30,6 +30,14 @@ function watchJob(box) {
     document.getElementById("job-cost").textContent = fmt(st.spend.cost_usd, 4);
     document.getElementById("job-rate").textContent = st.rate_per_s ? fmt(st.rate_per_s, 2) + " latents/s" : "";
     document.getElementById("job-eta").textContent = st.eta_s ? "ETA " + Math.round(st.eta_s) + "s" : "";
+    const ex = st.extraction, exLine = document.getElementById("job-extraction");
+    if (ex && exLine) {
+      exLine.hidden = false;
+      exLine.textContent = "extraction: " + ex.shards_done + " / " + ex.shards + " shards · " +
+        Number(ex.tokens).toLocaleString() + " tokens" +
+        (ex.tokens_per_s ? " · " + Math.round(ex.tokens_per_s).toLocaleString() + " tokens/s" : "") +
+        (ex.eta_s ? " · ETA " + Math.round(ex.eta_s) + "s" : "") + (ex.merged ? " · merged" : "");
+    }
     const stages = document.getElementById("stages");
     stages.replaceChildren();
     for (const name of Object.keys(st.stages).sort()) {
