@@ -110,9 +110,11 @@ def test_a_bad_extraction_spec_is_refused_at_submit_and_a_failing_shard_stops_th
     assert status(store, job_id).extraction["per_shard"][0]["status"] == "failed"
 
 
-def test_celery_workers_give_what_the_embedded_runner_gives_and_survive_kill_9_of_a_gpu_worker(tmp_path, workers):
-    """Two workers on gpu,llm,cpu run the same spec as the embedded runner (another store); one is killed with
-    SIGKILL while it holds a shard: the shard is leased again, nothing is counted twice, the results are equal."""
+def test_celery_workers_give_what_the_embedded_runner_gives_and_survive_kill_9_of_a_gpu_worker(store_url, tmp_path,
+                                                                                              workers):
+    """Two workers on gpu,llm,cpu run the same spec as the embedded runner (an SQLite store beside); one is killed
+    with SIGKILL while it holds a shard: the shard is leased again, nothing is counted twice, the results are equal —
+    on SQLite and on PostgreSQL."""
     with start_llm_server(judge="judges:rule_judge", models=["judge"]) as srv:
         embedded = open_store(f"sqlite:///{tmp_path / 'embedded.db'}")
         ref = embedded_job = submit(embedded, _spec(srv))

@@ -187,11 +187,22 @@ class StoredCache(ExampleSource):
         edges = self.manifest.get("hist_edges")
         return np.asarray(edges, np.float64) if edges else super().hist_edges
 
+    @cached_property
+    def _pool_windows(self) -> dict[int, bytes]:
+        """The pool's windows, read once: every latent's negatives come from them."""
+        return self._fetch(np.asarray(self.pool()["rows"]).tolist())
+
+    def _fetch(self, rows) -> dict[int, bytes]:
+        with self.store.tx() as conn:
+            return dict(conn.execute(select(T_WIN.c.row, T_WIN.c.tokens).where(
+                T_WIN.c.dictionary_pk == self.pk, T_WIN.c.row.in_(sorted(set(rows))))).all())
+
     def windows(self, rows) -> np.ndarray:
         rows = [int(r) for r in np.asarray(rows, np.int64)]
-        with self.store.tx() as conn:
-            got = dict(conn.execute(select(T_WIN.c.row, T_WIN.c.tokens).where(
-                T_WIN.c.dictionary_pk == self.pk, T_WIN.c.row.in_(sorted(set(rows))))).all())
+        pool = self._pool_windows
+        got = {r: pool[r] for r in rows if r in pool}
+        if len(got) < len(set(rows)):
+            got.update(self._fetch([r for r in rows if r not in got]))
         missing = [r for r in rows if r not in got]
         if missing:
             raise ConfigError(f"dictionary {self.name}: window rows {missing[:5]} missing from the store")
