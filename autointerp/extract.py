@@ -646,7 +646,7 @@ def _manifest_extra(subject: SubjectModel) -> dict:
 
 def extract_shard(
     model: str | SubjectModel,
-    dictionary: str | object,
+    dictionary: str | object | list,
     hookpoint: str | None,
     corpus: str | CorpusSpec,
     *,
@@ -666,10 +666,11 @@ def extract_shard(
     encode_dtype: str | None = None,
     norm_scaling_factor: float | None = None,
     on_progress=None,
-) -> bytes:
-    """Collect the windows [w0, w1) of the run `extract` would make with these settings (one dictionary) and
-    return the shard's state as bytes (`shards.shard_state`) for `publish_shards`. Windows before w0 are
-    tokenized and skipped (no model call). `on_progress(tokens_done, tokens_total)` is called after each batch."""
+) -> bytes | list[bytes]:
+    """Collect the windows [w0, w1) of the run `extract` would make with these settings and return the shard's
+    state as bytes (`shards.shard_state`) for `publish_shards` — one per dictionary when given a list of them
+    (all collected in the same forward passes, each at its hookpoint). Windows before w0 are tokenized and skipped
+    (no model call). `on_progress(tokens_done, tokens_total)` is called after each batch."""
     from .shards import shard_state
 
     w0, w1 = windows
@@ -680,17 +681,19 @@ def extract_shard(
         raise ConfigError(f"shard windows [{w0}, {w1}): must start on a batch boundary (batch_size {batch_size})")
     subject = model if isinstance(model, SubjectModel) else load_subject(model, device=device, dtype=dtype)
     enc_dtype = _encode_dtype(encode_dtype)
-    targets = _resolve_targets(subject, [dictionary], [hookpoint], Path("."), subject.device, norm_scaling_factor,
+    many = isinstance(dictionary, list)
+    dictionaries = dictionary if many else [dictionary]
+    targets = _resolve_targets(subject, dictionaries, [hookpoint], Path("."), subject.device, norm_scaling_factor,
                                enc_dtype)
-    if len(targets) != 1:
-        raise ConfigError(f"dictionary {dictionary}: {len(targets)} members; a job extracts one dictionary "
-                          "(name its hookpoint)")
-    (t,) = targets
-    t.dictionary.to(subject.device, enc_dtype)
+    if len(targets) != len(dictionaries):
+        raise ConfigError(f"dictionary {dictionaries[0] if len(dictionaries) == 1 else dictionaries}: "
+                          f"{len(targets)} members; a job extracts one dictionary per entry (name its hookpoint)")
     cfg = CollectorConfig(top_k=top_k, n_sample=n_sample, pool_size=pool_size, seed=seed)
-    t.identity = _identity(subject, t, spec, cfg, max_norm_ratio)
-    t.collector = Collector(t.dictionary.n_latents, spec.ctx_len, cfg, subject.device)
-    hooks = [subject.hookpoint(t.hookpoint)]
+    for t in targets:
+        t.dictionary.to(subject.device, enc_dtype)
+        t.identity = _identity(subject, t, spec, cfg, max_norm_ratio)
+        t.collector = Collector(t.dictionary.n_latents, spec.ctx_len, cfg, subject.device)
+    hooks = [subject.hookpoint(t.hookpoint) for t in targets]
     kept: dict[int, np.ndarray] = {}
     wid = 0
     for batch in iter_windows(spec, subject.tokenizer, batch_size):
@@ -705,9 +708,11 @@ def extract_shard(
         wid += len(batch)
         if on_progress is not None:
             on_progress((wid - w0) * spec.ctx_len, (w1 - w0) * spec.ctx_len)
-    meta = {"identity": t.identity, "windows": [w0, w1], "extra": _manifest_extra(subject),
-            "n_latents": int(t.dictionary.n_latents), "ctx_len": spec.ctx_len, "collector": cfg.as_dict()}
-    return shard_state(t.collector, kept, meta)
+    extra = _manifest_extra(subject)
+    out = [shard_state(t.collector, kept, {"identity": t.identity, "windows": [w0, w1], "extra": extra,
+                                           "n_latents": int(t.dictionary.n_latents), "ctx_len": spec.ctx_len,
+                                           "collector": cfg.as_dict()}) for t in targets]
+    return out if many else out[0]
 
 
 def publish_shards(states: list[bytes], out: str | Path) -> LatentCache:

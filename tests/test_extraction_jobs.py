@@ -149,3 +149,21 @@ def test_job_status_prints_the_shards(tmp_path):
     assert r.exit_code == 0, r.output
     assert "extraction: 0/2 shards, 0 tokens" in r.output
     assert "shard 1   pending           0/1,536 tokens" in r.output
+
+
+def test_one_pass_extracts_several_dictionaries_and_a_later_job_reuses_a_member():
+    store = open_store()
+    ex = {**EXTRACTION, "shards": 2, "also": ["topk-neurons:4"], "names": ["k8", "k4"]}
+    job_id = submit(store, {"extraction": ex, "n_latents": 4, "explainer": "token_frequency", "scorers": [],
+                            "hard_negatives": False})
+    assert run(store, job_id, progress=False).status == "done"
+    k8, k4 = store.dictionary("k8"), store.dictionary("k4")
+    assert store.job(job_id)["dictionary_pk"] == k8["id"]
+    assert k4["examples_in_store"] and k4["n_tokens"] == k8["n_tokens"] == EXTRACTION["n_tokens"]
+    assert k4["n_alive"] <= k8["n_alive"]  # top-4 of the same neurons fire on a subset of top-8's tokens
+    # a single-dictionary job on the member's settings starts at its latents: nothing extracted again
+    member = {**EXTRACTION, "dictionary": "topk-neurons:4"}
+    again = submit(store, {"extraction": member, "n_latents": 4, "explainer": "token_frequency", "scorers": [],
+                           "hard_negatives": False})
+    assert store.job(again)["dictionary_pk"] == k4["id"] and status(store, again).extraction is None
+    assert run(store, again, progress=False).status == "done"

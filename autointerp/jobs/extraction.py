@@ -40,8 +40,8 @@ def _subject(model: str, device: str | None, dtype: str | None):
     return load_subject(model, device=device, dtype=dtype)
 
 
-def _shard_key(job_id: int, shard: int) -> str:
-    return f"job/{job_id}/shard/{shard}"
+def _shard_key(job_id: int, shard: int, member: int) -> str:
+    return f"job/{job_id}/shard/{shard}/{member}"
 
 
 def run_shard(store: Store, job_id: int, spec: ExtractionSpec, shard: int, worker: str, lease_s: float) -> dict:
@@ -73,14 +73,15 @@ def run_shard(store: Store, job_id: int, spec: ExtractionSpec, shard: int, worke
         subject = _subject(spec.model, spec.device, spec.dtype)
         kw = spec.extract_kwargs()
         kw.pop("device"), kw.pop("dtype")
-        data = extract_shard(subject, spec.dictionary, spec.hookpoint, spec.corpus, windows=(w0, w1),
-                             on_progress=progress, **kw)
+        data = extract_shard(subject, [m.dictionary for m in spec.members()], spec.hookpoint, spec.corpus,
+                             windows=(w0, w1), on_progress=progress, **kw)
     finally:
         stop.set()
         beater.join(timeout=5)
-    record.update(seconds=round(time.monotonic() - t0, 2), bytes=len(data))
+    record.update(seconds=round(time.monotonic() - t0, 2), bytes=sum(len(d) for d in data))
     with store.tx(write=True) as conn:
-        put_blob(conn, _shard_key(job_id, shard), data)
+        for member, part in enumerate(data):
+            put_blob(conn, _shard_key(job_id, shard, member), part)
         from sqlalchemy import update
 
         from ..store.store import T_ITEM
@@ -100,14 +101,18 @@ def run_merge(store: Store, job_id: int, spec: JobSpec) -> dict:
 
     ex = spec.extraction
     n = len(ex.shard_bounds())
-    with store.tx() as conn:
-        states = [get_blob(conn, _shard_key(job_id, s)) for s in range(n)]
-    missing = [s for s, b in enumerate(states) if b is None]
-    if missing:
-        raise RuntimeError(f"job {job_id}: shard states {missing} missing from the store")
-    with tempfile.TemporaryDirectory(prefix="autointerp-merge-") as tmp:
-        cache = publish_shards(states, tmp)
-        dictionary = store.register_cache(cache, extraction_key=ex.key(), keep_path=False)
+    registered = []
+    for member, mspec in enumerate(ex.members()):  # each member's states, merged and registered in turn
+        with store.tx() as conn:
+            states = [get_blob(conn, _shard_key(job_id, s, member)) for s in range(n)]
+        missing = [s for s, b in enumerate(states) if b is None]
+        if missing:
+            raise RuntimeError(f"job {job_id}: shard states {missing} of {mspec.dictionary} missing from the store")
+        name = ex.names[member] if member < len(ex.names) else None
+        with tempfile.TemporaryDirectory(prefix="autointerp-merge-") as tmp:
+            cache = publish_shards(states, tmp)
+            registered.append(store.register_cache(cache, name=name, extraction_key=mspec.key(), keep_path=False))
+    dictionary = registered[0]
     latents = select_latents(store, dictionary, spec)
     with store.tx(write=True) as conn:
         from sqlalchemy import update
@@ -120,7 +125,8 @@ def run_merge(store: Store, job_id: int, spec: JobSpec) -> dict:
         conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.stage == STAGE_MERGE)
                      .values(status="done", lease_until=None, error=None, updated=utcnow(),
                              progress={"dictionary": dictionary["name"], "latents": len(latents),
-                                       "n_alive": dictionary["n_alive"]}))
+                                       "n_alive": dictionary["n_alive"],
+                                       "also": [d["name"] for d in registered[1:]]}))
         delete_blobs(conn, f"job/{job_id}/shard/")
     return dictionary
 

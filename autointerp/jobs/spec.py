@@ -72,9 +72,19 @@ class ExtractionSpec(BaseModel):
     shards: Optional[int] = Field(None, ge=1, description="Shards (default: one per ~1M tokens); the result does "
                                                          "not depend on it")
     device: Optional[str] = Field(None, description="Device of the GPU workers (default: CUDA when present)")
+    also: list[str] = Field(default_factory=list, description="More dictionaries collected in the same forward "
+                            "passes (each at `hookpoint`, or where it names) and registered for later jobs; this job "
+                            "explains `dictionary`")
+    names: list[str] = Field(default_factory=list, description="Names in the store for `dictionary`, then each of "
+                             "`also` (default: from the checkpoint and hookpoint)")
 
     def identity(self) -> dict:
-        return self.model_dump(mode="json", exclude={"shards", "device"})
+        return self.model_dump(mode="json", exclude={"shards", "device", "also", "names"})
+
+    def members(self) -> list["ExtractionSpec"]:
+        """One spec per dictionary this extraction collects (`dictionary` first): each one's key is what a
+        single-dictionary job on it would have, so a later job finds it."""
+        return [self] + [self.model_copy(update={"dictionary": d, "also": [], "names": []}) for d in self.also]
 
     def key(self) -> str:
         return digest(self.identity())
@@ -91,7 +101,7 @@ class ExtractionSpec(BaseModel):
 
     def extract_kwargs(self) -> dict:
         """The keyword arguments of `extract` / `extract_shard` these settings name."""
-        return self.model_dump(exclude={"model", "dictionary", "hookpoint", "corpus", "shards"})
+        return self.model_dump(exclude={"model", "dictionary", "hookpoint", "corpus", "shards", "also", "names"})
 
 
 class JobSpec(BaseModel):

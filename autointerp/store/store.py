@@ -175,9 +175,10 @@ class Store:
                 from pathlib import Path
 
                 path = str(Path(ref).expanduser().resolve()) if Path(ref).expanduser().exists() else None
-                rows = conn.execute(q.where(or_(T_DICT.c.name == ref, T_DICT.c.key == ref,
-                                                T_DICT.c.dictionary_id == ref, T_DICT.c.cache_path == path)))\
-                    .mappings().all()
+                named = [T_DICT.c.name == ref, T_DICT.c.key == ref, T_DICT.c.dictionary_id == ref]
+                if path is not None:  # (`cache_path == None` would be IS NULL: every extraction made by a job)
+                    named.append(T_DICT.c.cache_path == path)
+                rows = conn.execute(q.where(or_(*named))).mappings().all()
         if len(rows) == 1:
             return dict(rows[0])
         if len(rows) > 1:
