@@ -9,9 +9,9 @@
 from .context import JobContext, load_context
 from .runner import (JobStatus, JobSummary, cancel, ensure_dictionary, job_context, resume, retry_failed, run,
                      run_embedded, status, submit)
-from .spec import LLMSettings, JobSpec, parse_job_spec
+from .spec import ExtractionSpec, JobSpec, LLMSettings, parse_job_spec
 from .units import run_latent
 
-__all__ = ["JobSpec", "LLMSettings", "parse_job_spec", "submit", "run", "run_embedded", "status", "cancel",
+__all__ = ["JobSpec", "ExtractionSpec", "LLMSettings", "parse_job_spec", "submit", "run", "run_embedded", "status", "cancel",
            "resume", "retry_failed", "JobStatus", "JobSummary", "JobContext", "load_context", "run_latent",
            "ensure_dictionary", "job_context"]

@@ -2,8 +2,10 @@
 and the limits shared by every worker (LLM endpoint concurrency and rate, the job's budget).
 
 The database is the queue's truth; the broker only carries *work tokens*. A message says "work on job J" and
-nothing else: the task claims (leases) the next latents of J in the store, runs them with `run_latent` — many in
-flight on one event loop — renews their leases while it works, and stops after `task_latents` latents. So:
+nothing else: the task claims (leases) the next units of J in the store — while J is extracting, its shards and then
+its merge (gpu queue; jobs/extraction.py), after that its latents — and runs the latents with the one worker loop
+(`loop.work`, the embedded runner's too: many in flight on one event loop, leases renewed while it works), stopping
+after `task_latents` latents. So:
 
 * fan-out of a million latents is a handful of small messages: the dispatcher keeps `queue_depth` tokens waiting
   per active job and per dispatcher, whatever the job's size; nothing pages a million signatures into memory;

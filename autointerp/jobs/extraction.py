@@ -15,7 +15,6 @@ import logging
 import tempfile
 import threading
 import time
-from functools import lru_cache
 
 from ..errors import AutointerpError
 from ..store import Store
@@ -32,20 +31,43 @@ class ExtractionFailed(AutointerpError):
 PROGRESS_S = 5.0  # seconds between a shard's progress writes (each renews its lease)
 
 
-@lru_cache(maxsize=2)
+_SUBJECTS: dict[tuple, object] = {}
+_SUBJECTS_LOCK = threading.Lock()
+
+
 def _subject(model: str, device: str | None, dtype: str | None):
-    """One subject model per worker process and settings (a GPU worker runs shard after shard on it)."""
+    """One subject model per worker process and settings (a GPU worker runs shard after shard on it; the last two
+    are kept)."""
     from ..subject import load_subject
 
-    return load_subject(model, device=device, dtype=dtype)
+    key = (model, device, dtype)
+    with _SUBJECTS_LOCK:
+        if key in _SUBJECTS:
+            return _SUBJECTS[key]
+    subject = load_subject(model, device=device, dtype=dtype)
+    with _SUBJECTS_LOCK:
+        _SUBJECTS[key] = subject
+        while len(_SUBJECTS) > 2:
+            _SUBJECTS.pop(next(iter(_SUBJECTS)))
+    return subject
+
+
+def share_subject(subject):
+    """Let this process's extraction units use a subject model already loaded (by its default device and dtype):
+    the demo trains its SAEs on it, then its job extracts on the same one instead of loading it again."""
+    with _SUBJECTS_LOCK:
+        _SUBJECTS[(subject.spec, None, None)] = subject
+    return subject
 
 
 def _shard_key(job_id: int, shard: int, member: int) -> str:
     return f"job/{job_id}/shard/{shard}/{member}"
 
 
-def run_shard(store: Store, job_id: int, spec: ExtractionSpec, shard: int, worker: str, lease_s: float) -> dict:
-    """Run one leased shard to its stored state; returns its progress record."""
+def run_shard(store: Store, job_id: int, spec: ExtractionSpec, shard: int, worker: str, lease_s: float,
+              on_tokens=None) -> dict:
+    """Run one leased shard to its stored state; returns its progress record. `on_tokens(n)`: n more tokens done
+    (a progress bar)."""
     from ..extract import extract_shard
 
     w0, w1 = spec.shard_bounds()[shard]
@@ -56,6 +78,8 @@ def run_shard(store: Store, job_id: int, spec: ExtractionSpec, shard: int, worke
 
     def progress(done: int, total: int) -> None:
         now = time.monotonic()
+        if on_tokens is not None:
+            on_tokens(done - record["tokens"])
         record.update(tokens=done, tokens_per_s=round(done / max(1e-6, now - t0), 1))
         if now - last[0] >= PROGRESS_S:
             last[0] = now
@@ -132,7 +156,7 @@ def run_merge(store: Store, job_id: int, spec: JobSpec) -> dict:
 
 
 def run_extraction_units(store: Store, job_id: int, worker: str, lease_s: float, *, wait: bool = False,
-                         should_stop=lambda: False) -> bool:
+                         should_stop=lambda: False, on_tokens=None) -> bool:
     """Run this job's extraction units that this process can lease: shards, then the merge once every shard is
     done. With `wait`, keep polling while other workers hold shards (the embedded runner); else return at once.
     True when the extraction is finished (the job's latents are queued)."""
@@ -144,7 +168,7 @@ def run_extraction_units(store: Store, job_id: int, worker: str, lease_s: float,
         shard = store.claim_unit(job_id, worker, STAGE_EXTRACT, lease_s)
         if shard is not None:
             try:
-                run_shard(store, job_id, spec.extraction, shard, worker, lease_s)
+                run_shard(store, job_id, spec.extraction, shard, worker, lease_s, on_tokens)
             except BaseException as e:
                 _fail_unit(store, job_id, shard, STAGE_EXTRACT, e)
                 raise
@@ -212,9 +236,10 @@ def extraction_status(store: Store, job_id: int, spec: JobSpec) -> dict | None:
                     "tokens_total": p.get("tokens_total"), "tokens_per_s": p.get("tokens_per_s"),
                     "worker": i["worker"], "attempts": i["attempts"], "error": i["error"]})
     done = sum(i["status"] == "done" for i in shards)
-    if not rate:  # nothing running now: the finished shards' own rates
-        rates = [float((i["progress"] or {}).get("tokens_per_s") or 0) for i in shards if i["status"] == "done"]
-        rate = sum(rates) / len(rates) if rates else 0.0
+    if not rate:  # nothing running now: the finished shards' tokens over their seconds (one worker's rate)
+        fin = [i["progress"] or {} for i in shards if i["status"] == "done"]
+        secs = sum(float(p.get("seconds") or 0) for p in fin)
+        rate = sum(int(p.get("tokens_total") or 0) for p in fin) / secs if secs else 0.0
     left = max(0, total - tokens) if total else None
     return {"shards": len(shards), "shards_done": done, "merged": bool(merge) and merge[0]["status"] == "done",
             "tokens": tokens, "tokens_per_s": round(rate, 1) if rate else None,

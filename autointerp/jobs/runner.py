@@ -275,15 +275,20 @@ def _extract_embedded(store: Store, job_id: int, worker: str, progress: bool) ->
     def cancelled() -> bool:
         return store.job(job_id)["status"] == "cancelled"
 
+    ex = parse_job_spec(job["spec"]).extraction
+    bar = tqdm(total=ex.n_tokens if ex else 0, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"job {job_id} extract", dynamic_ncols=True)
     try:
         done = run_extraction_units(store, job_id, worker, embedded_settings().lease_s, wait=True,
-                                    should_stop=cancelled)
+                                    should_stop=cancelled, on_tokens=bar.update)
     except BaseException as e:
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
         store.set_job(job_id, status="pending" if interrupted else "stopped",
                       error=None if interrupted else f"{type(e).__name__}: {e}"[:2000],
                       finished=None if interrupted else utcnow())
         raise
+    finally:
+        bar.close()
     if not done:
         raise ConfigError(f"job {job_id} is cancelled: `autointerp job resume {job_id}` first")
     if progress:
