@@ -3,6 +3,7 @@ the gpu queue, an exact merge, examples in the store), run by the embedded runne
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -167,3 +168,24 @@ def test_one_pass_extracts_several_dictionaries_and_a_later_job_reuses_a_member(
                            "hard_negatives": False})
     assert store.job(again)["dictionary_pk"] == k4["id"] and status(store, again).extraction is None
     assert run(store, again, progress=False).status == "done"
+
+
+def test_the_api_takes_an_extraction_spec_and_its_job_page_shows_the_shards():
+    """POST /api/v1/jobs with `extraction` (left to workers), then its status JSON and the job page."""
+    from api_support import ApiServer, http
+
+    store = open_store()
+    key = "k" * 32
+    store.create_api_key("t", key)
+    spec = {"extraction": {**EXTRACTION, "shards": 2}, "explainer": "token_frequency", "scorers": ["embedding"],
+            "hard_negatives": False}
+    with ApiServer(store=store) as srv:
+        code, _, body = http("POST", f"{srv.url}/api/v1/jobs?run=false", spec, {"X-API-Key": key})
+        assert code == 201, body
+        job_id = body["job_id"]
+        assert body["status"]["extraction"]["shards"] == 2 and not body["running_here"]
+        code, _, page = http("GET", f"{srv.url}/jobs/{job_id}")
+        assert code == 200 and b"extraction: 0 / 2 shards" in page
+        code, _, err = http("POST", f"{srv.url}/api/v1/jobs?run=false", {**spec, "dictionary": "x"},
+                            {"X-API-Key": key})
+        assert code == 422 and "either dictionary" in json.dumps(err)
