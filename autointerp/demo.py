@@ -6,7 +6,6 @@ first time it is asked for, under the autointerp cache folder; later runs load i
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -79,52 +78,58 @@ class _Steps:
         self.echo(f"\n[demo {self.n}/{self.total}] {what}  (+{time.perf_counter() - self.t0:.0f} s)")
 
 
+def demo_extraction(n_tokens: int) -> dict:
+    """The demo's extraction as job-spec data: both seeds' SAEs in one forward pass (the seed-0 SAE is the job's
+    dictionary, seed 1 rides along), named `demo` and `demo-seed1` in the store."""
+    return {"model": "builtin:smollm2", "dictionary": str(demo_dictionary_path(0) / DEMO_HOOKPOINT),
+            "also": [str(demo_dictionary_path(1) / DEMO_HOOKPOINT)], "names": ["demo", "demo-seed1"],
+            "corpus": "builtin", "n_tokens": n_tokens}
+
+
 def run_demo(out: Path, *, n_tokens: int = 60_000, n_latents: int = 8, explainer_model: str = "local",
              judge_model: str | None = None, echo=print, progress: bool = True) -> dict:
-    """The main job end to end through the job seam: subject model, two demo SAEs (two seeds, one layer), one
-    extraction pass for both, LLM explanations scored by detection, fuzzing and embedding beside the token-frequency
-    and random baselines, explanations embedded for search, the two SAEs compared, a plot. Everything lands in the
-    store; a second run reuses all of it. Returns what the summary and the server need."""
-    from .extract import extract
-    from .jobs import run, submit
+    """The main job end to end through the job seam: two demo SAEs (two seeds, one layer) trained once, then one
+    job from the subject model, the SAE and the corpus to scores — its extraction stage collects both SAEs in one
+    pass and stores their examples — with LLM explanations scored by detection, fuzzing and embedding beside the
+    token-frequency and random baselines (jobs on the same extraction, which they reuse), explanations embedded for
+    search, the two SAEs compared, a plot. Everything lands in the store; a second run reuses all of it (the store
+    knows the extraction and the jobs: no model is loaded). Returns what the summary and the server need."""
+    from .jobs import ExtractionSpec, run, submit
+    from .jobs.extraction import share_subject
     from .plots import write_dictionary_plot
     from .search import embed_explanations
     from .store import open_store
-    from .subject import load_subject
 
     step = _Steps(7, echo)
-    reused = _reusable_caches(out, n_tokens)
-    if reused:  # a second run: no model to load, nothing to train or extract
-        step("subject model: not needed (the demo's SAEs and caches are done)")
+    store = open_store()
+    extraction = demo_extraction(n_tokens)
+    members = ExtractionSpec(**extraction).members()
+    trained = all(_trained(demo_dictionary_path(sd)) is not None for sd in (0, 1))
+    extracted = all(store.dictionary_by_extraction(m.key()) is not None for m in members)
+    if trained and extracted:  # a second run: no model to load, nothing to train or extract
+        step("subject model: not needed (the demo's SAEs and their extraction are in the store)")
         step("two demo SAEs on resid_post.15 (2048 latents, TopK 32; seeds 0 and 1): reused")
-        step(f"extraction over {n_tokens} tokens: reused ({reused[0].path.parent})")
-        cache_a, cache_b = reused
     else:
         step("subject model: SmolLM2-135M (the first run dequantizes the packaged GGUF once)")
-        subject = load_subject("builtin:smollm2")
+        from .subject import load_subject
+
+        subject = share_subject(load_subject("builtin:smollm2"))  # the extraction stage runs on this one
         step("two demo SAEs on resid_post.15 (2048 latents, TopK 32; seeds 0 and 1), trained once and cached")
-        a = ensure_demo_dictionary(subject, progress=progress, seeds=(0, 1))
-        b = demo_dictionary_path(1) / DEMO_HOOKPOINT
-        step(f"extraction: both SAEs in one forward pass over {n_tokens} tokens (reused when done)")
-        cache_a, cache_b = extract(subject, [str(a), str(b)], None, "builtin", out, n_tokens=n_tokens,
-                                   progress=progress)
-        _state_file(out).write_text(json.dumps({"want": _state_key(n_tokens),
-                                                "caches": [str(cache_a.path), str(cache_b.path)]}))
-    store = open_store()
-    da, db = store.register_cache(cache_a, name="demo"), store.register_cache(cache_b, name="demo-seed1")
-    common = {"dictionary": str(cache_a.path), "n_latents": n_latents, "scorers": DEMO_SCORERS,
-              "sampling": DEMO_SAMPLING, "judge_model": judge_model or explainer_model,
-              "explainer_model": explainer_model}
+        ensure_demo_dictionary(subject, progress=progress, seeds=(0, 1))
+    common = {"extraction": extraction, "n_latents": n_latents, "scorers": DEMO_SCORERS, "sampling": DEMO_SAMPLING,
+              "judge_model": judge_model or explainer_model, "explainer_model": explainer_model}
     jobs = {}
-    step(f"explaining {n_latents} latents with {explainer_model} and scoring them ({', '.join(DEMO_SCORERS)})")
+    step(f"one job: extraction of both SAEs in one pass over {n_tokens} tokens (reused when done), then "
+         f"{n_latents} latents explained with {explainer_model} and scored ({', '.join(DEMO_SCORERS)})")
     for kind in ("default", "token_frequency", "random"):  # random draws from the others' explanations
         if kind != "default":
             echo(f"  baseline: {kind} explanations, same latents, same scorers")
         jobs[kind] = submit(store, {**common, "explainer": kind})
         run(store, jobs[kind], progress=progress)
+    da, db = store.dictionary("demo"), store.dictionary("demo-seed1")
     step("explanations of both SAEs for search and comparison (token-frequency baseline, 256 latents each)")
-    for d in (cache_a, cache_b):
-        j = submit(store, {"dictionary": str(d.path), "n_latents": 256, "explainer": "token_frequency",
+    for m in members:
+        j = submit(store, {"extraction": m.model_dump(mode="json"), "n_latents": 256, "explainer": "token_frequency",
                            "scorers": [], "hard_negatives": False})
         run(store, j, progress=progress)
     embedded = embed_explanations(store, progress=progress)
@@ -134,32 +139,6 @@ def run_demo(out: Path, *, n_tokens: int = 60_000, n_latents: int = 8, explainer
     plot = write_dictionary_plot(store, da["id"], Path(out) / "plots" / "demo.png")
     return {"store": store, "jobs": jobs, "dictionaries": (da, db), "embedded": embedded, "plot": plot,
             "comparison": comparison, "elapsed_s": time.perf_counter() - step.t0}
-
-
-def _state_file(out: Path) -> Path:
-    return Path(out) / "demo-state.json"
-
-
-def _state_key(n_tokens: int) -> dict:
-    return {"demo": DEMO, "hookpoint": DEMO_HOOKPOINT, "n_tokens": n_tokens,
-            "dictionaries": [str(demo_dictionary_path(sd)) for sd in (0, 1)]}
-
-
-def _reusable_caches(out: Path, n_tokens: int):
-    """The two finished caches of an earlier run with the same settings (their SAEs still on disk), else None.
-    Loading the subject model alone takes longer than the rest of a second run."""
-    from .cache import LatentCache
-
-    try:
-        state = json.loads(_state_file(out).read_text())
-    except (OSError, ValueError):
-        return None
-    if state.get("want") != _state_key(n_tokens) or any(_trained(demo_dictionary_path(sd)) is None for sd in (0, 1)):
-        return None
-    paths = [Path(p) for p in state.get("caches", [])]
-    if len(paths) != 2 or not all((p / "manifest.json").is_file() for p in paths):
-        return None
-    return [LatentCache(p) for p in paths]
 
 
 def compare_demo(store, a: dict, b: dict) -> dict:
