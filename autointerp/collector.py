@@ -15,6 +15,8 @@ broken by the lower window id, so results are exactly those of sorting all windo
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,22 +39,34 @@ class CollectorConfig:
         return asdict(self)
 
 
+log = logging.getLogger(__name__)
 _M32 = 0xFFFFFFFF
 SLOT_BYTES = 4 + 4 + 4 + 8 + 2  # key, window id, window max, arena offset, entry count
 MERGE_BYTES = 48  # per element of one batch's [rows, K + B] merge: keys, sort values and indices, ids, slots
 
 
 def planned_bytes(n_latents: int, ctx_len: int, cfg: CollectorConfig, nnz_per_token: int, n_tokens: int,
-                  batch_windows: int) -> dict[str, int]:
-    """Upper bounds of the collector's memory: the fixed [n, K + S] slots and statistics, the entry arenas at
-    their fullest (live entries are bounded by the slots and by the firing tokens seen; a rebuild holds the old and
-    the new arena, hence 4 × live), and one batch's merge (rows = latents firing in the batch)."""
+                  batch_windows: int, chunk_latents: int | None = None) -> dict[str, int]:
+    """Upper bounds of the collector's memory in bytes: the fixed [n, K + S] slots and statistics, the entry arenas
+    at their fullest, the pool's codes; and two transients: one batch's merge (rows = latents firing in the batch,
+    or in one latent chunk of it) and the copies a checkpoint or the publish step makes of the filled slots
+    ("state"). Also the counts they rest on: "kept" windows (filled slots) and "live" entries.
+
+    A latent keeps at most min(K, windows the run sees) windows of at most ctx_len firing positions each, and all
+    latents together no more windows or entries than the (token, latent) codes that fire, nnz_per_token per token;
+    a rebuild holds the old and the new arena, hence 4 × live."""
     entry = (1 if ctx_len <= 256 else 2) + 1
-    live = sum(min(n_latents * k * ctx_len, nnz_per_token * n_tokens) for k in (cfg.top_k, cfg.n_sample))
-    rows = min(n_latents, nnz_per_token * batch_windows * ctx_len)
+    windows, fired = max(1, n_tokens // ctx_len), nnz_per_token * n_tokens
+    kept = [min(n_latents * min(k, windows), fired) for k in (cfg.top_k, cfg.n_sample)]
+    live = sum(min(w * ctx_len, fired) for w in kept)
+    rows = min(n_latents, chunk_latents or n_latents, nnz_per_token * batch_windows * ctx_len)
+    pool_pairs = min(cfg.pool_size, windows) * min(n_latents, nnz_per_token * ctx_len)
     return {"slots": n_latents * (cfg.top_k + cfg.n_sample) * SLOT_BYTES,
             "stats": n_latents * (20 + 4 * cfg.hist_bins), "arena": 4 * live * entry,
-            "merge": rows * (max(cfg.top_k, cfg.n_sample) + batch_windows) * MERGE_BYTES}
+            "pool": pool_pairs * 6 + min(cfg.pool_size, windows) * 400,  # int32 latent + fp16 max; a dict entry
+            "merge": rows * (max(cfg.top_k, cfg.n_sample) + batch_windows) * MERGE_BYTES,
+            "state": sum(kept) * 16 + n_latents * (cfg.top_k + cfg.n_sample),  # filled slots' copies, the masks
+            "kept": sum(kept), "live": live, "entry": entry, "pool_pairs": pool_pairs}
 
 
 def hash_uniform(window_ids: torch.Tensor, latents: torch.Tensor, seed: int) -> torch.Tensor:
@@ -90,7 +104,7 @@ class DenseCodes:
         return b, lat, wmax[b, lat]
 
     def nonzeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent, value) of every firing token."""
+        """(latent, value) of every firing token; each latent's in (window, token) order."""
         bi, ti, li = torch.nonzero(self.codes > 0, as_tuple=True)
         return li, self.codes[bi, ti, li]
 
@@ -104,44 +118,67 @@ class DenseCodes:
         return pair, pos, rows[pair, pos]
 
 
-class SparseCodes:
-    """A top-k encoder's codes as (values, indices) [B, T, k], never expanded to [B, T, n]: every operation costs
-    O(B·T·k), so a 1M-latent dictionary costs the collector no more than a 16k one."""
+class NonzeroCodes:
+    """Codes [B, T, n] as their firing entries only (window index, token, latent, float32 value), each latent's
+    in (window, token) order: every operation costs O(entries), so a 1M-latent dictionary costs the collector no
+    more than a 16k one of the same firing rate."""
 
-    def __init__(self, values: torch.Tensor, indices: torch.Tensor, n_latents: int):
-        self.values, self.indices, self.n = values.float(), indices, n_latents
-        self.shape = (*values.shape[:2], n_latents)
-
-    def _flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every firing entry as (window index, token, latent, value)."""
-        bsz, t, k = self.indices.shape
-        b, tok, j = torch.nonzero(self.values > 0, as_tuple=True)
-        return b, tok, self.indices[b, tok, j], self.values[b, tok, j]
+    def __init__(self, b: torch.Tensor, tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor,
+                 shape: tuple[int, int, int]):
+        self.b, self.tok, self.lat, self.val = b, tok, lat, val
+        self.shape, self.n = shape, shape[2]
 
     def window_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, _, lat, val = self._flat()
-        pair, inv = torch.unique(b * self.n + lat, return_inverse=True)  # sorted by (window, latent)
-        wmax = torch.zeros(pair.numel(), device=val.device).scatter_reduce_(0, inv, val, reduce="amax")
+        pair, inv = torch.unique(self.b * self.n + self.lat, return_inverse=True)  # sorted by (window, latent)
+        wmax = torch.zeros(pair.numel(), device=self.val.device).scatter_reduce_(0, inv, self.val, reduce="amax")
         return pair // self.n, pair % self.n, wmax
 
     def nonzeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        nz = self.values > 0
-        return self.indices[nz], self.values[nz]
+        return self.lat, self.val
 
     def entries(self, b: torch.Tensor, lat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Look every firing entry (window, token, latent) up among the wanted (window, latent) pairs: a sorted
-        # search over m keys, O(B·T·k·log m), instead of materialising the dense codes.
-        eb, tok, elat, val = self._flat()
-        t = self.indices.shape[1]
+        # search over m keys, O(entries · log m), instead of materialising the dense codes.
         if lat.numel() == 0:
-            return (torch.zeros(0, dtype=torch.int64, device=val.device),) * 2 + (val[:0],)
+            return (torch.zeros(0, dtype=torch.int64, device=self.val.device),) * 2 + (self.val[:0],)
         sorted_want, order = torch.sort(b * self.n + lat)
-        have = eb * self.n + elat
+        have = self.b * self.n + self.lat
         at = torch.searchsorted(sorted_want, have).clamp_(max=lat.numel() - 1)
         hit = sorted_want[at] == have
-        pair, tok, val = order[at[hit]], tok[hit], val[hit]
-        srt = torch.argsort(pair * t + tok)
+        pair, tok, val = order[at[hit]], self.tok[hit], self.val[hit]
+        srt = torch.argsort(pair * self.shape[1] + tok)
         return pair[srt], tok[srt], val[srt]
+
+
+class SparseCodes(NonzeroCodes):
+    """A top-k encoder's codes as (values, indices) [B, T, k], never expanded to [B, T, n]."""
+
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor, n_latents: int):
+        self.values, self.indices = values.float(), indices
+        b, tok, j = torch.nonzero(self.values > 0, as_tuple=True)
+        super().__init__(b, tok, indices[b, tok, j], self.values[b, tok, j], (*values.shape[:2], n_latents))
+
+
+class LatentChunks:
+    """A batch's codes [B, T, n] from an encoder with no fixed number of nonzeros (relu, jumprelu, gated...), made
+    one latent chunk at a time while the collector reads them: neither [B, T, n] nor its nonzeros exist at once.
+    Every latent's buffers and statistics depend on its own codes only, so chunk by chunk collects exactly what
+    the whole tensor would. `chunks` yields (token of the flattened [B, T], latent, value), chunks in latent
+    order (see Dictionary.nonzero_chunks); read once. Positions in `ignore` [B, T] are dropped."""
+
+    def __init__(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 shape: tuple[int, int, int], ignore: torch.Tensor | None = None, nnz_bound: int | None = None):
+        self.chunks, self.shape, self.ignore = chunks, shape, ignore
+        self.nnz_bound = nnz_bound  # latents per token the memory plan assumed: the collector warns past it
+
+    def parts(self, device) -> Iterator[NonzeroCodes]:
+        keep = None if self.ignore is None else ~self.ignore.to(device).reshape(-1)
+        for tok, lat, val in self.chunks:
+            tok, lat, val = tok.to(device), lat.to(device), val.to(device)
+            if keep is not None:
+                kept = keep[tok]
+                tok, lat, val = tok[kept], lat[kept], val[kept]
+            yield NonzeroCodes(tok // self.shape[1], tok % self.shape[1], lat, val.float(), self.shape)
 
 
 class KeyedTopK:
@@ -167,7 +204,7 @@ class KeyedTopK:
         self.live = 0  # entries the slots point at
 
     def update(self, b: torch.Tensor, lat: torch.Tensor, key: torch.Tensor, window_ids: torch.Tensor,
-               codes: DenseCodes | SparseCodes) -> int:
+               codes: DenseCodes | NonzeroCodes) -> int:
         """Candidate (window index b, latent, key) pairs of one batch, window_ids [B] ascending. Returns rows
         changed."""
         k = self.k
@@ -215,16 +252,22 @@ class KeyedTopK:
         return start
 
     def _rebuild(self, capacity: int, chunk_slots: int = 1 << 21) -> None:
-        """Copy the live entries into a fresh arena of `capacity`, latent rows in chunks (bounded index memory)."""
+        """Copy the live entries into a fresh arena of `capacity`, in (row, slot) order, latent rows in chunks
+        (bounded index memory). Only slots holding entries are indexed: with 1M latents most are empty, and a
+        rebuild costs a scan of the counts plus O(live), not O(n × K) index work."""
         pos = torch.empty(capacity, dtype=self.pos.dtype, device=self.pos.device)
         q = torch.empty(capacity, dtype=torch.uint8, device=self.q.device)
         at, step = 0, max(1, chunk_slots // self.k)
         for r0 in range(0, self.keys.shape[0], step):
-            cnt = self.cnt[r0:r0 + step].reshape(-1).long()
-            src = ranges(self.off[r0:r0 + step].reshape(-1), cnt)
+            cnt = self.cnt[r0:r0 + step].view(-1)
+            full = torch.nonzero(cnt, as_tuple=True)[0]
+            if full.numel() == 0:
+                continue
+            c, off = cnt[full].long(), self.off[r0:r0 + step].view(-1)  # off: a view, written through below
+            src = ranges(off[full], c)
             pos[at:at + src.numel()] = self.pos[src]
             q[at:at + src.numel()] = self.q[src]
-            self.off[r0:r0 + step] = (at + torch.cumsum(cnt, 0) - cnt).view(-1, self.k)
+            off[full] = at + torch.cumsum(c, 0) - c  # empty slots keep stale offsets: nothing reads them
             at += src.numel()
         self.pos, self.q, self.used = pos, q, at
 
@@ -284,33 +327,58 @@ class Collector:
         self.pool_codes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # window id -> (latents, max acts)
         self.n_tokens = 0
         self.n_windows = 0
+        self._warned_nnz = False
 
     @torch.no_grad()
-    def update(self, codes: torch.Tensor | DenseCodes | SparseCodes, window_ids: torch.Tensor) -> None:
-        """codes of [B, T, n]: a dense float tensor, or SparseCodes from a top-k encoder (the same values, read
-        from k entries per token instead of a scan of all n latents); window_ids [B] int64 ascending."""
+    def update(self, codes: torch.Tensor | DenseCodes | SparseCodes | LatentChunks, window_ids: torch.Tensor) -> None:
+        """codes of [B, T, n]: a dense float tensor, SparseCodes from a top-k encoder (the same values, read
+        from k entries per token instead of a scan of all n), or LatentChunks (the same values, a latent chunk at
+        a time); window_ids [B] int64 ascending."""
         if isinstance(codes, torch.Tensor):
             codes = DenseCodes(codes.to(self.device).float())
         window_ids = window_ids.to(self.device)
         b, t, _ = codes.shape
+        if self.n_tokens + b * t >= 2**31 and self.hist.dtype == torch.int32:
+            self.hist = self.hist.long()
+        admitted = self._pool_admit(window_ids)  # pool keys depend on the window only: known before any code
+        first = int(window_ids[0])
+        pool_parts: dict[int, list] = {wid: [] for wid in admitted}
+        fired = 0
+        for part in codes.parts(self.device) if isinstance(codes, LatentChunks) else (codes,):
+            bi, lat, wmax, n_fired = self._update_part(part, window_ids)
+            fired += n_fired
+            for wid, got in pool_parts.items():
+                here = bi == wid - first  # pairs are sorted by (window, latent): latents come out ascending
+                got.append((lat[here].to(torch.int32), wmax[here].to(torch.float16)))
+        for wid, got in pool_parts.items():  # chunks come in latent order: each window's latents stay ascending
+            self.pool_codes[wid] = (torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got]))
+        bound = getattr(codes, "nnz_bound", None)
+        if bound and fired > bound * b * t and not self._warned_nnz:
+            self._warned_nnz = True
+            log.warning("the dictionary fires at %.0f latents per token (a batch's mean), over the %d the memory plan "
+                        "assumed for it: the kept activations may outgrow the planned memory", fired / (b * t), bound)
+        self.n_tokens += b * t
+        self.n_windows += b
+
+    def _update_part(self, codes: DenseCodes | NonzeroCodes, window_ids: torch.Tensor):
+        """Buffers and statistics of the latents in `codes`; returns its firing (window, latent, max) pairs and
+        how many tokens × latents fire."""
         bi, lat, wmax = codes.window_pairs()  # only the (window, latent) pairs that fire: a few % of B × n
         self.top.update(bi, lat, wmax, window_ids, codes)
         self.sample.update(bi, lat, hash_uniform(window_ids[bi], lat, self.cfg.seed), window_ids, codes)
         li, vals = codes.nonzeros()  # statistics over firing tokens only
-        self.n_active += torch.bincount(li, minlength=self.n)
-        self.act_sum.index_add_(0, li, vals.double())
+        self.n_active.index_add_(0, li, torch.ones_like(li))
+        self.act_sum.index_add_(0, li, vals.double())  # each latent's values in (window, token) order, as one pass
         self.act_max.scatter_reduce_(0, lat, wmax, reduce="amax")
-        if self.n_tokens + b * t >= 2**31 and self.hist.dtype == torch.int32:
-            self.hist = self.hist.long()
         bins = (torch.bucketize(vals, self.edges, right=True) - 1).clamp_(0, self.cfg.hist_bins - 1)
         self.hist.view(-1).index_add_(0, li * self.cfg.hist_bins + bins, torch.ones_like(li, dtype=self.hist.dtype))
-        self._update_pool(window_ids, bi, lat, wmax)
-        self.n_tokens += b * t
-        self.n_windows += b
+        return bi, lat, wmax, li.numel()
 
-    def _update_pool(self, window_ids: torch.Tensor, bi: torch.Tensor, lat: torch.Tensor, wmax: torch.Tensor) -> None:
+    def _pool_admit(self, window_ids: torch.Tensor) -> list[int]:
+        """Let this batch's windows into the pool reservoir (drops the evicted ones' codes); returns the windows
+        that entered, whose firing latents the batch's codes then fill in."""
         if self.cfg.pool_size <= 0:
-            return
+            return []
         keys = hash_uniform(window_ids, torch.tensor(-1, device=self.device), self.cfg.seed + 7919)
         all_keys = torch.cat([self.pool_keys, keys])
         all_ids = torch.cat([self.pool_ids, window_ids])
@@ -320,10 +388,7 @@ class Collector:
         for wid in [w for w in self.pool_codes if w not in keep]:
             del self.pool_codes[wid]
         first = int(window_ids[0])
-        for wid in keep:
-            if wid not in self.pool_codes and wid >= first:
-                here = bi == wid - first  # pairs are sorted by (window, latent): latents come out ascending
-                self.pool_codes[wid] = (lat[here].to(torch.int32), wmax[here].to(torch.float16))
+        return sorted(w for w in keep if w not in self.pool_codes and w >= first)
 
     def state(self) -> dict:
         return {

@@ -333,7 +333,8 @@ class Plan:
 
     loaded: int  # what is resident already: model, dictionaries, on the host or the device
     collector: int
-    batch: int  # one batch: forward activations, encode chunk, the collector's merge
+    batch: int  # what comes and goes: one batch (forward activations, encode chunk, the collector's merge)
+    #             or, between batches, the copies a checkpoint or the publish step makes; the larger
     budget: int
     device: str
     disk_cache: int
@@ -362,40 +363,41 @@ class Plan:
 
 def plan_extraction(subject: SubjectModel, targets: list[Target], cfg: CollectorConfig, n_windows: int,
                     ctx_len: int, batch_size: int, max_memory: float | None = None) -> Plan:
-    """Bounds, not guesses where a bound exists: the collector's arrays are sized exactly; kept activations are
-    bounded by the slots and by the firing tokens the run can see (top-k dictionaries fire k per token)."""
-    from .dictionaries.base import ENCODE_CHUNK_BYTES
-
+    """Bounds, not guesses where a bound exists: the collector's arrays are sized exactly; kept windows and
+    activations are bounded by the slots, by the windows the run sees and by the codes that fire (top-k and
+    groupmax dictionaries fire at most k per token; the other rules are assumed to fire at most
+    DENSE_NNZ_PER_TOKEN: see `Dictionary.nnz_bound`); the encode holds one chunk of codes at a time, in the encode
+    dtype. What is loaded already (model, dictionary weights) is measured."""
     n_tokens, batch_tok = n_windows * ctx_len, batch_size * ctx_len
-    collector = batch = disk = state = 0
+    collector = batch = between = disk = state = kept_windows = 0
     for t in targets:
         d, n = t.dictionary, t.dictionary.n_latents
-        nnz = getattr(d, "k", None) or n
-        parts = planned_bytes(n, ctx_len, cfg, nnz, n_tokens, batch_size)
-        collector += parts["slots"] + parts["stats"] + parts["arena"]
-        state += parts["slots"] + parts["stats"] + parts["arena"] // 4  # a checkpoint holds live entries only
-        topk = getattr(d, "activation", "") in ("relu_topk", "topk_relu")
-        dense_codes = batch_tok * n * 4
-        encode = 2 * min(dense_codes, ENCODE_CHUNK_BYTES) + batch_tok * nnz * 12 if topk else 3 * dense_codes
+        nnz = d.nnz_bound()
+        encode, chunk = d.encode_bytes(batch_tok)
+        parts = planned_bytes(n, ctx_len, cfg, nnz, n_tokens, batch_size, chunk)
+        collector += parts["slots"] + parts["stats"] + parts["arena"] + parts["pool"]
         batch = max(batch, encode + parts["merge"])
-        live_entries = parts["arena"] // 4  # bytes of the live entries, as stored
-        disk += n * (cfg.top_k + cfg.n_sample) * 10 + live_entries + n * (4 * cfg.hist_bins + 36)
+        between = max(between, parts["state"])
+        live = parts["live"] * parts["entry"]  # bytes of the live entries, as stored
+        state += parts["kept"] * 14 + parts["stats"] + live + parts["pool"]  # a checkpoint holds filled slots only
+        disk += parts["kept"] * 10 + live + n * (4 * cfg.hist_bins + 36) + parts["pool_pairs"] * 6
+        kept_windows += parts["kept"]
     cfg_m = subject.model.config
     hidden = getattr(cfg_m, "hidden_size", 1024)
     heads = getattr(cfg_m, "num_attention_heads", 16)
     batch += batch_tok * hidden * 4 * 16 + batch_size * heads * ctx_len * ctx_len * 4 * 2  # forward activations
+    batch = max(batch, between)  # a checkpoint or the publish step comes between batches
     dev = subject.device
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         loaded = torch.cuda.memory_allocated(dev)
         budget = loaded + free
-    else:
-        loaded = _rss_bytes()
-        budget = loaded + _available_bytes()
+    else:  # a mapped checkpoint's encoder weights come into memory with the first batch: count them now
+        loaded = _rss_bytes() + sum(t.dictionary.unloaded_bytes() for t in targets)
+        budget = _rss_bytes() + _available_bytes()
     if max_memory is not None:
         budget = int(max_memory * GiB)
-    disk += min(n_windows, sum(t.dictionary.n_latents for t in targets) * (cfg.top_k + cfg.n_sample)
-                + cfg.pool_size) * ctx_len * 4
+    disk += min(n_windows, kept_windows + cfg.pool_size) * ctx_len * 4
     return Plan(loaded, collector, batch, budget, str(dev), disk, n_tokens * 4 + state)
 
 
@@ -597,7 +599,7 @@ def encode_for_collector(dictionary, x: torch.Tensor, ignore: torch.Tensor):
 
     sparse = dictionary.encode_topk(x.to(torch.float32))
     if sparse is None and x[..., 0].numel() * dictionary.n_latents * 4 > ENCODE_CHUNK_BYTES:
-        return LatentChunks(dictionary.encode_chunks(x.to(torch.float32)), (*x.shape[:-1], dictionary.n_latents),
+        return LatentChunks(dictionary.nonzero_chunks(x.to(torch.float32)), (*x.shape[:-1], dictionary.n_latents),
                             ignore, nnz_bound=dictionary.nnz_bound())
     if sparse is None:
         codes = dictionary.encode(x.to(torch.float32))

@@ -32,15 +32,47 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None, keep: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, mapped (pages come into memory as they are read). With `dtype`, the
+    float tensors stored in another dtype, except those named in `keep`, are read a slice at a time into `dtype`
+    instead: converting a mapped tensor would leave all its source pages resident beside the copy (2.4 GB for a
+    1M-latent fp32 encoder converted to bf16)."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
+        convert = [k for k, v in tensors.items() if dtype is not None and v.dtype != dtype and k not in keep
+                   and v.dtype in _SAFETENSORS_FLOATS.values()]  # others: converted from the mapping by the loader
+        if convert:
+            tensors.update(_read_as(path, convert, dtype))  # the mapped originals are dropped untouched
     except Exception as e:  # safetensors raises its own error type (and OSError) for garbage/truncated files
         raise ConfigError(f"{path}: cannot read safetensors file, corrupt or truncated? ({one_line(e)})") from e
+    return tensors
+
+
+def _read_as(path: Path, names: list[str], dtype: torch.dtype, chunk_bytes: int = 64 << 20) -> dict[str, Tensor]:
+    """Tensors `names` of a safetensors file read with plain reads (8-byte header size, JSON header, then the data,
+    little-endian) and converted `chunk_bytes` at a time."""
+    out = {}
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        for name in names:
+            h = header[name]
+            src = _SAFETENSORS_FLOATS[h["dtype"]]
+            t = torch.empty(h["shape"], dtype=dtype)
+            flat, step = t.view(-1), max(1, chunk_bytes // src.itemsize)
+            f.seek(8 + size + h["data_offsets"][0])
+            for i in range(0, flat.numel(), step):
+                m = min(step, flat.numel() - i)
+                flat[i:i + m] = torch.frombuffer(bytearray(f.read(m * src.itemsize)), dtype=src)
+            out[name] = t
+    return out
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -8,8 +8,11 @@ Every checkpoint format is loaded into one of two classes:
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,9 +29,42 @@ from autointerp.errors import ConfigError
 #   gated       (x W + b_gate > 0) * relu(x W e^r_mag + b_mag)  SAELens gated
 ACTIVATIONS = ("relu", "tanh_relu", "relu_topk", "topk_relu", "groupmax", "jumprelu", "gated")
 
-# Bytes of pre-activations one top-k encode step may hold: tokens × n_latents never exists at once (a batch of 2048
-# tokens through a 1M-latent encoder would be 8 GiB in fp32). 16k latents fit a whole batch, as before.
+# Bytes of pre-activations one encode step may hold (counted at 4 bytes a code, whatever the encode dtype): tokens ×
+# n_latents never exists at once (a batch of 2048 tokens through a 1M-latent encoder would be 8 GiB in fp32). Top-k
+# encoders step over tokens, the others over latents (`nonzero_chunks`). 16k latents fit a whole batch, as before.
 ENCODE_CHUNK_BYTES = 256 << 20
+
+# Latents a token fires at, as the memory plan assumes for rules with no fixed count (relu, jumprelu, gated...):
+# trained sparse dictionaries fire at tens to a few hundred per token (Gemma Scope's L0 targets are ~10-300, SAELens
+# ReLU SAEs similar), so 1024 leaves room. Only the plan reads it (kept windows and entries, the pool, per-chunk
+# nonzeros); the encode and the collector never depend on it, and the collector warns when a batch fires at more.
+DENSE_NNZ_PER_TOKEN = 1024
+TOPK_RULES = ("relu_topk", "topk_relu")
+
+
+def _unloaded(t: Tensor) -> int:
+    """Bytes of t's storage not mapped into this process's memory yet (the present bits of /proc/self/pagemap),
+    on the CPU; 0 elsewhere. (mincore would not do: it says whether the file is cached, not whether it is ours.)"""
+    if t.device.type != "cpu" or t.untyped_storage().nbytes() < 1 << 20:  # small ones: not worth a look
+        return 0
+    store = t.untyped_storage()
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = store.data_ptr() // page, (store.data_ptr() + store.nbytes() - 1) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first * 8)
+            entries = np.frombuffer(f.read((last - first + 1) * 8), dtype=np.uint64)
+    except OSError:  # not Linux: count it all, the safe side for a plan
+        return store.nbytes()
+    resident = int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page
+    return max(0, store.nbytes() - resident)
+
+
+def _chunk_bytes(tokens: int, latents: int, elem: int, nnz: int) -> int:
+    """Bytes a chunk of codes [tokens, latents] costs at once, as a bound over the rules: up to three buffers at
+    `elem` bytes (pre-activations and a rule's temporaries) and two boolean masks; then the indices and value of
+    each nonzero code as the collector reads them (~40 bytes)."""
+    return tokens * latents * (3 * elem + 2) + tokens * min(nnz, latents) * 40
 
 
 class Dictionary:
@@ -54,6 +90,27 @@ class Dictionary:
         [..., n_latents] tensor (the collector reads k entries per token instead of scanning all n). None for
         encoders with no fixed number of nonzeros per token."""
         return None
+
+    def nonzero_chunks(self, x: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The nonzero codes of `encode(x)` one latent chunk at a time, never [tokens, n_latents] at once past
+        ENCODE_CHUNK_BYTES: (token, latent, value) with tokens indexing x's flattened leading dims, chunks in
+        latent order, each sorted by (token, latent), values in the encode dtype."""
+        codes = self.encode(x).reshape(-1, self.n_latents)
+        tok, lat = torch.nonzero(codes > 0, as_tuple=True)
+        yield tok, lat, codes[tok, lat]
+
+    def nnz_bound(self) -> int:
+        """The most latents one token fires at, as far as the memory plan assumes (see DENSE_NNZ_PER_TOKEN)."""
+        return self.n_latents
+
+    def encode_bytes(self, tokens: int) -> tuple[int, int]:
+        """(bytes that encoding `tokens` for the collector holds at once, latents per chunk), for the memory plan."""
+        return _chunk_bytes(tokens, self.n_latents, 4, self.nnz_bound()), self.n_latents
+
+    def unloaded_bytes(self) -> int:
+        """Bytes of the encoder's weights not in memory yet: a safetensors file is mapped, not read, so a process's
+        resident size misses the weights until the first encode pages them in (the memory plan adds them)."""
+        return 0
 
     def decoder_directions(self) -> Tensor:
         raise NotImplementedError
@@ -125,12 +182,15 @@ class LinearDictionary(Dictionary):
             W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold, b_gate=b_gate, b_mag=b_mag,
             r_mag=r_mag,
         )
+        # W_dec may come as stored (a mapped file): it takes the encoder's device and dtype when first read, so an
+        # extraction, which never reads it, never holds a converted copy (1.2 GB for 1M latents in bf16)
+        self._dec_as = (W_enc.device, W_enc.dtype)
         self._derive()
 
     def _derive(self) -> None:
         t = self._t
         # Precomputed once per device/dtype: the decoder row norms and the gated magnitude scale.
-        t["dec_norm"] = t["W_dec"].norm(dim=-1) if self.rescale_by_decoder_norm else None
+        t["dec_norm"] = self.decoder_directions().norm(dim=-1) if self.rescale_by_decoder_norm else None
         t["mag_scale"] = t["r_mag"].exp() if t["r_mag"] is not None else None
 
     @property
@@ -143,12 +203,15 @@ class LinearDictionary(Dictionary):
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LinearDictionary":
         for name, v in self._t.items():
-            if v is not None and name not in ("dec_norm", "mag_scale"):
+            if v is not None and name not in ("dec_norm", "mag_scale", "W_dec"):
                 self._t[name] = v.to(device=device or v.device, dtype=dtype or v.dtype)
+        self._dec_as = (device or self._dec_as[0], dtype or self._dec_as[1])
         self._derive()
         return self
 
     def decoder_directions(self) -> Tensor:
+        dev, dtype = self._dec_as
+        self._t["W_dec"] = self._t["W_dec"].to(device=dev, dtype=dtype)  # the same tensor once converted
         return self._t["W_dec"]
 
     def encoder_weight(self) -> Tensor:
@@ -157,25 +220,70 @@ class LinearDictionary(Dictionary):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        if self.activation in ("relu_topk", "topk_relu"):
+        if self.activation in TOPK_RULES:
             vals, idx = self.encode_topk(x)
             return torch.zeros((*x.shape[:-1], self.n_latents), device=vals.device).scatter_(-1, idx, vals)
-        return self._encode(x)
+        return self._activate(self._prepare(x), slice(None)).float()
 
     @torch.no_grad()
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        if self.activation not in ("relu_topk", "topk_relu"):
+        if self.activation not in TOPK_RULES:
             return None
         rows = max(1, ENCODE_CHUNK_BYTES // (4 * self.n_latents))
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= rows:
-            return self._encode(x)
-        parts = [self._encode(chunk) for chunk in flat.split(rows)]  # rows are independent: the same codes
+            return self._topk(self._prepare(x))
+        parts = [self._topk(self._prepare(chunk)) for chunk in flat.split(rows)]  # rows are independent
         shape = (*x.shape[:-1], self.k)
         return torch.cat([p[0] for p in parts]).view(shape), torch.cat([p[1] for p in parts]).view(shape)
 
-    def _encode(self, x: Tensor):
-        """Dense codes; for the top-k rules (values, indices) instead."""
+    @torch.no_grad()
+    def nonzero_chunks(self, x: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        if self.activation in TOPK_RULES:  # a token's top-k needs all its latents at once: see encode_topk
+            yield from super().nonzero_chunks(x)
+            return
+        x = self._prepare(x).reshape(-1, self.d_in)
+        step = self._chunk_latents(x.shape[0])
+        for l0 in range(0, self.n_latents, step):  # latent columns are independent: the same codes as one pass
+            sl = slice(l0, l0 + step)
+            if self.activation in ("relu", "jumprelu"):
+                # the code is pre itself where pre > max(threshold, 0): no pass to write the codes out densely
+                pre = self._pre(x, sl)
+                cut = self._t["threshold"][sl].clamp(min=0) if self.activation == "jumprelu" else 0
+                tok, lat = torch.nonzero(pre > cut, as_tuple=True)
+                yield tok, lat + l0, pre[tok, lat]
+            else:
+                codes = self._activate(x, sl)
+                tok, lat = torch.nonzero(codes > 0, as_tuple=True)
+                yield tok, lat + l0, codes[tok, lat]
+
+    def unloaded_bytes(self) -> int:
+        # the decoder is left out: encoding never reads it, so a mapped one never comes into memory
+        return sum(_unloaded(v) for name, v in self._t.items() if v is not None and name != "W_dec")
+
+    def _chunk_latents(self, tokens: int) -> int:
+        step = max(1, ENCODE_CHUNK_BYTES // (4 * max(1, tokens)))
+        if self.activation == "groupmax":  # whole groups only: a group's max needs all its latents
+            group = self.n_latents // self.k
+            step = max(group, step // group * group)
+        return min(step, self.n_latents)
+
+    def nnz_bound(self) -> int:
+        if self.activation in (*TOPK_RULES, "groupmax"):
+            return min(self.k, self.n_latents)
+        return min(self.n_latents, DENSE_NNZ_PER_TOKEN)
+
+    def encode_bytes(self, tokens: int) -> tuple[int, int]:
+        n, elem = self.n_latents, self.dtype.itemsize
+        if self.activation in TOPK_RULES:  # token chunks of pre-activations and their top-k; then the codes
+            return 2 * min(tokens * n * 4, ENCODE_CHUNK_BYTES) * elem // 4 + tokens * self.k * 12, n
+        chunk = self._chunk_latents(tokens)
+        if chunk == n:  # the collector gets the whole batch as one dense tensor, widened to float32
+            elem = 4
+        return _chunk_bytes(tokens, chunk, elem, self.nnz_bound()), chunk
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """x as the encoder's matmul reads it: checked, in the encode dtype, normalised, minus b_dec if asked."""
         self._check_input(x)
         t = self._t
         x = x.to(device=self.device, dtype=self.dtype)
@@ -188,33 +296,41 @@ class LinearDictionary(Dictionary):
             x = x / (x.std(dim=-1, keepdim=True) + 1e-5)  # SAELens: unbiased std, eps added to std
         if self.subtract_b_dec:
             x = x - t["b_dec"]
+        return x
 
+    def _pre(self, x: Tensor, sl: slice) -> Tensor:
+        t = self._t
+        b = t["b_enc"]
+        pre = F.linear(x, t["W_enc"][sl], b[sl] if b is not None else None)
+        return pre * t["dec_norm"][sl] if t["dec_norm"] is not None else pre
+
+    def _topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # topk(relu(pre)) == relu(topk(pre)) as dense codes: where fewer than k are positive, both write zeros.
+        # Skipping the full-width relu saves a pass over [tokens, n_latents] (~3% of a 16k SAE's extraction).
+        vals, idx = self._pre(x, slice(None)).topk(self.k, dim=-1, sorted=False)
+        return F.relu(vals).float(), idx
+
+    def _activate(self, x: Tensor, sl: slice) -> Tensor:
+        """Codes of the latents in `sl` under a rule with no fixed count, in the encode dtype (in place on the
+        pre-activations: one buffer of tokens × latents, not three)."""
+        t = self._t
         if self.activation == "gated":
             # x @ (W e^r) == (x @ W) * e^r column-wise: one matmul serves both paths.
-            proj = F.linear(x, t["W_enc"])
-            gate = (proj + t["b_gate"]) > 0
-            return (gate * F.relu(proj * t["mag_scale"] + t["b_mag"])).float()
-
-        pre = F.linear(x, t["W_enc"], t["b_enc"])
-        if t["dec_norm"] is not None:
-            pre = pre * t["dec_norm"]
+            proj = F.linear(x, t["W_enc"][sl])
+            gate = (proj + t["b_gate"][sl]) > 0
+            return gate * F.relu(proj * t["mag_scale"][sl] + t["b_mag"][sl])
+        pre = self._pre(x, sl)
         act = self.activation
         if act == "relu":
-            out = F.relu(pre)
-        elif act == "tanh_relu":
-            out = torch.tanh(F.relu(pre))
-        elif act == "jumprelu":
-            out = F.relu(pre) * (pre > t["threshold"])
-        elif act in ("relu_topk", "topk_relu"):
-            # topk(relu(pre)) == relu(topk(pre)) as dense codes: where fewer than k are positive, both write zeros.
-            # Skipping the full-width relu saves a pass over [tokens, n_latents] (~3% of a 16k SAE's extraction).
-            vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-            return F.relu(vals).float(), idx
-        else:  # groupmax: k contiguous groups of n/k latents, keep each group's max at its position
-            groups = F.relu(pre).unflatten(-1, (self.k, -1))
-            vals, idx = groups.max(dim=-1, keepdim=True)
-            out = torch.zeros_like(groups).scatter_(-1, idx, vals).flatten(-2)
-        return out.float()
+            return pre.relu_()
+        if act == "tanh_relu":
+            return pre.relu_().tanh_()
+        if act == "jumprelu":
+            return pre.masked_fill_(~(pre > t["threshold"][sl]), 0).relu_()
+        # groupmax: k contiguous groups of n/k latents, keep each group's max at its position
+        groups = pre.relu_().unflatten(-1, (-1, self.n_latents // self.k))
+        vals, idx = groups.max(dim=-1, keepdim=True)
+        return torch.zeros_like(groups).scatter_(-1, idx, vals).flatten(-2)
 
 
 def _scatter_topk(v: Tensor, k: int) -> Tensor:
@@ -255,6 +371,9 @@ class NeuronDictionary(Dictionary):
         if self.k is not None:
             x = _scatter_topk(x, self.k)
         return x.float()
+
+    def nnz_bound(self) -> int:
+        return self.k or self.n_latents  # raw neurons fire at about half of them: count all
 
     def decoder_directions(self) -> Tensor:
         # Neuron i "writes" along the i-th basis vector of its own activation space.

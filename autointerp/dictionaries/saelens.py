@@ -95,7 +95,8 @@ def load_saelens(
             " constant_norm_rescale or layer_norm)"
         )
 
-    t = read_safetensors(w_path)
+    # the decoder stays as stored and mapped: extraction never reads it (LinearDictionary converts it on first use)
+    t = read_safetensors(w_path, dtype, keep=("W_dec",))
     W_enc, W_dec, b_dec = (need_tensor(t, n, w_path) for n in ("W_enc", "W_dec", "b_dec"))
     check_shape(w_path, "W_enc", W_enc, (d_in, d_sae), f"(d_in={d_in}, d_sae={d_sae}) from {CFG}")
     if W_dec.ndim != 2:
@@ -141,7 +142,7 @@ def load_saelens(
     f = lambda v: to_float(v, dtype, device) if v is not None else None  # noqa: E731
     return LinearDictionary(
         format="saelens", source=source, id=id, hookpoint=hookpoint, transcoder=transcoder,
-        W_enc=f(W_enc).T, b_enc=f(b_enc), W_dec=f(W_dec), b_dec=f(b_dec),
+        W_enc=f(W_enc).T, b_enc=f(b_enc), W_dec=W_dec, b_dec=f(b_dec),
         activation=activation, k=k, threshold=f(extra.get("threshold")),
         b_gate=f(extra.get("b_gate")), b_mag=f(extra.get("b_mag")), r_mag=f(extra.get("r_mag")),
         subtract_b_dec=apply_b_dec, input_norm=norm, input_scale=input_scale, rescale_by_decoder_norm=rescale,

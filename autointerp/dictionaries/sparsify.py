@@ -40,7 +40,8 @@ def load_sparsify(
         cfg, "expansion_factor", cfg_path, default=32
     )
 
-    t = read_safetensors(w_path)
+    # the decoder stays as stored and mapped: extraction never reads it (LinearDictionary converts it on first use)
+    t = read_safetensors(w_path, dtype, keep=("W_dec",))
     W, b = need_tensor(t, "encoder.weight", w_path), need_tensor(t, "encoder.bias", w_path)
     W_dec, b_dec = need_tensor(t, "W_dec", w_path), need_tensor(t, "b_dec", w_path)
     src = f"(n_latents={n_cfg}, d_in={d_in}) from {CFG}"
@@ -66,7 +67,7 @@ def load_sparsify(
     return LinearDictionary(
         format="sparsify", source=source, id=id, hookpoint=hookpoint, transcoder=transcode,
         W_enc=to_float(W, dtype, device), b_enc=to_float(b, dtype, device),
-        W_dec=to_float(W_dec, dtype, device), b_dec=to_float(b_dec, dtype, device),
+        W_dec=W_dec, b_dec=to_float(b_dec, dtype, device),
         activation="relu_topk" if activation == "topk" else "groupmax", k=k,
         subtract_b_dec=not transcode, architecture=activation, cfg=cfg,
     )
