@@ -103,16 +103,18 @@ def run_shard(store: Store, job_id: int, spec: ExtractionSpec, shard: int, worke
         stop.set()
         beater.join(timeout=5)
     record.update(seconds=round(time.monotonic() - t0, 2), bytes=sum(len(d) for d in data))
+    from sqlalchemy import select, update
+
+    from ..store.store import T_ITEM
+    from ..store.tables import utcnow
+
+    this = (T_ITEM.c.job_id == job_id, T_ITEM.c.latent == shard, T_ITEM.c.stage == STAGE_EXTRACT)
     with store.tx(write=True) as conn:
+        if conn.execute(select(T_ITEM.c.status).where(*this)).scalar() == "done":
+            return record  # a late duplicate (its lease had run out and another worker finished it): nothing to add
         for member, part in enumerate(data):
             put_blob(conn, _shard_key(job_id, shard, member), part)
-        from sqlalchemy import update
-
-        from ..store.store import T_ITEM
-        from ..store.tables import utcnow
-
-        conn.execute(update(T_ITEM).where(T_ITEM.c.job_id == job_id, T_ITEM.c.latent == shard,
-                                          T_ITEM.c.stage == STAGE_EXTRACT)
+        conn.execute(update(T_ITEM).where(*this)
                      .values(status="done", progress=record, lease_until=None, error=None, updated=utcnow()))
     return record
 

@@ -33,7 +33,6 @@ from .dispatch import Budget
 from .loop import work
 
 log = logging.getLogger(__name__)
-LEASE_S = 300.0
 FINAL = ("done", "failed", "stopped", "cancelled", "budget_exhausted")
 
 
@@ -111,14 +110,8 @@ def _submit_extraction(store: Store, spec: JobSpec) -> int:
 
     ex = spec.extraction
     _check_extraction(ex)
-    ident = job_identity(spec, f"extraction:{ex.key()}", [])
-    key = digest({**ident, "selection": [spec.latents, spec.n_latents]})
-    existing = store.find_job(key)
-    if existing is not None:
-        store.set_job(existing["id"], budget_usd=spec.budget_usd, spec=spec.model_dump(mode="json"))
-        return int(existing["id"])
     items = [(s, STAGE_EXTRACT) for s in range(len(ex.shard_bounds()))] + [(0, STAGE_MERGE)]
-    return store.create_job(key, spec.model_dump(mode="json"), None, spec.budget_usd, items)
+    return store.create_job(_extraction_job_key(spec), spec.model_dump(mode="json"), None, spec.budget_usd, items)
 
 
 def _extraction_job_key(spec: JobSpec) -> str:
