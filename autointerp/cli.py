@@ -523,7 +523,8 @@ def job_list(limit: int = typer.Option(20, min=1)):
     from .store import open_store
 
     for j in open_store().jobs(limit):
-        typer.echo(f"{j['id']:>5} {j['status']:<17} {j['created']:%Y-%m-%d %H:%M} {j['spec'].get('dictionary')} "
+        what = j["spec"].get("dictionary") or f"extract {(j['spec'].get('extraction') or {}).get('dictionary')}"
+        typer.echo(f"{j['id']:>5} {j['status']:<17} {j['created']:%Y-%m-%d %H:%M} {what} "
                    f"{j['spec'].get('explainer')}:{j['spec'].get('explainer_model')} {','.join(j['spec'].get('scorers', []))}")
 
 

@@ -6,6 +6,7 @@ per-latent equality check: statistics (count, max, sum, histogram), top windows 
 negative pool's codes must be identical.
 
     python bench/million_latents.py --n-tokens 8192
+    python bench/million_latents.py --n-tokens 8192 --job   # then the same extraction as a job (2 shards)
 
 --n-tokens is small because the encode is the cost here (2,048 tokens × 1M latents × 576 is 2.4 TFLOP per batch,
 ~25 s on 2 CPU cores in fp32); the collector's memory does not grow with tokens (its slots are allocated up front)
@@ -158,6 +159,56 @@ def compare(big, small, latents: np.ndarray) -> dict:
             "top_windows": int(sum(len(small.kept("top", j)[0]) for j in range(len(latents))))}
 
 
+def run_job(args, dictionary: Path, big) -> None:
+    """The same extraction as a job (`autointerp run SPEC`, embedded, 2 shards) in a fresh process: its peak RSS,
+    the store's bytes per latent for the examples, and per latent the same results as the CLI's cache `big`."""
+    from sqlalchemy import func, select
+
+    from autointerp.store import open_store
+    from autointerp.store.examples import StoredCache
+    from autointerp.store.tables import ExampleWindow, LatentExample
+
+    url = f"sqlite:///{args.work / 'job-store.db'}"
+    (args.work / "job-store.db").unlink(missing_ok=True)
+    spec = {"extraction": {"model": "builtin:smollm2", "dictionary": str(dictionary), "hookpoint": args.hookpoint,
+                           "n_tokens": args.n_tokens, "shards": 2},
+            "explainer": "token_frequency", "scorers": [], "n_latents": 4, "hard_negatives": False}
+    (args.work / "job.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "autointerp.cli", "run", str(args.work / "job.json")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "AUTOINTERP_DATABASE_URL": url}
+    t = time.perf_counter()
+    with open(args.work / "job.log", "w") as fh:
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{(args.work / 'job.log').read_text()[-3000:]}")
+    store = open_store(url)
+    (d,) = store.dictionaries()
+    with store.tx() as c:
+        blob = c.execute(select(func.sum(func.length(LatentExample.__table__.c.data)))).scalar() or 0
+        win = c.execute(select(func.sum(func.length(ExampleWindow.__table__.c.tokens)))).scalar() or 0
+    stored = StoredCache(store, d)
+    n_active = np.asarray(big.stats["n_active"])
+    rng = np.random.default_rng(args.seed + 1)
+    check = np.concatenate([np.argsort(-n_active, kind="stable")[:32],
+                            rng.choice(np.flatnonzero(n_active), 32, replace=False)])
+    bad = []
+    for lat in check.tolist():
+        a, b = big.latent_stats(lat), stored.latent_stats(lat)
+        same = a.n_active == b.n_active and a.max_act == b.max_act and np.array_equal(a.hist_counts, b.hist_counts)
+        for buf in ("top", "sample"):
+            (ra, xa), (rb, xb) = big.kept(buf, lat), stored.kept(buf, lat)
+            same &= np.array_equal(big.windows(ra), stored.windows(rb)) and np.array_equal(xa, xb)
+        if not same:
+            bad.append(lat)
+    print(f"as a job ({' '.join(cmd)}, 2 shards, embedded): peak RSS {usage.ru_maxrss * 1024 / GiB:.2f} GiB, "
+          f"{seconds:.0f} s; store {(blob + win) / args.n_latents:.0f} B per latent for examples (blobs "
+          f"{blob / 1e6:.1f} MB, windows {win / 1e6:.1f} MB; {d['n_alive']} alive); {len(check)} latents vs the CLI "
+          f"cache (stats, histograms, top and sample windows with activations): "
+          f"{'identical' if not bad else 'DIFFER: ' + str(bad[:10])}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-tokens", type=int, default=8192)
@@ -167,6 +218,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/autointerp-bench-1m"),
                     help="checkpoints (~4.7 GB, kept for re-runs), caches and the store")
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--job", action="store_true", help="only the job run, against the CLI cache of an earlier run")
     args = ap.parse_args()
     big_ckpt = args.work / f"jumprelu-{args.n_latents}"
     if args.build:
@@ -178,6 +230,9 @@ def main() -> None:
                         str(args.n_latents), "--hookpoint", args.hookpoint, "--seed", str(args.seed)], check=True)
     from autointerp.cache import LatentCache
 
+    if args.job:
+        run_job(args, big_ckpt, LatentCache(args.work / "big"))
+        return
     for dtype in ("float32", "bfloat16"):
         print(f"plan at the defaults (100,000 tokens), encode {dtype}: {planned(args, big_ckpt, dtype)}", flush=True)
     r = run_cli(args, big_ckpt, args.work / "big", args.work / "big.log")
