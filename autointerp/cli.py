@@ -649,6 +649,15 @@ def job_watch(job_id: int = typer.Argument(...),
         raise typer.Exit(1)
 
 
+def worker_threads(cpus: int, concurrency: int, pool: str, env) -> int | None:
+    """CPU threads per worker process: the cores shared out between the pool's processes (two processes with a
+    thread per core each ran a sharded extraction at 0.70x one process, one thread each at 1.88x: docs/benchmarks.md),
+    unless OMP_NUM_THREADS is set; None for a threads/solo pool (one process)."""
+    if "OMP_NUM_THREADS" in env or pool != "prefork":
+        return None
+    return max(1, cpus // concurrency)
+
+
 @app.command("worker")
 @_friendly
 def worker(
@@ -676,6 +685,9 @@ def worker(
     if not dispatch:
         os.environ["AUTOINTERP_DISPATCH"] = "0"
     settings = Settings.from_env()  # a bad setting fails here, with one line
+    threads = worker_threads(os.cpu_count() or 1, concurrency, pool, os.environ)
+    if threads is not None:  # read by torch when a pool process imports it
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     from .jobs.celery_app import app as celery_app
 
     name = hostname or f"{'-'.join(names)}.{os.getpid()}@%h"

@@ -189,3 +189,14 @@ def test_the_api_takes_an_extraction_spec_and_its_job_page_shows_the_shards():
         code, _, err = http("POST", f"{srv.url}/api/v1/jobs?run=false", {**spec, "dictionary": "x"},
                             {"X-API-Key": key})
         assert code == 422 and "either dictionary" in json.dumps(err)
+
+
+def test_worker_processes_share_the_cores():
+    """`autointerp worker --concurrency N` gives each pool process cores / N torch threads (oversubscribed workers
+    ran a sharded extraction slower than one process), unless OMP_NUM_THREADS says otherwise."""
+    from autointerp.cli import worker_threads
+
+    assert worker_threads(2, 2, "prefork", {}) == 1 and worker_threads(16, 4, "prefork", {}) == 4
+    assert worker_threads(2, 8, "prefork", {}) == 1
+    assert worker_threads(16, 2, "prefork", {"OMP_NUM_THREADS": "3"}) is None
+    assert worker_threads(16, 2, "solo", {}) is None and worker_threads(16, 2, "threads", {}) is None
