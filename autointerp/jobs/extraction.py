@@ -1,10 +1,10 @@
 """The extraction stage of a job: shard units (gpu queue) → one merge unit → the job's latent units.
 
-A shard unit collects its token range (`extract.extract_shard`) and leaves its state in the store (`blob`
-"job/<id>/shard/<s>"), committed with its item; its progress (tokens, tokens/s) is written every few seconds and
-renews its lease, so a killed GPU worker's shard is leased again once the lease runs out — the state of a shard
-that ran twice is simply written again. The merge unit, once every shard is done, merges the states exactly
-(`extract.publish_shards`) into a temporary folder, registers the dictionary with its examples in the store
+A shard unit collects its token range (`extract.extract_shard`; every dictionary of the extraction in the same
+forward passes) and leaves its states in the store (`blob` "job/<id>/shard/<s>/<member>"), committed with its item;
+its progress (tokens, tokens/s) is written every few seconds and renews its lease, so a killed GPU worker's shard is
+leased again once the lease runs out and recomputed (a late duplicate of a finished shard writes nothing). The merge unit, once every shard is done, merges the states exactly
+(`extract.publish_shards`) into a temporary folder, registers each dictionary with its examples in the store
 (no path: nothing on this machine's disk is needed afterwards), queues the job's latents and deletes the shard
 states — the queued latents and the merge item commit together, so a merge that runs twice queues nothing twice.
 """
