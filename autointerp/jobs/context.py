@@ -79,9 +79,8 @@ def _saved_pool(cache: ExampleSource, name: str, store) -> tuple:
 def load_pool(cache: ExampleSource, embedder: str | None = None, store=None) -> NegativePool:
     """The cache's random pool with its embeddings: read from where they were saved (beside the cache folder, or
     in the store), else embedded now and saved (a read-only place just skips the save)."""
-    import io
-
     from ..embedder import embedder_name
+    from ..store.examples import npz_arrays, npz_bytes
 
     name = embedder_name(embedder)
     ex = pool_examples(cache)
@@ -89,16 +88,14 @@ def load_pool(cache: ExampleSource, embedder: str | None = None, store=None) -> 
     try:
         data = read()
         if data is not None:
-            with np.load(io.BytesIO(data)) as z:
-                if np.array_equal(z["ids"], ex.window_ids):
-                    return NegativePool.from_matrix(ex.window_ids, z["vectors"], embedder=embedder)
+            z = npz_arrays(data)
+            if np.array_equal(z["ids"], ex.window_ids):
+                return NegativePool.from_matrix(ex.window_ids, z["vectors"], embedder=embedder)
     except (OSError, ValueError, KeyError):
         log.warning("saved pool embeddings unreadable; embedding the pool again")
     pool = NegativePool.from_examples(ex, cache._decode, embedder=embedder)
     try:
-        buf = io.BytesIO()
-        np.savez(buf, ids=ex.window_ids, vectors=pool.matrix(ex.window_ids))
-        write(buf.getvalue())
+        write(npz_bytes(ids=ex.window_ids, vectors=pool.matrix(ex.window_ids)))
     except Exception as e:  # a read-only folder, a store that refuses: the next process embeds again
         log.info("pool embeddings not saved (%s)", e)
     return pool

@@ -199,7 +199,7 @@ def run_extraction_units(store: Store, job_id: int, worker: str, lease_s: float,
 def _fail_unit(store: Store, job_id: int, unit: int, stage: str, e: BaseException) -> None:
     """A unit that raised: given back on an interruption (Ctrl-C, shutdown), else failed with its reason (bad
     input fails for good; `job retry` runs it again)."""
-    interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ == "CancelledError"
+    interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
     try:
         with store.tx(write=True) as conn:
             store.finish_item(conn, job_id, unit, stage, "pending" if interrupted else "failed",

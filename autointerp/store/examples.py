@@ -70,13 +70,14 @@ def delete_blobs(conn: Connection, prefix: str) -> None:
     conn.execute(delete(T_BLOB).where(T_BLOB.c.key.like(prefix.replace("%", r"\%") + "%", escape="\\")))
 
 
-def _npz(**arrays) -> bytes:
+def npz_bytes(**arrays) -> bytes:
+    """Arrays as npz bytes (blobs in the store)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
 
 
-def _unnpz(data: bytes) -> dict[str, np.ndarray]:
+def npz_arrays(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data)) as z:
         return {k: z[k] for k in z.files}
 
@@ -154,7 +155,7 @@ def save_examples(conn: Connection, dictionary_pk: int, cache: LatentCache) -> d
     if rows_out:
         conn.execute(T_LEX.insert(), rows_out)
     p = cache.pool()
-    put_blob(conn, f"examples/{dictionary_pk}/pool", _npz(**{k: np.asarray(v) for k, v in p.items()}))
+    put_blob(conn, f"examples/{dictionary_pk}/pool", npz_bytes(**{k: np.asarray(v) for k, v in p.items()}))
     return {**cache.manifest, "token_dtype": dt, "n_windows_stored": int(len(windows)),
             "hist_edges": [float(e) for e in cache.hist_edges]}
 
@@ -234,7 +235,7 @@ class StoredCache(ExampleSource):
             data = get_blob(conn, f"examples/{self.pk}/pool")
         if data is None:
             raise ConfigError(f"dictionary {self.name}: its negative pool is missing from the store")
-        return _unnpz(data)
+        return npz_arrays(data)
 
     def pool(self) -> dict[str, np.ndarray]:
         return self._pool
