@@ -39,6 +39,7 @@ from sqlalchemy import select
 from .errors import ConfigError
 from .store import Store, headline
 from .store.store import T_EXPL, T_LATENT, T_SCORE
+from .units import unit_pole
 
 NP_BATCH = 1024
 BASELINES = ("random", "token_frequency")
@@ -242,10 +243,12 @@ def export_delphi(store: Store, dictionary: int | str, out: str | Path, *, expla
             folder.mkdir(parents=True, exist_ok=True)
             records = _delphi_records(s, cache, decode, known)
             (folder / name).write_text(json.dumps(records))
+    poles = {"poles": {"n_units": d["n_latents"], "rule": "latent<i> for i < n_units/2 is latent i's + pole, "
+                                                          "else latent i - n_units/2's - pole"}} if d.get("signed") else {}
     (out / "run_config.json").write_text(json.dumps({
         "exported_by": "autointerp", "dictionary": d["name"], "dictionary_id": d["dictionary_id"],
         "hookpoints": [module], "explainer_model": sorted(m for m in models if m)[:1] or [None],
-        "explainer_models": sorted(models), "prompt_versions": sorted(prompts)}, indent=1))
+        "explainer_models": sorted(models), "prompt_versions": sorted(prompts), **poles}, indent=1))
     return out
 
 
@@ -397,6 +400,14 @@ def import_delphi(store: Store, folder: str | Path, dictionary: str, *, explaine
 # ----------------------------------------------------------------------------------------------------- parquet
 
 
+def _pole_columns(d: dict, units: list[int]) -> dict:
+    """A signed dictionary's tables name each unit's latent and pole (unsigned ones' tables stay as they were)."""
+    if not d.get("signed"):
+        return {}
+    got = [unit_pole(u, d["n_latents"], True) for u in units]
+    return {"base_latent": [g[0] for g in got], "pole": [g[1] for g in got]}
+
+
 def export_parquet(store: Store, dictionary: int | str, out: str | Path) -> Path:
     """latents.parquet, explanations.parquet, scores.parquet of one dictionary under `out`."""
     import pyarrow as pa
@@ -406,15 +417,16 @@ def export_parquet(store: Store, dictionary: int | str, out: str | Path) -> Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lat = list(_latents(store, d["id"]))
+    poles = _pole_columns(d, [r["index"] for r in lat])
     pq.write_table(pa.table({
-        "dictionary": [d["name"]] * len(lat), "latent": [r["index"] for r in lat],
+        "dictionary": [d["name"]] * len(lat), "latent": [r["index"] for r in lat], **poles,
         "n_active": [r["n_active"] for r in lat], "frequency": [r["frequency"] for r in lat],
         "max_act": [r["max_act"] for r in lat], "mean_act": [r["mean_act"] for r in lat],
         "hist": pa.array([r["hist"] for r in lat], type=pa.list_(pa.int64()))}), out / "latents.parquet")
     ex = store.explanations(d["id"])
     pq.write_table(pa.table({
         "explanation_id": pa.array([e["id"] for e in ex], pa.int64()),
-        "latent": pa.array([e["latent"] for e in ex], pa.int64()),
+        "latent": pa.array([e["latent"] for e in ex], pa.int64()), **_pole_columns(d, [e["latent"] for e in ex]),
         "text": pa.array([e["text"] for e in ex], pa.string()),
         "explainer": pa.array([e["explainer"] for e in ex], pa.string()),
         "model": pa.array([e["model"] for e in ex], pa.string()),

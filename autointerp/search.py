@@ -21,6 +21,7 @@ from sqlalchemy import Float, Integer, and_, cast, column, func, literal, select
 from sqlalchemy.types import UserDefinedType
 
 from .errors import ConfigError
+from .units import unit_pole
 from .store import Store
 from .store.store import T_DICT, T_EMB, T_EXPL, T_LATENT, T_SCORE, T_SUBJECT
 
@@ -53,6 +54,8 @@ class SearchHit:
     similarity: float | None = None  # cosine (semantic) or None (keyword: rank order)
     frequency: float | None = None
     scores: dict[str, float | None] = field(default_factory=dict)
+    pole: str | None = None  # a signed dictionary's unit: "+" or "-" pole of latent `base_latent`
+    base_latent: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +136,8 @@ def _hits(store: Store, ids: Sequence[int], sims: dict[int, float] | None = None
         return []
     with store.tx() as conn:
         rows = conn.execute(_joined([T_EXPL.c.id, T_EXPL.c.latent, T_EXPL.c.text, T_EXPL.c.explainer, T_EXPL.c.model,
-                                     T_EXPL.c.dictionary_pk, T_DICT.c.name, T_DICT.c.hookpoint, T_LATENT.c.frequency])
+                                     T_EXPL.c.dictionary_pk, T_DICT.c.name, T_DICT.c.hookpoint, T_LATENT.c.frequency,
+                                     T_DICT.c.signed, T_DICT.c.n_latents])
                             .where(T_EXPL.c.id.in_(list(ids)))).mappings().all()
         scores = conn.execute(select(T_SCORE.c.explanation_id, T_SCORE.c.scorer, T_SCORE.c.value)
                               .where(T_SCORE.c.explanation_id.in_(list(ids)))).all()
@@ -143,8 +147,10 @@ def _hits(store: Store, ids: Sequence[int], sims: dict[int, float] | None = None
         r = by.get(i)
         if r is None:
             continue
+        base, pole = unit_pole(r["latent"], r["n_latents"], r["signed"])
         out.append(SearchHit(i, r["name"], r["dictionary_pk"], r["hookpoint"], r["latent"], r["text"],
-                             r["explainer"], r["model"], None if sims is None else sims.get(i), r["frequency"]))
+                             r["explainer"], r["model"], None if sims is None else sims.get(i), r["frequency"],
+                             pole=pole, base_latent=base if pole else None))
     hit_by = {h.explanation_id: h for h in out}
     for eid, scorer, value in scores:
         hit_by[eid].scores[scorer] = value

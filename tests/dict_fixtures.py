@@ -120,7 +120,7 @@ def write_saelens(
             "apply_b_dec_to_input": apply_b_dec_to_input, "normalize_activations": normalize_activations,
             "reshape_activations": "none", "metadata": meta,
         }
-        if arch == "topk":
+        if arch in ("topk", "abstopk"):
             cfg |= {"k": k, "rescale_acts_by_decoder_norm": rescale_acts_by_decoder_norm}
         if transcoder:
             cfg["d_out"] = d_out

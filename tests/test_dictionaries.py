@@ -426,7 +426,7 @@ def test_bad_cfg_json(tmp_path):
     write_sparsify(tmp_path / "h3", cfg_overrides={"k": "many"})
     raises(r"h3/cfg\.json: field 'k' must be an integer >= 1, got 'many'", load_dictionary, tmp_path / "h3")
     write_sparsify(tmp_path / "h4", cfg_overrides={"activation": "relu"})
-    raises(r"h4/cfg\.json: field 'activation' must be 'topk' or 'groupmax'", load_dictionary, tmp_path / "h4")
+    raises(r"h4/cfg\.json: field 'activation' must be 'topk', 'groupmax' or 'abstopk'", load_dictionary, tmp_path / "h4")
     write_saelens(tmp_path / "s", cfg_overrides={"d_sae": None})
     raises(r"s/cfg\.json: missing required field 'd_sae'", load_dictionary, tmp_path / "s")
     write_saelens(tmp_path / "s2", arch="batchtopk")

@@ -27,7 +27,8 @@ from autointerp.errors import ConfigError
 #   groupmax    max of relu(pre) within k contiguous groups sparsify groupmax
 #   jumprelu    relu(pre) * (pre > threshold)               SAELens jumprelu, Gemma Scope
 #   gated       (x W + b_gate > 0) * relu(x W e^r_mag + b_mag)  SAELens gated
-ACTIVATIONS = ("relu", "tanh_relu", "relu_topk", "topk_relu", "groupmax", "jumprelu", "gated")
+#   abstopk     the k pre-activations of largest |pre|, sign kept   AbsTopK (a signed dictionary)
+ACTIVATIONS = ("relu", "tanh_relu", "relu_topk", "topk_relu", "groupmax", "jumprelu", "gated", "abstopk")
 
 # Bytes of pre-activations one encode step may hold (counted at 4 bytes a code, whatever the encode dtype): tokens ×
 # n_latents never exists at once (a batch of 2048 tokens through a 1M-latent encoder would be 8 GiB in fp32). Top-k
@@ -39,7 +40,7 @@ ENCODE_CHUNK_BYTES = 256 << 20
 # ReLU SAEs similar), so 1024 leaves room. Only the plan reads it (kept windows and entries, the pool, per-chunk
 # nonzeros); the encode and the collector never depend on it, and the collector warns when a batch fires at more.
 DENSE_NNZ_PER_TOKEN = 1024
-TOPK_RULES = ("relu_topk", "topk_relu")
+TOPK_RULES = ("relu_topk", "topk_relu", "abstopk")
 
 
 def _unloaded(t: Tensor) -> int:
@@ -81,9 +82,22 @@ class Dictionary:
     log_sparsity: Tensor | None = None
     input_hookpoint: str | None = None  # SAELens transcoders: the activation read directly, when known
     cfg: dict[str, Any]
+    # Signed dictionaries (AbsTopK, ITDA, raw neurons) write negative codes too: each latent has a positive and a
+    # negative pole. The extraction collects them as 2 × n_latents unsigned units (`Poles`).
+    signed: bool = False
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes [..., n_latents] -> what the dictionary writes [..., d_out] (decoder rows weighted by the codes plus
+        the decoder bias), in the space `encode` reads after its own input normalisation (see `reconstruct`)."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The dictionary's reconstruction of x [..., d_in] in x's own space (for a transcoder: its prediction of
+        the hookpoint module's output [..., d_out]), float32."""
+        return self.decode(self.encode(x)).float()
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """For top-k encoders: (values, indices) [..., k], the same codes as `encode` without the dense
@@ -166,6 +180,7 @@ class LinearDictionary(Dictionary):
         cfg: dict[str, Any] | None = None,
         log_sparsity: Tensor | None = None,
         input_hookpoint: str | None = None,
+        W_skip: Tensor | None = None,  # skip transcoders: [d_out, d_in], the output adds x @ W_skipᵀ
     ):
         assert activation in ACTIVATIONS, activation
         self.format, self.source, self.id = format, source, id
@@ -178,9 +193,10 @@ class LinearDictionary(Dictionary):
         self.cfg = cfg or {}
         self.log_sparsity = log_sparsity
         self.input_hookpoint = input_hookpoint
+        self.signed = activation == "abstopk"
         self._t: dict[str, Tensor | None] = dict(
             W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold, b_gate=b_gate, b_mag=b_mag,
-            r_mag=r_mag,
+            r_mag=r_mag, W_skip=W_skip,
         )
         # W_dec may come as stored (a mapped file): it takes the encoder's device and dtype when first read, so an
         # extraction, which never reads it, never holds a converted copy (1.2 GB for 1M latents in bf16)
@@ -213,6 +229,34 @@ class LinearDictionary(Dictionary):
         dev, dtype = self._dec_as
         self._t["W_dec"] = self._t["W_dec"].to(device=dev, dtype=dtype)  # the same tensor once converted
         return self._t["W_dec"]
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        t = self._t
+        W_dec = self.decoder_directions()
+        codes = codes.to(device=W_dec.device, dtype=W_dec.dtype)
+        if t["dec_norm"] is not None:  # SAELens topk decode: the codes were scaled by the decoder norms on the way in
+            codes = codes / t["dec_norm"].clamp(min=torch.finfo(codes.dtype).tiny)  # a zero row's codes are 0
+        return codes @ W_dec + t["b_dec"]
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """decode(encode(x)) with the encoder's input normalisation undone on the way out (SAELens'
+        run_time_activation_norm_fn_out), plus the skip connection of a skip transcoder."""
+        t = self._t
+        x = x.to(device=self.device, dtype=self.dtype)
+        out = self.decode(self.encode(x))
+        # SAELens transcoders never undo it (their output lives in another space); its layer_norm undo has no eps
+        if self.input_norm == "constant_norm_rescale" and not self.transcoder:
+            out = out / (math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True))
+        elif self.input_norm == "layer_norm" and not self.transcoder:
+            mu = x.mean(dim=-1, keepdim=True)
+            out = out * (x - mu).std(dim=-1, keepdim=True) + mu
+        if self.input_scale is not None:
+            out = out / self.input_scale
+        if t["W_skip"] is not None:
+            out = out + F.linear(x, t["W_skip"].to(x.dtype))
+        return out.float()
 
     def encoder_weight(self) -> Tensor:
         """Encoder rows [n_latents, d_in] (useful for diagnostics)."""
@@ -307,7 +351,11 @@ class LinearDictionary(Dictionary):
     def _topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # topk(relu(pre)) == relu(topk(pre)) as dense codes: where fewer than k are positive, both write zeros.
         # Skipping the full-width relu saves a pass over [tokens, n_latents] (~3% of a 16k SAE's extraction).
-        vals, idx = self._pre(x, slice(None)).topk(self.k, dim=-1, sorted=False)
+        pre = self._pre(x, slice(None))
+        if self.activation == "abstopk":  # the k largest |pre|, signs kept
+            idx = pre.abs().topk(self.k, dim=-1, sorted=False).indices
+            return pre.gather(-1, idx).float(), idx
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         return F.relu(vals).float(), idx
 
     def _activate(self, x: Tensor, sl: slice) -> Tensor:
@@ -348,6 +396,7 @@ class NeuronDictionary(Dictionary):
         self.hookpoint, self.transcoder = hookpoint, False
         self.d_in = self.d_out = self.n_latents = d_in
         self.k = k
+        self.signed = k is None  # raw neurons go both ways; top-k by value keeps the positive ones
         self.cfg = {"d_in": d_in, "k": k}
         self._device, self._dtype = torch.device("cpu"), torch.float32
 
@@ -378,3 +427,75 @@ class NeuronDictionary(Dictionary):
     def decoder_directions(self) -> Tensor:
         # Neuron i "writes" along the i-th basis vector of its own activation space.
         return torch.eye(self.d_in, device=self._device, dtype=self._dtype)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return codes.to(device=self._device, dtype=self._dtype)
+
+
+class Poles(Dictionary):
+    """A signed dictionary as 2 × n unsigned units, what the collector, the store and everything downstream see:
+    unit i < n is latent i's positive pole (its code where > 0), unit n + i its negative pole (-code where < 0),
+    with decoder direction -d_i, so steering a negative pole by +a writes -a d_i. decode(units) equals the signed
+    dictionary's decode of (units[:n] - units[n:])."""
+
+    def __init__(self, base: Dictionary):
+        if not base.signed:
+            raise ValueError(f"{base.id}: Poles wraps signed dictionaries only")
+        self.base, self.n_base = base, base.n_latents
+        for name in ("format", "source", "id", "hookpoint", "transcoder", "d_in", "d_out", "input_hookpoint", "cfg"):
+            setattr(self, name, getattr(base, name))
+        self.n_latents = 2 * base.n_latents
+        self.k = getattr(base, "k", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def to(self, device=None, dtype=None) -> "Poles":
+        self.base.to(device, dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        c = self.base.encode(x)
+        return torch.cat([c.clamp(min=0), (-c).clamp(min=0)], dim=-1)
+
+    @torch.no_grad()
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        got = self.base.encode_topk(x)
+        if got is None:
+            return None
+        vals, idx = got
+        return vals.abs(), torch.where(vals < 0, idx + self.n_base, idx)
+
+    def nnz_bound(self) -> int:
+        return self.base.nnz_bound()
+
+    def encode_bytes(self, tokens: int) -> tuple[int, int]:
+        got, chunk = self.base.encode_bytes(tokens)
+        return 2 * got, 2 * chunk
+
+    def unloaded_bytes(self) -> int:
+        return self.base.unloaded_bytes()
+
+    def decoder_directions(self) -> Tensor:
+        d = self.base.decoder_directions()
+        return torch.cat([d, -d])
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.base.decode(codes[..., :self.n_base] - codes[..., self.n_base:])
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.base.reconstruct(x)
+
+
+def as_units(d: Dictionary) -> Dictionary:
+    """What an extraction collects: a signed dictionary's poles, any other dictionary itself."""
+    return Poles(d) if d.signed else d
+
+
+

@@ -10,15 +10,20 @@ import torch
 from autointerp.errors import ConfigError
 
 from . import hub
-from .base import Dictionary, NeuronDictionary
+from .base import Dictionary, NeuronDictionary, as_units
 from .gemmascope import load_gemmascope
 from .saelens import load_saelens
 from .sparsify import load_sparsify
 
-FORMATS = ("auto", "sparsify", "saelens", "gemmascope", "neurons", "topk-neurons")
-# The file whose presence marks a folder as one dictionary of that format.
-MARKERS = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors", "gemmascope": "params.npz"}
-_EXPECTED = "cfg.json+sae.safetensors (sparsify), cfg.json+sae_weights.safetensors (saelens), params.npz (gemmascope)"
+FORMATS = ("auto", "sparsify", "saelens", "gemmascope", "itda", "qwenscope", "snmf", "neurons", "topk-neurons")
+# The file whose presence marks a folder as one dictionary of that format (Qwen-Scope: one `layer{N}.sae.pt` per
+# layer, see _QWENSCOPE).
+MARKERS = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors", "gemmascope": "params.npz",
+           "itda": "atoms.pt", "snmf": "snmf.safetensors", "qwenscope": "layer{N}.sae.pt"}
+_EXPECTED = ("cfg.json+sae.safetensors (sparsify), cfg.json+sae_weights.safetensors (saelens), params.npz (gemmascope),"
+             " atoms.pt+atom_indices.pt+metadata.yaml (itda), layer{N}.sae.pt (qwenscope), snmf.safetensors (snmf)")
+_QWENSCOPE = re.compile(r"^layer(\d+)\.sae\.pt$")
+_SETS = ("sparsify", "saelens", "gemmascope")  # formats a parent folder may hold one subfolder each of
 _NEURONS = re.compile(r"^(?:neurons|topk-neurons:(\d+))$")
 _ROOT_FILES = ["cfg.json", "sparsity.safetensors", *MARKERS.values()]
 
@@ -28,8 +33,13 @@ def _natural(name: str) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
 
 
+def _qwenscope_files(d: Path) -> list[Path]:
+    return sorted((p for p in d.glob("layer*.sae.pt") if _QWENSCOPE.match(p.name)), key=lambda p: _natural(p.name))
+
+
 def _formats_in(d: Path) -> list[str]:
-    return [fmt for fmt, marker in MARKERS.items() if (d / marker).is_file()]
+    found = [fmt for fmt, marker in MARKERS.items() if fmt != "qwenscope" and (d / marker).is_file()]
+    return found + (["qwenscope"] if _qwenscope_files(d) else [])
 
 
 def _children(d: Path, format: str) -> list[Path]:
@@ -108,6 +118,26 @@ def _load_folder(
             folder, source=source, id=where.id(fmt, folder), hookpoint=hookpoint, device=device, dtype=dtype,
             norm_scaling_factor=norm_scaling_factor,
         )
+    if fmt == "itda":
+        from .itda import load_itda
+
+        return load_itda(folder, source=source, id=where.id(fmt, folder), hookpoint=hookpoint, device=device,
+                         dtype=dtype)
+    if fmt == "snmf":
+        from .snmf import load_snmf
+
+        return load_snmf(folder, source=source, id=where.id(fmt, folder), hookpoint=hookpoint, device=device,
+                         dtype=dtype)
+    if fmt == "qwenscope":  # `npz` carries the picked layer file (a folder holds one per layer)
+        from .qwenscope import load_qwenscope
+
+        files = [npz] if npz is not None else _qwenscope_files(folder)
+        if len(files) != 1:
+            raise ConfigError(f"{folder}: holds {len(files)} Qwen-Scope layer files ({', '.join(f.name for f in files)});"
+                              " pass hookpoint=layer<N> or a path to one file")
+        ident = f"{fmt}:{files[0].resolve()}" if where.ref is None else \
+            f"{fmt}:{where.ref.with_subpath(files[0].relative_to(where.root).as_posix())}"
+        return load_qwenscope(files[0], source=source, id=ident, hookpoint=hookpoint, device=device, dtype=dtype)
     npz = npz or folder / MARKERS["gemmascope"]
     # a file named other than params.npz is named in the id itself (the folder may hold several)
     ident = where.id(fmt, folder) if npz.name == MARKERS["gemmascope"] or where.ref is not None \
@@ -118,11 +148,17 @@ def _load_folder(
 def _resolve_folder(path: Path, format: str, selector: str | None) -> tuple[Path, str, bool, Path | None]:
     """(folder, format, selector_consumed, npz_file) for a local path; picks a subfolder when given a parent."""
     if path.is_file():
+        if _QWENSCOPE.match(path.name):
+            if format not in ("auto", "qwenscope"):
+                raise ConfigError(f"{path}: a layer<N>.sae.pt file is a qwenscope checkpoint, not format={format!r}")
+            return path.parent, "qwenscope", False, path
         if path.suffix == ".npz":
             if format not in ("auto", "gemmascope"):
                 raise ConfigError(f"{path}: an .npz file is a gemmascope checkpoint, not format={format!r}")
             return path.parent, "gemmascope", False, path
-        if path.name not in ("cfg.json", "sparsity.safetensors", *MARKERS.values()):
+        if path.name in ("atom_indices.pt", "metadata.yaml"):
+            path = path.parent
+        elif path.name not in ("cfg.json", "sparsity.safetensors", *MARKERS.values()):
             raise ConfigError(f"{path}: not a dictionary file; expected a folder with {_EXPECTED}")
         path = path.parent
     found = _formats_in(path)
@@ -131,6 +167,13 @@ def _resolve_folder(path: Path, format: str, selector: str | None) -> tuple[Path
     if len(found) > 1:
         files = ", ".join(f"{MARKERS[f]} ({f})" for f in found)
         raise ConfigError(f"{path}: ambiguous dictionary folder, found {files}; pass format=<one of them>")
+    if found == ["qwenscope"] and selector is not None:  # a folder of layer files: hookpoint=layer<N> picks one
+        m = re.match(r"^(?:layer|[a-z_]+\.)(\d+)$", selector)
+        pick = path / f"layer{m.group(1)}.sae.pt" if m else None
+        if pick is None or not pick.is_file():
+            have = ", ".join(f.name for f in _qwenscope_files(path))
+            raise ConfigError(f"{path}: no Qwen-Scope file for '{selector}' (files here: {have})")
+        return path, "qwenscope", True, pick
     if found:
         return path, found[0], False, None
     kids = _children(path, format)
@@ -149,7 +192,7 @@ def _resolve_folder(path: Path, format: str, selector: str | None) -> tuple[Path
             " (load_dictionary_set loads them all)"
         )
     if format != "auto":
-        need = "cfg.json+" + MARKERS[format] if format != "gemmascope" else MARKERS[format]
+        need = "cfg.json+" + MARKERS[format] if format in ("sparsify", "saelens") else MARKERS[format]
         raise ConfigError(f"{path}: format={format!r} needs {need} here, not found (found: {_listing(path)})")
     raise ConfigError(f"{path}: no dictionary files found (found: {_listing(path)}); expected {_EXPECTED}, or subfolders of those")
 
@@ -216,8 +259,8 @@ def load_dictionary_set(
     A hub id downloads only the named `hookpoints` subfolders when given, else the whole repo.
     A folder that is itself one dictionary gives a one-entry dict.
     """
-    if format not in FORMATS[:4]:
-        raise ConfigError(f"format={format!r} is not one of {', '.join(FORMATS[:4])} for a dictionary set")
+    if format not in ("auto", *_SETS):
+        raise ConfigError(f"format={format!r} is not one of auto, {', '.join(_SETS)} for a dictionary set")
     spec = str(path)
     p = Path(spec).expanduser()
     if p.exists():
@@ -259,15 +302,19 @@ __all__ = ["FORMATS", "MARKERS", "load_dictionary", "load_dictionary_set"]
 
 def load_cached_dictionary(entry: dict, device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32
                            ) -> Dictionary:
-    """Reload the dictionary a LatentCache was made with, from its manifest entry (`manifest["dictionary"]`).
+    """Reload the dictionary a LatentCache was made with, from its manifest entry (`manifest["dictionary"]`), as the
+    units the cache holds (a signed dictionary's poles: `as_units`).
 
     The entry's `id` names the exact checkpoint (`<format>:<folder or hub ref with subpath>`), so one member of a
     sparsify set reloads as itself; `source` (what the user typed, maybe the set's parent folder) would not."""
     fmt, where = str(entry["id"]).split(":", 1)
     if fmt in ("neurons", "topk-neurons"):
-        return load_dictionary(entry["source"], d_in=int(entry["d_in"]), device=device, dtype=dtype)
-    d = load_dictionary(where, format=fmt, device=device, dtype=dtype,
-                        norm_scaling_factor=entry.get("norm_scaling_factor"))
+        d = load_dictionary(entry["source"], d_in=int(entry["d_in"]), device=device, dtype=dtype)
+        if d.signed and not entry.get("signed"):  # a cache made before neurons were signed: its units are neurons
+            return d
+        return as_units(d)
+    d = as_units(load_dictionary(where, format=fmt, device=device, dtype=dtype,
+                                 norm_scaling_factor=entry.get("norm_scaling_factor")))
     if d.n_latents != int(entry["n_latents"]) or d.d_in != int(entry["d_in"]):
         raise ConfigError(f"{where}: the checkpoint changed since the cache was made (now {d.n_latents} latents × "
                           f"d_in {d.d_in}, the cache says {entry['n_latents']} × {entry['d_in']})")

@@ -20,7 +20,8 @@ from ._files import cfg_bool, cfg_int, check_shape, need_tensor, read_json, read
 from .base import LinearDictionary
 
 CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
-ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "transcoder", "skip_transcoder", "jumprelu_transcoder")
+ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "abstopk", "transcoder", "skip_transcoder",
+                 "jumprelu_transcoder")
 TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
 
 
@@ -41,10 +42,12 @@ def _activation(cfg: dict[str, Any], arch: str, cfg_path: Path) -> tuple[str, in
         return "jumprelu", None
     if arch == "gated":
         return "gated", None
+    if arch == "abstopk" or (arch in ("standard", "topk") and fn == "abstopk"):  # signed: top-k of |pre|, no ReLU
+        return "abstopk", k_field()
     if arch == "topk" or (arch == "standard" and fn == "topk"):
         return "topk_relu", k_field()
     if arch == "standard" and fn not in ("relu", "tanh-relu"):
-        raise ConfigError(f"{cfg_path}: activation_fn {fn!r} is not supported (expected relu, tanh-relu or topk)")
+        raise ConfigError(f"{cfg_path}: activation_fn {fn!r} is not supported (expected relu, tanh-relu, topk or abstopk)")
     return ("tanh_relu" if fn == "tanh-relu" else "relu"), None
 
 
@@ -118,6 +121,9 @@ def load_saelens(
     else:
         b_enc = need_tensor(t, "b_enc", w_path)
         check_shape(w_path, "b_enc", b_enc, (d_sae,), vec)
+    if arch == "skip_transcoder":  # SAELens SkipTranscoder: W_skip [d_out, d_in], out += x @ W_skipᵀ
+        extra["W_skip"] = need_tensor(t, "W_skip", w_path)
+        check_shape(w_path, "W_skip", extra["W_skip"], (d_out, d_in), f"(d_out={d_out}, d_in={d_in})")
     if activation == "jumprelu":
         # Training checkpoints keep log_threshold; inference ones keep threshold.
         thr = t["log_threshold"].exp() if "log_threshold" in t and "threshold" not in t else need_tensor(
@@ -147,5 +153,5 @@ def load_saelens(
         b_gate=f(extra.get("b_gate")), b_mag=f(extra.get("b_mag")), r_mag=f(extra.get("r_mag")),
         subtract_b_dec=apply_b_dec, input_norm=norm, input_scale=input_scale, rescale_by_decoder_norm=rescale,
         architecture=arch, cfg=cfg, log_sparsity=log_sparsity,
-        input_hookpoint=hook_in if transcoder else None,
+        input_hookpoint=hook_in if transcoder else None, W_skip=f(extra.get("W_skip")),
     )

@@ -1,7 +1,8 @@
 """EleutherAI sparsify: `<hookpoint>/cfg.json` + `<hookpoint>/sae.safetensors`.
 
 Encoder (sparsify SparseCoder.encode + fused_encoder): pre = relu((x - b_dec) @ encoder.weightᵀ + encoder.bias),
-b_dec not subtracted for transcoders; then top-k (or groupmax: max within k contiguous groups).
+b_dec not subtracted for transcoders; then top-k (or groupmax: max within k contiguous groups). `activation:
+"abstopk"` (AbsTopK SAEs trained with sparsify's layout): no ReLU, the k pre-activations of largest magnitude, signs kept.
 cfg fields and defaults follow sparsify's SparseCoderConfig; `d_in` sits beside them; no dtype field.
 """
 
@@ -31,8 +32,8 @@ def load_sparsify(
     d_in = cfg_int(cfg, "d_in", cfg_path)
     k = cfg_int(cfg, "k", cfg_path, default=32)
     activation = cfg.get("activation", "topk")
-    if activation not in ("topk", "groupmax"):
-        raise ConfigError(f"{cfg_path}: field 'activation' must be 'topk' or 'groupmax', got {activation!r}")
+    if activation not in ("topk", "groupmax", "abstopk"):
+        raise ConfigError(f"{cfg_path}: field 'activation' must be 'topk', 'groupmax' or 'abstopk', got {activation!r}")
     transcode = cfg_bool(cfg, "transcode", cfg_path, False)
     if cfg.get("gram_lookup"):
         raise ConfigError(f"{cfg_path}: gram_lookup=true (n-gram mean subtraction) is not supported")
@@ -68,6 +69,7 @@ def load_sparsify(
         format="sparsify", source=source, id=id, hookpoint=hookpoint, transcoder=transcode,
         W_enc=to_float(W, dtype, device), b_enc=to_float(b, dtype, device),
         W_dec=W_dec, b_dec=to_float(b_dec, dtype, device),
-        activation="relu_topk" if activation == "topk" else "groupmax", k=k,
+        activation={"topk": "relu_topk", "groupmax": "groupmax", "abstopk": "abstopk"}[activation], k=k,
         subtract_b_dec=not transcode, architecture=activation, cfg=cfg,
+        W_skip=to_float(t["W_skip"], dtype, device) if skip else None,  # [d_out, d_in]: out += x @ W_skipᵀ
     )

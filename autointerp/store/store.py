@@ -141,7 +141,7 @@ class Store:
                "n_tokens": int(cache.n_tokens), "ctx_len": int(cache.ctx_len),
                "cache_path": str(cache.path.resolve()) if keep_path else None,
                "n_alive": int((n_active > 0).sum()), "manifest": m, "extraction_key": extraction_key,
-               "examples_in_store": False}
+               "examples_in_store": False, "signed": bool(d.get("signed", False)), "quality": m.get("quality")}
         in_store = examples_in_store() and isinstance(cache, LatentCache)
         with self.tx(write=True) as conn:
             conn.execute(self._insert_ignore(T_SUBJECT, ["name"]).values(name=m["model"], created=utcnow()))

@@ -51,6 +51,9 @@ class Dictionary(SQLModel, table=True):
     manifest: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))  # the extraction's
     extraction_key: Optional[str] = Field(default=None, max_length=64, index=True)  # its settings' hash (jobs)
     examples_in_store: bool = False  # example_window / latent_example hold its display examples
+    # a signed dictionary's units: latent i's "+" pole is unit i, its "-" pole unit n_latents / 2 + i (unit_pole)
+    signed: bool = False
+    quality: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))  # the reconstruction pass
     created: datetime = Field(default_factory=utcnow)
 
 
@@ -58,7 +61,8 @@ class Latent(SQLModel, table=True):
     __tablename__ = "latent"
     # pages sorted by max/mean activation are range scans (migration 0004)
     __table_args__ = (Index("ix_latent_max_act", "dictionary_pk", "max_act", "index"),
-                      Index("ix_latent_mean_act", "dictionary_pk", "mean_act", "index"))
+                      Index("ix_latent_mean_act", "dictionary_pk", "mean_act", "index"),
+                      Index("ix_latent_top_head", "dictionary_pk", "top_head"))
     dictionary_pk: int = Field(foreign_key="dictionary.id", primary_key=True)
     index: int = Field(primary_key=True)
     n_active: int = 0
@@ -66,6 +70,8 @@ class Latent(SQLModel, table=True):
     max_act: float = 0.0
     mean_act: float = 0.0
     hist: Optional[list[int]] = Field(default=None, sa_column=Column(JSON))  # counts over the cache's log2 bins
+    heads: Optional[list[float]] = Field(default=None, sa_column=Column(JSON))  # attn_z: decoder-norm share per head
+    top_head: Optional[int] = None  # the head with the largest share
 
 
 class Explanation(SQLModel, table=True):
