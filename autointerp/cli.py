@@ -116,6 +116,10 @@ def extract(
                                                  "a CPU run's time)."),
     max_memory: Optional[float] = typer.Option(None, help="GiB the run may use (default: what the machine has "
                                                "available); a plan over it is refused before anything is written."),
+    quality: bool = typer.Option(True, help="Measure the dictionary on the first windows (L0, FVU, loss with its "
+                                            "reconstruction spliced in, dead/dense latents) into the manifest."),
+    quality_tokens: Optional[int] = typer.Option(None, min=1, help="Tokens the quality pass reads (default: 0.5 % "
+                                                 "of --n-tokens, which costs ~6 % of the extraction)."),
 ):
     """Run the subject model over a corpus and collect every latent's contexts and statistics (resumable)."""
     from .extract import extract as run
@@ -127,7 +131,8 @@ def extract(
                  ctx_len=ctx_len, batch_size=batch_size, seed=seed, top_k=top_k, n_sample=n_sample,
                  pool_size=pool_size, text_column=text_column, split=split, overwrite=overwrite, progress=progress,
                  checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio, encode_dtype=encode_dtype,
-                 norm_scaling_factor=norm_scaling_factor, check_corpus=check_corpus, max_memory=max_memory)
+                 norm_scaling_factor=norm_scaling_factor, check_corpus=check_corpus, max_memory=max_memory,
+                 quality=quality, quality_tokens=quality_tokens)
     from .store import open_store
 
     store = open_store()
@@ -149,6 +154,7 @@ def _print_summary(cache, n_show: int = 10, tokenizer=None) -> None:
     if len(alive):
         typer.echo(f"firing frequency of alive latents: median {np.median(freq[alive]):.2e}, "
                    f"max {freq[alive].max():.2e}")
+    _print_quality(cache.manifest.get("quality"))
     order = alive[:n_show]  # the same latents the demo then explains
     if tokenizer is not None:
         cache.attach_tokenizer(tokenizer)
@@ -165,6 +171,27 @@ def _print_summary(cache, n_show: int = 10, tokenizer=None) -> None:
             ctx = "".join(words).replace("\n", "⏎")
         typer.echo(f"{int(i):>7} {freq[i]:>9.2e} {s['act_max'][i]:>8.2f} "
                    f"{rec.stats.mean_act:>8.2f}  {ctx[:80]}")
+
+
+def _print_quality(q: dict | None) -> None:
+    """The manifest's quality block (autointerp.quality), when the extraction ran it."""
+    from .quality import format_value, quality_rows
+
+    if not q:
+        return
+    if q.get("error"):
+        typer.echo(f"quality pass failed: {q['error']}")
+    rows = quality_rows(q)
+    if rows:
+        typer.echo(f"quality (first {q.get('n_windows', '?')} windows, spliced at {q.get('spliced_at', '?')}):")
+        for label, (v,) in rows:
+            typer.echo(f"  {label:<34} {format_value(v)}")
+    h = q.get("l0_hist") or {}
+    if h.get("counts") and len(h["counts"]) > 1:
+        peak = max(h["counts"]) or 1
+        for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
+            if n:
+                typer.echo(f"  L0 {lo:>6}..{hi - 1:<6} {n:>7} {'#' * max(1, round(30 * n / peak))}")
 
 
 @app.command()
@@ -231,6 +258,37 @@ def train_sae(
     result = train_topk_sae(acts, n_latents=n_latents, k=k, out_dir=out, hookpoint=hookpoint, seed=seed,
                             steps=steps, progress=True)
     typer.echo(f"wrote {result.path}: FVU {result.fvu:.3f}, dead {result.dead_fraction:.1%}, {result.steps} steps")
+
+
+@app.command("fit-snmf")
+@_friendly
+def fit_snmf(
+    model: str = typer.Option("builtin:smollm2", help="Subject model."),
+    hookpoint: str = typer.Option("mlp_neurons.5", help="MLP hidden units to factor (mlp_neurons.N)."),
+    corpus: str = typer.Option("builtin", help="Corpus (same sources as extract)."),
+    n_tokens: int = typer.Option(8192, help="Tokens to fit on (activations are held in memory)."),
+    ctx_len: int = typer.Option(64, help="Window length in tokens."),
+    k: int = typer.Option(64, min=1, help="Features (columns of F)."),
+    n_iter: int = typer.Option(50, min=0, help="Multiplicative updates."),
+    out: Path = typer.Option(Path("runs/snmf"), help="Output folder (snmf.safetensors + cfg.json)."),
+    cache: Optional[Path] = typer.Option(None, help="Also publish the fitted codes G as a latent cache here."),
+    seed: int = typer.Option(0, help="Seed (corpus order and initialisation)."),
+    device: Optional[str] = typer.Option(None, help="Device."),
+):
+    """Fit SNMF features (F mixed-sign, codes G >= 0) of MLP activations; load the folder as a dictionary."""
+    from .corpus import CorpusSpec
+    from .snmf_fit import fit_snmf_folder
+    from .subject import load_subject
+
+    subject = load_subject(model, device=device)
+    spec = CorpusSpec(source=corpus, n_tokens=n_tokens, ctx_len=ctx_len, seed=seed)
+    path = fit_snmf_folder(subject, hookpoint, spec, out, k=k, n_iter=n_iter, seed=seed)
+    typer.echo(f"wrote {path}")
+    if cache is not None:
+        from .snmf_import import import_snmf_codes
+
+        c = import_snmf_codes(path, cache, seed=seed, subject=subject)
+        typer.echo(f"wrote {c.path}: {c.n_latents} features over {c.n_tokens} tokens")
 
 
 def _spec_options(explainer, explainer_model, judge_model, scorers, seed, concurrency, llm_concurrency, prices,
@@ -709,6 +767,8 @@ def search_cmd(
     min_score: Optional[float] = typer.Option(None, help="Minimum headline score by --scorer."),
     min_frequency: Optional[float] = typer.Option(None, help="Minimum firing frequency."),
     max_frequency: Optional[float] = typer.Option(None, help="Maximum firing frequency."),
+    head: Optional[int] = typer.Option(None, min=0, help="attn_z dictionaries: latents living mostly in this "
+                                                          "attention head (largest decoder-norm share)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Search explanations across every dictionary in the store (semantic by default)."""
@@ -716,7 +776,8 @@ def search_cmd(
     from .store import open_store
 
     store = open_store()
-    f = SearchFilters(dictionary, subject_model, hookpoint, explainer, scorer, min_score, min_frequency, max_frequency)
+    f = SearchFilters(dictionary, subject_model, hookpoint, explainer, scorer, min_score, min_frequency, max_frequency,
+                      head)
     if not keyword:
         embed_explanations(store, progress=True)  # the ones not embedded yet (none, after the first search)
     hits = search(store, query, k, "keyword" if keyword else "semantic", f)
@@ -899,23 +960,62 @@ def compare_cmd(
     a: str = typer.Argument(..., help="First dictionary (store name, key, id or cache folder)."),
     b: str = typer.Argument(..., help="Second dictionary."),
     method: str = typer.Option("embedding", help="embedding (explanations' meaning; any two dictionaries), decoder "
-                                                 "(decoder + encoder cosine, same d_in) or activation (co-activation "
-                                                 "over the shared pool windows)."),
+                                                 "(decoder + encoder cosine, same d_in; with different widths also "
+                                                 "the wider one's novel vs reconstruction latents), activation "
+                                                 "(co-activation over the shared pool windows, and linear CKA) or "
+                                                 "itda-jaccard (two ITDA dictionaries: Jaccard index of their atom-"
+                                                 "index sets). decoder, encoder and itda-jaccard also take two "
+                                                 "checkpoints (paths or hub ids) with no extraction."),
     threshold: float = typer.Option(0.7, min=-1.0, max=1.0, help="Similarity from which a pair counts as matched."),
     show: int = typer.Option(10, min=0, help="Matched pairs to print."),
     as_json: bool = typer.Option(False, "--json", help="The stored result as JSON."),
 ):
     """Compare two dictionaries: a summary number, the similarity distribution, matched pairs, each side's novel
-    latents (stored in the store)."""
-    from .compare import compare
+    latents (stored in the store; checkpoints compared by weights are not)."""
+    from .compare import compare, compare_checkpoints
     from .store import open_store
 
-    r = compare(open_store(), a, b, method, threshold=threshold)
+    store = open_store()
+    if method in ("decoder", "encoder", "itda-jaccard") and not _in_store(store, a, b):
+        # weights only: straight from the two checkpoints (paths or hub ids), no extraction, nothing stored
+        r = compare_checkpoints(a, b, method, threshold=threshold)
+        if as_json:
+            typer.echo(json.dumps(r, default=str))
+            return
+        typer.echo(f"{a} vs {b} by {method} (checkpoints, not stored)")
+        if method == "itda-jaccard":
+            o = r["result"]
+            typer.echo(f"  jaccard {o['jaccard']:.4f} ({o['shared']} shared atoms of {o['union']}; "
+                       f"A has {o['n_a']}, B {o['n_b']})")
+            return
+        _print_comparison(r, show)
+        return
+    r = compare(store, a, b, method, threshold=threshold)
     if as_json:
         typer.echo(json.dumps(r, default=str))
         return
-    res = r["result"]["decoder"] if r["method"] == "decoder" else r["result"]
     typer.echo(f"comparison {r['id']}: {a} vs {b} by {r['method']}")
+    _print_comparison(r, show)
+
+
+def _in_store(store, *refs: str) -> bool:
+    """Whether every ref names a dictionary of the store (else: checkpoints)."""
+    from .errors import ConfigError
+
+    try:
+        for ref in refs:
+            store.dictionary(ref)
+    except ConfigError:
+        return False
+    return True
+
+
+def _print_comparison(r: dict, show: int) -> None:
+    if r["method"] == "itda-jaccard":
+        typer.echo(f"  jaccard {r['summary']['jaccard']:.4f} ({r['result']['shared']} shared atoms of "
+                   f"{r['result']['union']})")
+        return
+    res = r["result"]["decoder"] if r["method"] == "decoder" else r["result"]
     for k, v in r["summary"].items():
         typer.echo(f"  {k:<22} {json.dumps(v) if isinstance(v, dict) else (f'{v:.3f}' if isinstance(v, float) else v)}")
     h = res["histogram"]
@@ -927,6 +1027,14 @@ def compare_cmd(
     for x, y, sim in sorted(res["pairs"], key=lambda p: -p[2])[:show]:
         typer.echo(f"  A {x:>7} ~ B {y:>7}  {sim:.3f}")
     typer.echo(f"  novel: {len(res['novel_a'])} of A, {len(res['novel_b'])} of B (no partner >= {res['threshold']})")
+    from .quality import format_value, quality_rows
+
+    q = r.get("quality") or {}
+    rows = quality_rows(q.get("a"), q.get("b"))
+    if rows:  # what each dictionary is worth, side by side (from their extractions' quality passes)
+        typer.echo(f"  {'quality':<34} {'A':>12} {'B':>12}")
+        for label, (va, vb) in rows:
+            typer.echo(f"  {label:<34} {format_value(va):>12} {format_value(vb):>12}")
 
 
 def main() -> None:  # pragma: no cover

@@ -317,6 +317,29 @@ def compare_directions(decoder_a: np.ndarray, decoder_b: np.ndarray, encoder_a: 
     return DirectionComparison(dec, enc, threshold, shared, same)
 
 
+def canonical_split(decoder_small: np.ndarray, decoder_large: np.ndarray, threshold: float = SHARED_THRESHOLD,
+                    cells: int = 1 << 26) -> dict:
+    """Leask et al.'s split ("Sparse autoencoders do not find canonical units of analysis") of the wider
+    dictionary's latents: a *reconstruction* latent's decoder has cosine >= threshold with some latent of the
+    narrower one (it re-learns, or splits, what the narrower one has); a *novel* latent has none (it adds
+    something). Many-to-one, unlike the matching: feature splitting gives several reconstruction latents one partner.
+    Blockwise: never more than `cells` similarities at once."""
+    small, large = unit_rows(_matrix(decoder_small, "decoder")), unit_rows(_matrix(decoder_large, "decoder"))
+    if small.shape[1] != large.shape[1]:
+        raise ConfigError(f"compare: decoders have d_in {small.shape[1]} and {large.shape[1]}; the split needs one width")
+    best, arg = np.empty(len(large), np.float32), np.empty(len(large), np.int64)
+    step = max(1, cells // max(1, len(small)))
+    for lo in range(0, len(large), step):
+        sims = large[lo:lo + step] @ small.T
+        arg[lo:lo + step] = sims.argmax(1)
+        best[lo:lo + step] = sims[np.arange(len(sims)), arg[lo:lo + step]]
+    recon = best >= threshold
+    return {"threshold": threshold, "n_reconstruction": int(recon.sum()), "n_novel": int((~recon).sum()),
+            "novel_fraction": float((~recon).mean()) if len(large) else 0.0,
+            "reconstruction": np.flatnonzero(recon).tolist(), "novel": np.flatnonzero(~recon).tolist(),
+            "partner": arg.tolist(), "max_cosine": Histogram.of(best, -1.0, 1.0).__dict__}
+
+
 def _codes(x, what: str) -> sp.csc_matrix:
     x = sp.csc_matrix(x, dtype=np.float64)
     if 0 in x.shape:
@@ -392,7 +415,7 @@ def nearest(vector: np.ndarray, among: np.ndarray | VectorIndex, k: int = 10,
 
 # --- two dictionaries of the store: the function the CLI, the API and the demo call --------------------------------
 
-METHODS = ("embedding", "decoder", "activation")
+METHODS = ("embedding", "decoder", "activation", "itda-jaccard")
 _BASELINE_EXPLAINERS = ("random",)
 
 
@@ -452,6 +475,52 @@ def _remap(m: Matching, la: np.ndarray, lb: np.ndarray) -> dict:
     return out
 
 
+def _whole_dictionary(xa, xb, dec_a: np.ndarray, dec_b: np.ndarray, threshold: float, result: dict) -> dict:
+    """What a decoder comparison adds beside the matching: the canonical-units split of the wider dictionary's
+    latents when the widths differ (into `result["canonical"]`), ITDA Jaccard when both are ITDA."""
+    out: dict = {}
+    if len(dec_a) != len(dec_b):
+        wide_a = len(dec_a) > len(dec_b)
+        split = canonical_split(dec_b if wide_a else dec_a, dec_a if wide_a else dec_b, threshold)
+        result["canonical"] = {"wider": "a" if wide_a else "b", **split}
+        out.update(wider="a" if wide_a else "b", novel_fraction=split["novel_fraction"],
+                   reconstruction_latents=split["n_reconstruction"], novel_latents=split["n_novel"])
+    ba, bb = (getattr(x, "base", x) for x in (xa, xb))
+    if hasattr(ba, "atom_indices") and hasattr(bb, "atom_indices"):
+        from .similarity import itda_jaccard
+
+        out["itda_jaccard"] = itda_jaccard(ba, bb)
+    return out
+
+
+def compare_checkpoints(a: str, b: str, method: str = "decoder", *, k: int = DEFAULT_K,
+                        threshold: float = SHARED_THRESHOLD) -> dict:
+    """The comparisons that need only weights (decoder / encoder cosine, ITDA Jaccard) straight from two checkpoints
+    (paths or hub ids, any format `load_dictionary` reads), with no extraction first; nothing is stored."""
+    from .dictionaries import as_units, load_dictionary
+
+    if method == "itda-jaccard":
+        from .similarity import itda_overlap
+
+        r = itda_overlap(a, b)
+        return {"method": method, "a": a, "b": b, "summary": {"jaccard": r["jaccard"], "shared_atoms": r["shared"]},
+                "result": r}
+    if method not in ("decoder", "encoder"):
+        raise ConfigError(f"compare: method {method!r} needs extractions; checkpoints compare by decoder, encoder or "
+                          "itda-jaccard")
+    xa, xb = (as_units(load_dictionary(x)) for x in (a, b))
+    dec_a, dec_b = (x.decoder_directions().float().cpu().numpy() for x in (xa, xb))
+    enc = [getattr(x, "encoder_weight", None) for x in (xa, xb)]
+    enc_a, enc_b = (e().float().cpu().numpy() for e in enc) if all(enc) else (None, None)
+    r = compare_directions(dec_a, dec_b, enc_a, enc_b, k, threshold)
+    result = r.as_dict()
+    summary = {"shared_fraction": r.shared_fraction, "same_partner_fraction": r.same_partner_fraction,
+               "decoder": r.decoder.summary, "encoder": None if r.encoder is None else r.encoder.summary,
+               **_whole_dictionary(xa, xb, dec_a, dec_b, threshold, result)}
+    return {"method": "decoder", "a": a, "b": b, "params": {"k": k, "threshold": threshold}, "summary": summary,
+            "result": result}
+
+
 def compare(store, a: str | int, b: str | int, method: str = "embedding", *, k: int = DEFAULT_K,
             threshold: float = SHARED_THRESHOLD, embedder: str | None = None) -> dict:
     """Compare two dictionaries of the store and store the result; returns the stored row.
@@ -484,8 +553,18 @@ def compare(store, a: str | int, b: str | int, method: str = "embedding", *, k: 
         r = compare_directions(dec_a, dec_b, enc_a, enc_b, k, threshold)
         result = r.as_dict()
         summary = {"shared_fraction": r.shared_fraction, "same_partner_fraction": r.same_partner_fraction,
-                   "decoder": r.decoder.summary, "encoder": None if r.encoder is None else r.encoder.summary}
+                   "decoder": r.decoder.summary, "encoder": None if r.encoder is None else r.encoder.summary,
+                   **_whole_dictionary(xa, xb, dec_a, dec_b, threshold, result)}
         method = "decoder"
+    elif method == "itda-jaccard":
+        from .similarity import itda_overlap
+
+        xa, xb = (getattr(x, "base", x) for x in (_dictionary_of(store, da), _dictionary_of(store, db)))
+        if not (hasattr(xa, "atom_indices") and hasattr(xb, "atom_indices")):
+            raise ConfigError(f"compare itda-jaccard: {da['name']} ({da['format']}) and {db['name']} ({db['format']}) "
+                              "must both be ITDA dictionaries")
+        result = itda_overlap(xa, xb)
+        summary = {"jaccard": result["jaccard"], "shared_atoms": result["shared"]}
     else:
         ta, ca = _pool_codes(store, da)
         tb, cb = _pool_codes(store, db)
@@ -493,11 +572,15 @@ def compare(store, a: str | int, b: str | int, method: str = "embedding", *, k: 
             raise ConfigError(f"compare activation: {da['name']} and {db['name']} were not extracted over the same "
                               "pool windows (extract both in one pass, or with the same corpus, seed and n_tokens)")
         m = compare_activations(ca, cb, "pearson", k, threshold)
-        result, summary = m.as_dict(), {**m.summary, "pool_windows": int(ca.shape[0])}
+        from .similarity import linear_cka
+
+        # beside the latent-to-latent matching, one number for the two codes as wholes
+        result, summary = m.as_dict(), {**m.summary, "pool_windows": int(ca.shape[0]), "cka": linear_cka(ca, cb)}
     from .store.tables import utcnow
 
     row = {"dictionary_a": da["id"], "dictionary_b": db["id"], "method": method, "params": params,
            "summary": summary, "result": result, "created": utcnow()}
     with store.tx(write=True) as conn:
         cid = conn.execute(Comparison.__table__.insert().values(**row)).inserted_primary_key[0]
-    return {"id": int(cid), **row}
+    # each side's quality pass (autointerp.quality), shown beside the comparison; the dictionaries' rows keep it
+    return {"id": int(cid), **row, "quality": {"a": da.get("quality"), "b": db.get("quality")}}

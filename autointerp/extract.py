@@ -28,7 +28,9 @@ from . import __version__
 from .cache import ARRAYS, ARRAYS_V1, FORMAT_VERSION, LatentCache, hist_edges, write_kept
 from .collector import Collector, CollectorConfig, SparseCodes, planned_bytes
 from .corpus import CorpusSpec, count_windows, is_local, iter_windows
+from .dictionaries.base import Poles
 from .errors import ConfigError
+from .heads import n_heads_of
 from .subject import SubjectModel, load_subject, mlp_read_and_write, translate_hookpoint
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,14 @@ def _members(spec, hookpoint: str | None, subject: SubjectModel, device,
         if hub_set is not None:
             return [hub_set]
     p = Path(spec).expanduser() if isinstance(spec, str) else None
+    if p is not None and p.is_dir() and hookpoint is not None and _formats_in(p) == ["qwenscope"]:
+        # a folder of Qwen-Scope layer files: --hookpoint (layer<N> or resid_post.<N>) picks the file, which
+        # then names its own hookpoint
+        from .dictionaries import load_dictionary
+
+        d = load_dictionary(spec, hookpoint=hookpoint, device=device, norm_scaling_factor=norm_scaling_factor,
+                            dtype=dtype)
+        return [(d, translate_hookpoint(d.hookpoint))]
     kids = _children(p, "auto") if p is not None and p.is_dir() and not _formats_in(p) else []
     if len(kids) < 2:
         return [(spec, hookpoint)]
@@ -155,6 +165,8 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
                               f"({hook.module_path}, {hook.mode}) has width {width}")
         if hasattr(d, "to"):
             d.to(device)  # a Dictionary passed in through the API may still be on the CPU
+        if getattr(d, "signed", False):
+            d = Poles(d)  # both poles of every latent, as units (unsigned dictionaries go in as they are)
         targets.append(Target(d, hp, out))
     if len(targets) > 1:
         names = [f"{t.hookpoint}__{_slug(str(getattr(t.dictionary, 'id', 'dict')).split('/')[-1])}" for t in targets]
@@ -176,7 +188,9 @@ def _identity(subject: SubjectModel, t: Target, corpus: CorpusSpec, cfg: Collect
         "dictionary": {"id": str(d.id), "format": d.format, "source": str(d.source), "n_latents": int(d.n_latents),
                        "d_in": int(d.d_in), "transcoder": bool(getattr(d, "transcoder", False)),
                        "encode_dtype": str(d.dtype).replace("torch.", ""),
-                       "norm_scaling_factor": getattr(d, "input_scale", None)},
+                       "norm_scaling_factor": getattr(d, "input_scale", None),
+                       # a signed dictionary's units are its poles; unsigned identities stay as they were
+                       **({"signed": True, "n_base": int(d.n_base)} if isinstance(d, Poles) else {})},
         "corpus": corpus.as_dict(),
         "collector": cfg.as_dict(),
     }
@@ -401,6 +415,23 @@ def plan_extraction(subject: SubjectModel, targets: list[Target], cfg: Collector
     return Plan(loaded, collector, batch, budget, str(dev), disk, n_tokens * 4 + state)
 
 
+def _head_shares(t: Target, extra: dict) -> np.ndarray | None:
+    """attn_z dictionaries (not transcoders): each unit's decoder-norm share per attention head (autointerp.heads);
+    the merge of a job's shards has no dictionary loaded and reloads it from the identity."""
+    from .heads import head_shares
+
+    n_heads = extra.get("n_heads")
+    if not n_heads or not t.hookpoint.startswith("attn_z.") or t.identity["dictionary"].get("transcoder"):
+        return None
+    if t.dictionary is not None:
+        d = t.dictionary
+    else:
+        from .dictionaries import load_cached_dictionary
+
+        d = load_cached_dictionary(t.identity["dictionary"])
+    return head_shares(d.decoder_directions(), n_heads)
+
+
 def _publish(t: Target, collector: Collector, windows: np.ndarray, extra: dict) -> None:
     """Write the final cache into <out>/.partial/publish-<slug>/ and move it into place, manifest last."""
     c = collector
@@ -419,6 +450,9 @@ def _publish(t: Target, collector: Collector, windows: np.ndarray, extra: dict) 
     for name, buf, ids in (("top", c.top, kept_ids[0]), ("sample", c.sample, kept_ids[1])):
         write_kept(stage, name, buf.export(), c.n, len(ids), buf.live, rows, windows.shape[1])
     np.save(stage / "hist.npy", c.hist.cpu().numpy())
+    shares = _head_shares(t, extra)
+    if shares is not None:
+        np.save(stage / "head_share.npy", shares.astype(np.float16))
     np.savez(stage / "stats.npz", n_active=c.n_active.cpu().numpy(), act_sum=c.act_sum.cpu().numpy(),
              act_max=c.act_max.cpu().numpy(), hist_edges=hist_edges(c.cfg.hist_bins))
     indptr, lats, maxs = [0], [], []
@@ -469,6 +503,8 @@ def extract(
     norm_scaling_factor: float | None = None,
     check_corpus: bool = True,
     max_memory: float | None = None,
+    quality: bool = True,
+    quality_tokens: int | None = None,
 ) -> list[LatentCache]:
     """Run the streaming extraction; returns the caches (one per target). `max_batches` stops early without
     publishing (a clean interruption, used by tests and for chunked scheduling). Positions holding special tokens,
@@ -480,7 +516,10 @@ def extract(
     files are tokenized once up front (720k tokens/s here, ~1 % of a CPU run) so that a bad line anywhere in the part
     the run reads fails before anything is created; a bad line found mid-run (check off) leaves a resumable
     `.partial/`, never a published cache. Before anything is written, the planned peak memory and disk are printed
-    (stderr with `progress`, else logged) and a plan over the memory available (or `max_memory` GiB) is refused."""
+    (stderr with `progress`, else logged) and a plan over the memory available (or `max_memory` GiB) is refused.
+    `quality`: before publishing, a quality pass (`autointerp.quality`: L0, FVU, spliced-in loss, dead/dense) over
+    the first `quality_tokens` tokens (default `quality.default_quality_tokens`) goes into the manifest's "quality";
+    it is no part of the run's identity."""
     out = Path(out)
     spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(
         source=corpus, ctx_len=ctx_len, n_tokens=n_tokens, seed=seed, text_column=text_column, split=split)
@@ -579,7 +618,9 @@ def extract(
         extra = _manifest_extra(subject)
         windows = ckpt.windows()
         for t in targets:
-            _publish(t, t.collector, windows, extra)
+            q = {"quality": _quality(subject, t, windows, spec.n_tokens, quality_tokens, batch_size,
+                                     max_norm_ratio)} if quality else {}
+            _publish(t, t.collector, windows, {**extra, **q})
         ckpt.close()
         for t in targets:
             shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
@@ -636,6 +677,18 @@ def collect_batch(subject: SubjectModel, targets: list[Target], hooks, batch: np
         t.collector.update(encode_for_collector(t.dictionary, x, ignore), window_ids)
 
 
+def _quality(subject: SubjectModel, t: Target, windows, run_tokens: int, quality_tokens: int | None,
+             batch_size: int, max_norm_ratio: float, usage: bool = True) -> dict:
+    """The manifest's "quality" (autointerp.quality) over the run's first windows; with `usage`, dead/dense from
+    the collector (a shard's come from the merged statistics, in publish_shards)."""
+    from .quality import extraction_quality
+
+    c = t.collector
+    return extraction_quality(subject, t.dictionary, t.hookpoint, windows, run_tokens=run_tokens,
+                              quality_tokens=quality_tokens, n_active=c.n_active if usage else None,
+                              n_tokens=c.n_tokens, batch_size=batch_size, max_norm_ratio=max_norm_ratio)
+
+
 def _manifest_extra(subject: SubjectModel) -> dict:
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -643,6 +696,7 @@ def _manifest_extra(subject: SubjectModel) -> dict:
                      "transformers": _version("transformers")},
         "device": str(subject.device),
         "ignored_token_ids": sorted(int(i) for i in subject.tokenizer.all_special_ids),
+        "n_heads": n_heads_of(subject.model),
     }
 
 
@@ -668,11 +722,14 @@ def extract_shard(
     encode_dtype: str | None = None,
     norm_scaling_factor: float | None = None,
     on_progress=None,
+    quality: bool = True,
+    quality_tokens: int | None = None,
 ) -> bytes | list[bytes]:
     """Collect the windows [w0, w1) of the run `extract` would make with these settings and return the shard's
     state as bytes (`shards.shard_state`) for `publish_shards` — one per dictionary when given a list of them
     (all collected in the same forward passes, each at its hookpoint). Windows before w0 are tokenized and skipped
-    (no model call). `on_progress(tokens_done, tokens_total)` is called after each batch."""
+    (no model call). `on_progress(tokens_done, tokens_total)` is called after each batch. `quality`: shard 0 (the
+    run's first windows) runs the quality pass, as `extract` would; publish_shards adds the merged dead/dense."""
     from .shards import shard_state
 
     w0, w1 = windows
@@ -711,9 +768,12 @@ def extract_shard(
         if on_progress is not None:
             on_progress((wid - w0) * spec.ctx_len, (w1 - w0) * spec.ctx_len)
     extra = _manifest_extra(subject)
+    first = np.stack([kept[i] for i in sorted(kept)]) if quality and w0 == 0 and kept else None
+    qs = [{"quality": _quality(subject, t, first, spec.n_tokens, quality_tokens, batch_size, max_norm_ratio,
+                               usage=False)} if first is not None else {} for t in targets]
     out = [shard_state(t.collector, kept, {"identity": t.identity, "windows": [w0, w1], "extra": extra,
                                            "n_latents": int(t.dictionary.n_latents), "ctx_len": spec.ctx_len,
-                                           "collector": cfg.as_dict()}) for t in targets]
+                                           "collector": cfg.as_dict(), **q}) for t, q in zip(targets, qs)]
     return out if many else out[0]
 
 
@@ -735,6 +795,11 @@ def publish_shards(states: list[bytes], out: str | Path) -> LatentCache:
     t = Target(None, meta["identity"]["hookpoint"], Path(out))
     t.identity = meta["identity"]
     t.out_dir.mkdir(parents=True, exist_ok=True)
-    _publish(t, collector, WindowTable(parts), meta["extra"])
+    q = meta.get("quality")  # shard 0's pass, with the dead/dense fractions of the merged statistics
+    if q is not None:
+        from .quality import latent_usage
+
+        q = {**q, **latent_usage(collector.n_active, collector.n_tokens)}
+    _publish(t, collector, WindowTable(parts), {**meta["extra"], **({"quality": q} if q is not None else {})})
     shutil.rmtree(t.out_dir / ".partial", ignore_errors=True)
     return LatentCache(t.out_dir)

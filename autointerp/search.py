@@ -39,6 +39,7 @@ class SearchFilters:
     min_score: float | None = None
     min_frequency: float | None = None
     max_frequency: float | None = None
+    head: int | None = None  # attn_z dictionaries: the attention head holding the latent's largest decoder share
 
 
 @dataclass
@@ -56,6 +57,7 @@ class SearchHit:
     scores: dict[str, float | None] = field(default_factory=dict)
     pole: str | None = None  # a signed dictionary's unit: "+" or "-" pole of latent `base_latent`
     base_latent: int | None = None
+    top_head: int | None = None  # attn_z dictionaries
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +115,8 @@ def _allowed(store: Store, f: SearchFilters):
         cond.append(T_LATENT.c.frequency >= f.min_frequency)
     if f.max_frequency is not None:
         cond.append(T_LATENT.c.frequency <= f.max_frequency)
+    if f.head is not None:
+        cond.append(T_LATENT.c.top_head == f.head)
     if f.min_score is not None or f.scorer:
         if not f.scorer:
             raise ConfigError("min_score needs a scorer (which score it applies to)")
@@ -137,7 +141,7 @@ def _hits(store: Store, ids: Sequence[int], sims: dict[int, float] | None = None
     with store.tx() as conn:
         rows = conn.execute(_joined([T_EXPL.c.id, T_EXPL.c.latent, T_EXPL.c.text, T_EXPL.c.explainer, T_EXPL.c.model,
                                      T_EXPL.c.dictionary_pk, T_DICT.c.name, T_DICT.c.hookpoint, T_LATENT.c.frequency,
-                                     T_DICT.c.signed, T_DICT.c.n_latents])
+                                     T_DICT.c.signed, T_DICT.c.n_latents, T_LATENT.c.top_head])
                             .where(T_EXPL.c.id.in_(list(ids)))).mappings().all()
         scores = conn.execute(select(T_SCORE.c.explanation_id, T_SCORE.c.scorer, T_SCORE.c.value)
                               .where(T_SCORE.c.explanation_id.in_(list(ids)))).all()
@@ -150,7 +154,7 @@ def _hits(store: Store, ids: Sequence[int], sims: dict[int, float] | None = None
         base, pole = unit_pole(r["latent"], r["n_latents"], r["signed"])
         out.append(SearchHit(i, r["name"], r["dictionary_pk"], r["hookpoint"], r["latent"], r["text"],
                              r["explainer"], r["model"], None if sims is None else sims.get(i), r["frequency"],
-                             pole=pole, base_latent=base if pole else None))
+                             pole=pole, base_latent=base if pole else None, top_head=r["top_head"]))
     hit_by = {h.explanation_id: h for h in out}
     for eid, scorer, value in scores:
         hit_by[eid].scores[scorer] = value

@@ -78,6 +78,44 @@ def steer(model: nn.Module, hookpoint: str | Hookpoint, direction: torch.Tensor,
         handle.remove()
 
 
+def _swap(value, fn):
+    def one(x: torch.Tensor) -> torch.Tensor:
+        y = fn(x)
+        if y.shape != x.shape:
+            raise ConfigError(f"replace: the replacement has shape {tuple(y.shape)}, the hookpoint's activations "
+                              f"{tuple(x.shape)}")
+        return y
+
+    if isinstance(value, torch.Tensor):
+        return one(value)
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return type(value)((one(value[0]), *value[1:]))
+    raise TypeError(f"replace: hookpoint gave {type(value).__name__}, expected a tensor or a tuple starting with one")
+
+
+@contextmanager
+def replace(model: nn.Module, hookpoint: str | Hookpoint, fn):
+    """Within the block, every forward pass replaces the activations x at the hookpoint by fn(x) (same shape):
+    splicing a dictionary's reconstruction in (autointerp.quality), or reading x by returning it unchanged.
+    Installed as `steer` installs its shift: inputs by a forward pre-hook, outputs by a forward hook."""
+    hp = hookpoint if isinstance(hookpoint, Hookpoint) else resolve_hookpoint(model, hookpoint)
+    if hp.mode == "input":
+
+        def pre_hook(mod, args, kwargs):
+            if args:
+                return (_swap(args[0], fn), *args[1:]), kwargs
+            key = next(iter(kwargs))  # e.g. hidden_states=... passed by keyword
+            return args, {**kwargs, key: _swap(kwargs[key], fn)}
+
+        handle = hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        handle = hp.module.register_forward_hook(lambda mod, args, output: _swap(output, fn))
+    try:
+        yield hp
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def activation_norm(model: nn.Module, tokenizer, hookpoint: str | Hookpoint, texts: list[str]) -> float:
     """Median L2 norm of the activations at the hookpoint over the tokens of `texts`.

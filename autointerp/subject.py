@@ -32,7 +32,7 @@ from .hf_loading import DEFAULT_MODEL, load_causal_lm
 # Where decoder layers live, and the names of their attention / MLP / MLP-down submodules, per architecture family.
 _LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 _ATTN = ("self_attn", "attn", "attention", "self_attention")
-_MLP = ("mlp", "feed_forward", "ffn")
+_MLP = ("mlp", "feed_forward", "ffn", "block_sparse_moe")  # Mixtral names its MoE block block_sparse_moe
 _DOWN = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2")
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")
 _ALIAS = re.compile(r"^(resid_post|resid_pre|resid_mid|mlp_out|mlp_in|attn_out|attn_z|mlp_neurons)\.(\d+)$")
@@ -140,7 +140,12 @@ def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
         elif kind == "mlp_in":
             path, mode = _child(model, layer, _MLP, "MLP"), "input"
         else:  # mlp_neurons: the hidden units = input of the MLP's down projection
-            path, mode = _child(model, _child(model, layer, _MLP, "MLP"), _DOWN, "down projection"), "input"
+            mlp = _child(model, layer, _MLP, "MLP")
+            if _get(model, f"{mlp}.experts") is not None:  # each expert sees only its routed tokens
+                raise ConfigError(f"hookpoint {raw!r}: layer {idx}'s MLP ({mlp}) is a mixture of experts, with no "
+                                  f"single down projection to read neurons from; use mlp_out.{idx} (what the block "
+                                  f"writes) or mlp_in.{idx} (what it reads) instead")
+            path, mode = _child(model, mlp, _DOWN, "down projection"), "input"
     module = _get(model, path) if path else None
     if module is None:
         close = difflib.get_close_matches(path, _candidates(model), n=5, cutoff=0.6)

@@ -37,6 +37,12 @@ def test_three_methods_on_related_dictionaries(pair, store_url):
     assert act["summary"]["matched_fraction_a"] > 0.3
     same = sum(x == y for x, y, s in pairs if s > 0.7)
     assert same >= 0.8 * sum(s > 0.7 for _, _, s in pairs)  # 64 windows: rare neurons tie
+    # beside the matching, the codes as wholes: linear CKA over the same pool windows, high for top-8 vs top-16
+    from autointerp.compare import _pool_codes
+    from autointerp.similarity import linear_cka
+
+    (_, ca), (_, cb) = _pool_codes(store, a), _pool_codes(store, b)
+    assert act["summary"]["cka"] == pytest.approx(linear_cka(ca, cb)) and act["summary"]["cka"] > 0.5
     # explanations: token-frequency texts of the same neuron are alike
     emb = compare(store, a["name"], b["name"], "embedding")
     assert emb["summary"]["explained_a"] > 10 and emb["result"]["pairs"]

@@ -22,6 +22,7 @@ from ..jobs.spec import JobSpec
 from ..store import Store
 from ..store import queries as Q
 from ..store.store import T_DICT, T_LATENT, T_SUBJECT
+from ..units import unit_pole
 from . import runtime
 from .app import KeyedRoute, ReadRoute, read_access, require_key
 from .schemas import (MAX_QUERY_CHARS, ActivationsOut, ActivationsRequest, ComparisonOut, ComparisonRequest,
@@ -188,13 +189,17 @@ def list_latents(request: Request, ref: str,
                  scorer: Optional[str] = Query(None, max_length=50),
                  min_score: Optional[float] = Query(None, ge=-1e6, le=1e6),
                  max_score: Optional[float] = Query(None, ge=-1e6, le=1e6),
-                 explained: Optional[bool] = None, alive: Optional[bool] = None):
+                 explained: Optional[bool] = None, alive: Optional[bool] = None,
+                 head: Optional[int] = Query(None, ge=0, le=4096, description="attn_z dictionaries: latents whose "
+                                             "largest decoder-norm share is in this attention head")):
     store = store_of(request)
     d = lookup_dictionary(store, ref)
-    f = Q.LatentFilter(min_frequency, max_frequency, scorer, min_score, max_score, explained, alive)
+    f = Q.LatentFilter(min_frequency, max_frequency, scorer, min_score, max_score, explained, alive, head)
     rows, nxt = Q.list_latents(store, d["id"], f=f, sort=sort, order=order, limit=limit, cursor=cursor)
     for r in rows:
         r.setdefault("score", None)
+        if d.get("signed"):
+            r["base_latent"], r["pole"] = unit_pole(r["index"], d["n_latents"], True)
     return fast_json({"items": rows, "next_cursor": nxt})
 
 
@@ -217,7 +222,9 @@ def latent_detail(store: Store, d: dict, index: int, n_top: int = 20, row: dict 
         e["usage"] = e["usage"] or {}
         for s in e["scores"]:
             s["metrics"], s["usage"] = s["metrics"] or {}, s["usage"] or {}
+    base, pole = unit_pole(index, d["n_latents"], bool(d.get("signed")))
     return {"dictionary": d["name"], "dictionary_pk": d["id"], "index": index, **dict(row),
+            "pole": pole, "base_latent": base if pole else None,
             "hist_edges": ex["hist_edges"] if ex else None, "top": ex["top"] if ex else [],
             "quantiles": ex["quantiles"] if ex else [], "examples_available": ex is not None,
             "explanations": expl, "cost_usd": sum(e["total_cost_usd"] for e in expl)}
@@ -298,7 +305,9 @@ def search(request: Request, q: str = Query(..., min_length=1, max_length=MAX_QU
            hookpoint: Optional[str] = Query(None, max_length=300), explainer: Optional[str] = Query(None, max_length=50),
            scorer: Optional[str] = Query(None, max_length=50), min_score: Optional[float] = Query(None, ge=-1e6, le=1e6),
            min_frequency: Optional[float] = Query(None, ge=0, le=1),
-           max_frequency: Optional[float] = Query(None, ge=0, le=1)):
+           max_frequency: Optional[float] = Query(None, ge=0, le=1),
+           head: Optional[int] = Query(None, ge=0, le=4096, description="attn_z dictionaries: latents living mostly "
+                                                                         "in this attention head")):
     from .. import search as S
 
     store = store_of(request)
@@ -309,7 +318,7 @@ def search(request: Request, q: str = Query(..., min_length=1, max_length=MAX_QU
     if min_score is not None and not scorer:
         raise HTTPException(422, "min_score needs a scorer (which score it applies to)")
     f = S.SearchFilters(dictionary, subject_model, hookpoint, explainer, scorer, min_score, min_frequency,
-                        max_frequency)
+                        max_frequency, head)
     if mode == "semantic":
         _ensure_embedded(store)
     hits = S.search(store, q, k, mode, f)

@@ -36,11 +36,16 @@ class DictionaryOut(BaseModel):
     hookpoint: str
     format: str
     source: str
-    n_latents: int
+    n_latents: int = Field(..., description="Stored units: a signed dictionary's latents count twice (both poles)")
     d_in: int
     n_tokens: int
     ctx_len: int
     n_alive: int
+    signed: bool = Field(False, description="Codes of either sign: each latent is stored as a '+' and a '-' pole")
+    quality: Optional[dict[str, Any]] = Field(
+        None, description="The extraction's quality pass (null when it was skipped): l0, l0_hist {edges, counts}, "
+        "fvu, loss_clean, loss_spliced, loss_with_error, loss_zero_ablated, kl_spliced, loss_recovered, "
+        "dead_fraction, dense_fraction, n_tokens, n_windows, spliced_at")
     n_explained: int = 0
     n_explanations: int = 0
     n_scores: int = 0
@@ -78,6 +83,11 @@ class LatentRow(BaseModel):
     explanation: Optional[str] = Field(None, description="The latent's best explanation (LLM before baselines)")
     explainer: Optional[str] = None
     scores: dict[str, float] = Field(default_factory=dict, description="Best headline score per scorer")
+    pole: Optional[Literal["+", "-"]] = Field(None, description="Signed dictionaries: which pole of `base_latent` "
+                                              "this unit is (unit i is latent i's '+' pole, n/2 + i its '-' pole)")
+    base_latent: Optional[int] = Field(None, description="Signed dictionaries: the latent this pole belongs to")
+    top_head: Optional[int] = Field(None, description="attn_z dictionaries: the attention head holding the largest "
+                                                      "share of the decoder row's squared norm")
 
 
 class LatentPage(BaseModel):
@@ -136,11 +146,18 @@ class LatentDetail(BaseModel):
     dictionary: str
     dictionary_pk: int
     index: int
+    pole: Optional[Literal["+", "-"]] = Field(None, description="Signed dictionaries: which pole of `base_latent` "
+                                              "this unit is (unit i is latent i's '+' pole, n/2 + i its '-' pole)")
+    base_latent: Optional[int] = Field(None, description="Signed dictionaries: the latent this pole belongs to")
+    top_head: Optional[int] = Field(None, description="attn_z dictionaries: the attention head holding the largest "
+                                                      "share of the decoder row's squared norm")
     n_active: int
     frequency: float
     max_act: float
     mean_act: float
     hist: Optional[list[int]] = Field(None, description="Counts of nonzero activations per bin")
+    heads: Optional[list[float]] = Field(None, description="attn_z dictionaries: the decoder row's squared-norm share "
+                                                           "per attention head (sums to 1)")
     hist_edges: Optional[list[float]] = Field(None, description="Bin edges (log2-spaced), len(hist) + 1")
     top: list[Example] = Field(default_factory=list)
     quantiles: list[Quantile] = Field(default_factory=list)
@@ -161,6 +178,11 @@ class SearchHitOut(BaseModel):
     similarity: Optional[float] = None
     frequency: Optional[float] = None
     scores: dict[str, Optional[float]] = Field(default_factory=dict)
+    pole: Optional[Literal["+", "-"]] = Field(None, description="Signed dictionaries: which pole of `base_latent` "
+                                              "this unit is (unit i is latent i's '+' pole, n/2 + i its '-' pole)")
+    base_latent: Optional[int] = Field(None, description="Signed dictionaries: the latent this pole belongs to")
+    top_head: Optional[int] = Field(None, description="attn_z dictionaries: the attention head holding the largest "
+                                                      "share of the decoder row's squared norm")
 
 
 class SearchResult(BaseModel):
@@ -173,7 +195,7 @@ class ComparisonRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     a: str = Field(..., max_length=1000, description="First dictionary (name, key or id)")
     b: str = Field(..., max_length=1000, description="Second dictionary")
-    method: Literal["embedding", "decoder", "encoder", "activation"] = "embedding"
+    method: Literal["embedding", "decoder", "encoder", "activation", "itda-jaccard"] = "embedding"
 
 
 class ComparisonOut(BaseModel):

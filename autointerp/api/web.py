@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from ..store import queries as Q
+from ..units import unit_label
 from .app import HERE, ReadRoute, read_access
 from .schemas import MAX_QUERY_CHARS
 
@@ -78,7 +79,8 @@ def _act_hist(hist, edges) -> dict | None:
 
 
 templates.env.filters.update(fmt=_fmt, pct=_pct, tok=_show_token)
-templates.env.globals.update(heat=_heat, bars=_bars, urlencode=urlencode, log10=math.log10)
+templates.env.globals.update(heat=_heat, bars=_bars, urlencode=urlencode, log10=math.log10,
+                             unit=lambda d, i: unit_label(i, d["n_latents"], bool(d.get("signed"))))
 
 
 def _page(request: Request, name: str, **ctx) -> HTMLResponse:
@@ -108,7 +110,8 @@ def dictionary_page(request: Request, ref: str,
                     limit: int = Query(50, ge=1, le=200), cursor: Optional[str] = Query(None, max_length=200),
                     scorer: Optional[str] = Query(None, max_length=50), min_score: Optional[str] = None,
                     max_score: Optional[str] = None, min_frequency: Optional[str] = None,
-                    max_frequency: Optional[str] = None, explained: Optional[str] = None):
+                    max_frequency: Optional[str] = None, explained: Optional[str] = None,
+                    head: Optional[str] = None):
     from .routes import _dict_out, lookup_dictionary
 
     store = _store(request)
@@ -129,7 +132,8 @@ def dictionary_page(request: Request, ref: str,
 
     f = Q.LatentFilter(num(min_frequency, "min_frequency"), num(max_frequency, "max_frequency"), scorer or None,
                        num(min_score, "min_score"), num(max_score, "max_score"),
-                       {"yes": True, "no": False}.get(explained or ""), None)
+                       {"yes": True, "no": False}.get(explained or ""), None,
+                       int(num(head, "head")) if head not in (None, "") else None)
     if sort == "score" and not f.scorer:
         f.scorer = scorers[0] if scorers else None
         if f.scorer is None:
@@ -138,12 +142,15 @@ def dictionary_page(request: Request, ref: str,
     params = {k: v for k, v in {"sort": sort, "order": order, "limit": limit, "scorer": f.scorer or "",
                                 "min_score": min_score or "", "max_score": max_score or "",
                                 "min_frequency": min_frequency or "", "max_frequency": max_frequency or "",
-                                "explained": explained or ""}.items() if v not in ("", None)}
+                                "explained": explained or "", "head": head or ""}.items() if v not in ("", None)}
     sort_links = {}
     for key in Q.SORTS:
         flip = {"asc": "desc", "desc": "asc"}[order] if sort == key else ("asc" if key == "index" else "desc")
         sort_links[key] = f"/d/{d['id']}?" + urlencode({**params, "sort": key, "order": flip})
+    from ..quality import quality_rows
+
     return _page(request, "dictionary.html", d=out, table=table, scorers=scorers, rows=rows, next_cursor=nxt,
+                 quality=[(label, v) for label, (v,) in quality_rows(out.get("quality"))],
                  params=params, sort_links=sort_links, sort=sort, order=order, f=f, explained=explained or "", first_page=not cursor)
 
 

@@ -110,7 +110,7 @@ class Dictionary:
         ENCODE_CHUNK_BYTES: (token, latent, value) with tokens indexing x's flattened leading dims, chunks in
         latent order, each sorted by (token, latent), values in the encode dtype."""
         codes = self.encode(x).reshape(-1, self.n_latents)
-        tok, lat = torch.nonzero(codes > 0, as_tuple=True)
+        tok, lat = torch.nonzero(codes != 0 if self.signed else codes > 0, as_tuple=True)
         yield tok, lat, codes[tok, lat]
 
     def nnz_bound(self) -> int:

@@ -90,7 +90,17 @@ def _locate(spec: str, selector: str | None) -> tuple[_Where, bool]:
                 f" hookpoint=<subfolder>{_hub_folders(ref)}"
             )
     else:
-        root, local = hub.download(ref)
+        try:
+            root, local = hub.download(ref)
+        except ConfigError as first:
+            # a Qwen-Scope repo keeps one layer<N>.sae.pt per layer at its root, no folders: the selector names one
+            m = re.match(r"^(?:layer|[a-z_]+\.)(\d+)$", selector) if consumed else None
+            if m is None:
+                raise
+            try:
+                root, local = hub.download(ref.with_subpath(f"layer{m.group(1)}.sae.pt"))
+            except ConfigError:
+                raise ConfigError(f"{first} (nor a Qwen-Scope file layer{m.group(1)}.sae.pt)") from None
     return _Where(local, ref.with_subpath(None), root), consumed
 
 
@@ -225,9 +235,10 @@ def load_dictionary(
 ) -> Dictionary:
     """Load one dictionary.
 
-    path_or_id: a local folder or file (cfg.json, sae.safetensors, sae_weights.safetensors, params.npz), a hub id
-      `owner/repo[@rev][:subpath]`, or a neuron spec `neurons` / `topk-neurons:K` (with d_in=).
-    format: auto | sparsify | saelens | gemmascope | neurons | topk-neurons.
+    path_or_id: a local folder or file (cfg.json, sae.safetensors, sae_weights.safetensors, params.npz, atoms.pt,
+      layer<N>.sae.pt, snmf.safetensors), a hub id `owner/repo[@rev][:subpath]`, or a neuron spec `neurons` /
+      `topk-neurons:K` (with d_in=).
+    format: auto | sparsify | saelens | gemmascope | itda | qwenscope | snmf | neurons | topk-neurons.
     dtype: weights are cast to it (float32 by default, also for bfloat16 checkpoints); codes are always float32.
     hookpoint: picks the subfolder when the path holds several dictionaries (a sparsify parent folder, a hub repo
       without subpath); otherwise it replaces the checkpoint's own hookpoint name (neurons: names the hookpoint).

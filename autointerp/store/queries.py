@@ -50,6 +50,7 @@ class LatentFilter:
     max_score: float | None = None
     explained: bool | None = None  # True: only latents with an explanation; False: only without
     alive: bool | None = None  # True: fired at least once
+    head: int | None = None  # attn_z dictionaries: latents whose largest decoder-norm share is in this head
 
 
 def subject_models(store: Store) -> list[dict]:
@@ -199,10 +200,11 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
     if (f.min_score is not None or f.max_score is not None) and not f.scorer:
         raise ConfigError("min_score/max_score need a scorer (which score they apply to)")
     by_score = sort == "score" or f.min_score is not None or f.max_score is not None
-    others = (f.min_frequency, f.max_frequency, f.explained, f.alive)
+    others = (f.min_frequency, f.max_frequency, f.explained, f.alive, f.head)
     if f.scorer and by_score and sort in ("score",) and all(x is None for x in others):
         return _page_by_score(store, dictionary_pk, f, order, limit, cursor)
-    cols = [T_LATENT.c.index, T_LATENT.c.n_active, T_LATENT.c.frequency, T_LATENT.c.max_act, T_LATENT.c.mean_act]
+    cols = [T_LATENT.c.index, T_LATENT.c.n_active, T_LATENT.c.frequency, T_LATENT.c.max_act, T_LATENT.c.mean_act,
+            T_LATENT.c.top_head]
     q = select(*cols).where(T_LATENT.c.dictionary_pk == dictionary_pk)
     if sort == "frequency" and not by_score and store.dialect == "sqlite":
         # SQLite: walk the frequency index (stopping after a page) instead of sorting every row of the dictionary
@@ -231,6 +233,8 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
         q = q.where(T_LATENT.c.frequency <= f.max_frequency)
     if f.alive is not None:
         q = q.where(T_LATENT.c.n_active > 0 if f.alive else T_LATENT.c.n_active == 0)
+    if f.head is not None:
+        q = q.where(T_LATENT.c.top_head == f.head)
     if f.explained is not None:
         has = select(T_EXPL.c.latent).where(T_EXPL.c.dictionary_pk == dictionary_pk, T_EXPL.c.text.is_not(None))
         q = q.where(T_LATENT.c.index.in_(has) if f.explained else T_LATENT.c.index.not_in(has))

@@ -135,6 +135,8 @@ class Store:
         act_sum, act_max = np.asarray(s["act_sum"], np.float64), np.asarray(s["act_max"], np.float64)
         hist = np.asarray(cache.array("hist"))
         n_tokens = max(1, cache.n_tokens)
+        heads_file = getattr(cache, "path", None) and cache.path / "head_share.npy"  # attn_z dictionaries
+        heads = np.load(heads_file).astype(np.float32) if heads_file and heads_file.is_file() else None
         row = {"key": key, "name": name or _slug(f"{d['id'].rstrip('/').split('/')[-1]}-{m['hookpoint']}"),
                "dictionary_id": d["id"], "hookpoint": m["hookpoint"], "format": d.get("format", ""),
                "source": str(d.get("source", "")), "n_latents": int(d["n_latents"]), "d_in": int(d.get("d_in", 0)),
@@ -157,7 +159,9 @@ class Store:
                     {"dictionary_pk": pk, "index": i, "n_active": int(n_active[i]),
                      "frequency": float(n_active[i] / n_tokens), "max_act": float(act_max[i]),
                      "mean_act": float(act_sum[i] / n_active[i]) if n_active[i] else 0.0,
-                     "hist": hist[i].tolist() if n_active[i] else None}
+                     "hist": hist[i].tolist() if n_active[i] else None,
+                     "heads": None if heads is None else [round(float(v), 4) for v in heads[i]],
+                     "top_head": None if heads is None else int(heads[i].argmax())}
                     for i in range(lo, hi)])
             if in_store:
                 manifest = save_examples(conn, pk, cache)
