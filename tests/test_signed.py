@@ -117,7 +117,7 @@ def test_unsigned_dictionaries_are_their_own_units(tmp_path):
                                   torch.cat([x.clamp(min=0), (-x).clamp(min=0)], -1).numpy())
 
 
-def test_signed_neurons_end_to_end_each_pole_its_own_latent(subject, tmp_path):
+def test_signed_neurons_end_to_end_each_pole_its_own_latent(subject, small_cache, tmp_path):
     """Raw neurons at the residual stream: negative values reach the cache as the "-" poles (units n + i), the
     store marks the dictionary signed, the API, the page and the parquet export name the pole, and steering a
     "-" pole by +s is steering its "+" pole by -s."""
@@ -162,7 +162,15 @@ def test_signed_neurons_end_to_end_each_pole_its_own_latent(subject, tmp_path):
     lat = pq.read_table(tmp_path / "pq" / "latents.parquet").to_pydict()
     assert lat["pole"][width + i] == "-" and lat["base_latent"][width + i] == i and lat["pole"][i] == "+"
 
+    # another store's dictionary row 1 steered first: the steering target must not be reused for ours (it was
+    # cached by the row id, which every new store starts at)
+    other = Store(f"sqlite:///{tmp_path / 'other.db'}")
+    d_other = other.register_cache(small_cache, name="other")
+    assert d_other["id"] == d["id"]
+    runtime.steer(d_other, 0, "The river", [1.0], 4, store=other)
     steered = runtime.steer(d, width + i, "The river", [1.0, -1.0], 4, store=store)["completions"]
     mirror = runtime.steer(d, i, "The river", [-1.0, 1.0], 4, store=store)["completions"]
     assert [c["completion"] for c in steered] == [c["completion"] for c in mirror]
     assert steered[0]["completion"] != steered[1]["completion"]  # the two signs really steer apart
+    sweep = runtime.steer(d, i, "The river", None, 2, store=store)["completions"]  # a pole's default: both signs
+    assert [c["strength"] for c in sweep] == [-2.0, -1.0, 0.0, 1.0, 2.0]

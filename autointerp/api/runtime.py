@@ -156,7 +156,8 @@ def dictionary_for(cache, device: str | None = None):
     from ..dictionaries import load_cached_dictionary
 
     entry = cache.manifest["dictionary"]
-    return _DICTS.get((str(entry["id"]), str(device)), lambda: load_cached_dictionary(entry, device=device or "cpu"))
+    return _DICTS.get((str(entry["id"]), int(entry["n_latents"]), str(device)),
+                      lambda: load_cached_dictionary(entry, device=device or "cpu"))
 
 
 def _need_cache(dictionary: dict, store=None):
@@ -202,10 +203,17 @@ def activations(dictionary: dict, text: str, top_k: int = 5, device: str | None 
     return {"dictionary": dictionary["name"], "hookpoint": hook, "model": cache.manifest["model"], "tokens": tokens}
 
 
-def steer(dictionary: dict, latent: int, prompt: str, strengths: list[float], max_new_tokens: int,
+STRENGTHS = (0.0, 0.5, 1.0, 2.0)
+SIGNED_STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # a pole of a two-sided axis: steer it both ways
+
+
+def steer(dictionary: dict, latent: int, prompt: str, strengths: list[float] | None, max_new_tokens: int,
           device: str | None = None, store=None) -> dict:
     """Greedy completions of `prompt` with the latent's unit decoder direction added at each strength (multiples of
-    the median activation norm at the hookpoint; 0 = the clean completion), as the intervention scorer steers."""
+    the median activation norm at the hookpoint; 0 = the clean completion), as the intervention scorer steers.
+    `strengths` None: STRENGTHS, or SIGNED_STRENGTHS for a signed dictionary's poles."""
+    if strengths is None:
+        strengths = list(SIGNED_STRENGTHS if dictionary.get("signed") else STRENGTHS)
     from ..scorers.intervention import SteeringTarget
 
     cache = _need_cache(dictionary, store)
@@ -213,7 +221,10 @@ def steer(dictionary: dict, latent: int, prompt: str, strengths: list[float], ma
         raise ConfigError(f"latent {latent} out of range (the dictionary has {cache.n_latents} latents)")
     subject = subject_for(cache.manifest["model"], device)
     d = dictionary_for(cache, str(subject.device))
-    target = _DICTS.get(("target", str(dictionary["id"]), str(subject.device)),
+    # keyed by what the target is made of, not the store's row id (another store's row 1 is another dictionary)
+    m = cache.manifest
+    target = _DICTS.get(("target", str(m["dictionary"]["id"]), int(m["dictionary"]["n_latents"]), m["hookpoint"],
+                         m["model"], str(subject.device)),
                         lambda: SteeringTarget.from_subject(subject, d, cache.manifest["hookpoint"]))
     out = []
     for s in strengths:

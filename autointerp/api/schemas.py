@@ -242,8 +242,10 @@ class SteerRequest(BaseModel):
     dictionary: str = Field(..., max_length=1000)
     latent: int = Field(..., ge=0, le=2 ** 31)
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-    strengths: list[float] = Field([0.0, 0.5, 1.0, 2.0], min_length=1, max_length=8,
-                                   description="Multiples of the median activation norm at the hookpoint; 0 = clean")
+    strengths: Optional[list[float]] = Field(None, min_length=1, max_length=8,
+                                             description="Multiples of the median activation norm at the hookpoint; "
+                                                         "0 = clean. Default 0, 0.5, 1, 2; for a signed dictionary "
+                                                         "both signs: -2, -1, 0, 1, 2")
     max_new_tokens: int = Field(24, ge=1, le=64)
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from ..errors import ConfigError
 from ..store import Store, headline
 from ..store.store import T_ITEM
+from ..units import unit_pole
 from .spec import digest
 
 
@@ -30,8 +31,16 @@ def _base(d: dict) -> dict:
     return {"dictionary_id": d["dictionary_id"], "hookpoint": d["hookpoint"], "dictionary": d["name"]}
 
 
+def _pole(d: dict, unit: int) -> dict:
+    """A signed dictionary's rows name the latent and the pole of their unit (unsigned rows stay as they were)."""
+    if not d.get("signed"):
+        return {}
+    latent, pole = unit_pole(unit, d["n_latents"], True)
+    return {"base_latent": latent, "pole": pole}
+
+
 def explanation_row(d: dict, e: dict) -> dict:
-    return {**_base(d), "type": "explanation", "explanation_id": e["id"], "latent": e["latent"],
+    return {**_base(d), "type": "explanation", "explanation_id": e["id"], "latent": e["latent"], **_pole(d, e["latent"]),
             "explainer": e["explainer"], "model": e["model"], "prompt_version": e["prompt_version"], "seed": e["seed"],
             "text": e["text"], "skipped": e["skipped"], "parsed": e["parsed"],
             "examples_used": e["examples_used"] or [], "usage": e["usage"] or {}, "job_id": e["job_id"],
@@ -39,7 +48,7 @@ def explanation_row(d: dict, e: dict) -> dict:
 
 
 def score_row(d: dict, e: dict, s: dict) -> dict:
-    return {**_base(d), "type": "score", "explanation_id": e["id"], "latent": e["latent"],
+    return {**_base(d), "type": "score", "explanation_id": e["id"], "latent": e["latent"], **_pole(d, e["latent"]),
             "explainer": e["explainer"], "explainer_model": e["model"], "scorer": s["scorer"],
             "model": s["model"], "judge_model": s["model"], "prompt_version": s["prompt_version"], "seed": s["seed"],
             "metrics": s["metrics"] or {}, "details": s["details"] or {}, "skipped": s["skipped"],
