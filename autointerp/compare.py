@@ -493,6 +493,23 @@ def _whole_dictionary(xa, xb, dec_a: np.ndarray, dec_b: np.ndarray, threshold: f
     return out
 
 
+def _directions(xa, xb, name_a: str, name_b: str, k: int, threshold: float) -> tuple[dict, dict]:
+    """(result, summary) of the decoder (+ encoder) comparison of two loaded dictionaries (their units), with the
+    whole-dictionary numbers beside it."""
+    dec_a, dec_b = (x.decoder_directions().float().cpu().numpy() for x in (xa, xb))
+    if dec_a.shape[1] != dec_b.shape[1]:
+        raise ConfigError(f"compare decoder: {name_a} has d_in {dec_a.shape[1]}, {name_b} has {dec_b.shape[1]}; "
+                          "direction comparison needs the same width (use method embedding)")
+    enc = [getattr(x, "encoder_weight", None) for x in (xa, xb)]
+    enc_a, enc_b = (e().float().cpu().numpy() for e in enc) if all(enc) else (None, None)
+    r = compare_directions(dec_a, dec_b, enc_a, enc_b, k, threshold)
+    result = r.as_dict()
+    summary = {"shared_fraction": r.shared_fraction, "same_partner_fraction": r.same_partner_fraction,
+               "decoder": r.decoder.summary, "encoder": None if r.encoder is None else r.encoder.summary,
+               **_whole_dictionary(xa, xb, dec_a, dec_b, threshold, result)}
+    return result, summary
+
+
 def compare_checkpoints(a: str, b: str, method: str = "decoder", *, k: int = DEFAULT_K,
                         threshold: float = SHARED_THRESHOLD) -> dict:
     """The comparisons that need only weights (decoder / encoder cosine, ITDA Jaccard) straight from two checkpoints
@@ -508,15 +525,7 @@ def compare_checkpoints(a: str, b: str, method: str = "decoder", *, k: int = DEF
     if method not in ("decoder", "encoder"):
         raise ConfigError(f"compare: method {method!r} needs extractions; checkpoints compare by decoder, encoder or "
                           "itda-jaccard")
-    xa, xb = (as_units(load_dictionary(x)) for x in (a, b))
-    dec_a, dec_b = (x.decoder_directions().float().cpu().numpy() for x in (xa, xb))
-    enc = [getattr(x, "encoder_weight", None) for x in (xa, xb)]
-    enc_a, enc_b = (e().float().cpu().numpy() for e in enc) if all(enc) else (None, None)
-    r = compare_directions(dec_a, dec_b, enc_a, enc_b, k, threshold)
-    result = r.as_dict()
-    summary = {"shared_fraction": r.shared_fraction, "same_partner_fraction": r.same_partner_fraction,
-               "decoder": r.decoder.summary, "encoder": None if r.encoder is None else r.encoder.summary,
-               **_whole_dictionary(xa, xb, dec_a, dec_b, threshold, result)}
+    result, summary = _directions(*(as_units(load_dictionary(x)) for x in (a, b)), a, b, k, threshold)
     return {"method": "decoder", "a": a, "b": b, "params": {"k": k, "threshold": threshold}, "summary": summary,
             "result": result}
 
@@ -543,18 +552,8 @@ def compare(store, a: str | int, b: str | int, method: str = "embedding", *, k: 
         result, summary = _remap(m, la, lb), {**m.summary, "explained_a": len(la), "explained_b": len(lb)}
         params["embedder"] = embedder or "default"
     elif method in ("decoder", "encoder"):
-        xa, xb = _dictionary_of(store, da), _dictionary_of(store, db)
-        dec_a, dec_b = (x.decoder_directions().float().cpu().numpy() for x in (xa, xb))
-        if dec_a.shape[1] != dec_b.shape[1]:
-            raise ConfigError(f"compare decoder: {da['name']} has d_in {dec_a.shape[1]}, {db['name']} has "
-                              f"{dec_b.shape[1]}; direction comparison needs the same width (use method embedding)")
-        enc = [getattr(x, "encoder_weight", None) for x in (xa, xb)]
-        enc_a, enc_b = (e().float().cpu().numpy() for e in enc) if all(enc) else (None, None)
-        r = compare_directions(dec_a, dec_b, enc_a, enc_b, k, threshold)
-        result = r.as_dict()
-        summary = {"shared_fraction": r.shared_fraction, "same_partner_fraction": r.same_partner_fraction,
-                   "decoder": r.decoder.summary, "encoder": None if r.encoder is None else r.encoder.summary,
-                   **_whole_dictionary(xa, xb, dec_a, dec_b, threshold, result)}
+        result, summary = _directions(_dictionary_of(store, da), _dictionary_of(store, db), da["name"], db["name"],
+                                      k, threshold)
         method = "decoder"
     elif method == "itda-jaccard":
         from .similarity import itda_overlap

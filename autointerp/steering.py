@@ -61,19 +61,27 @@ def steer(model: nn.Module, hookpoint: str | Hookpoint, direction: torch.Tensor,
         return
     p = next(model.parameters())
     delta = (float(alpha) * direction.detach().to(device=p.device, dtype=torch.float32)).reshape(-1)
+    with _rewrite(hp, lambda value: _shift(value, delta)):
+        yield hp
+
+
+@contextmanager
+def _rewrite(hp: Hookpoint, change):
+    """Every forward pass in the block passes the hookpoint's value through `change`: an input by a forward
+    pre-hook (positional or keyword), an output by a forward hook."""
     if hp.mode == "input":
 
         def pre_hook(mod, args, kwargs):
             if args:
-                return (_shift(args[0], delta), *args[1:]), kwargs
+                return (change(args[0]), *args[1:]), kwargs
             key = next(iter(kwargs))  # e.g. hidden_states=... passed by keyword
-            return args, {**kwargs, key: _shift(kwargs[key], delta)}
+            return args, {**kwargs, key: change(kwargs[key])}
 
         handle = hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
-        handle = hp.module.register_forward_hook(lambda mod, args, output: _shift(output, delta))
+        handle = hp.module.register_forward_hook(lambda mod, args, output: change(output))
     try:
-        yield hp
+        yield
     finally:
         handle.remove()
 
@@ -99,21 +107,8 @@ def replace(model: nn.Module, hookpoint: str | Hookpoint, fn):
     splicing a dictionary's reconstruction in (autointerp.quality), or reading x by returning it unchanged.
     Installed as `steer` installs its shift: inputs by a forward pre-hook, outputs by a forward hook."""
     hp = hookpoint if isinstance(hookpoint, Hookpoint) else resolve_hookpoint(model, hookpoint)
-    if hp.mode == "input":
-
-        def pre_hook(mod, args, kwargs):
-            if args:
-                return (_swap(args[0], fn), *args[1:]), kwargs
-            key = next(iter(kwargs))  # e.g. hidden_states=... passed by keyword
-            return args, {**kwargs, key: _swap(kwargs[key], fn)}
-
-        handle = hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-        handle = hp.module.register_forward_hook(lambda mod, args, output: _swap(output, fn))
-    try:
+    with _rewrite(hp, lambda value: _swap(value, fn)):
         yield hp
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
