@@ -36,6 +36,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .records import Examples, LatentRecord, LatentStats
+from .tokens import TokenDecoder
 
 FORMAT_VERSION = 2
 READS = (1, 2)
@@ -119,7 +120,7 @@ class ExampleSource:
         self._decode = decode
 
     def attach_tokenizer(self, tokenizer) -> None:
-        self.set_decoder(token_decoder(tokenizer))
+        self.set_decoder(TokenDecoder(tokenizer))
 
     @property
     def hist_edges(self) -> np.ndarray:
@@ -270,20 +271,3 @@ class LatentCache(ExampleSource):
             out.append({"latent": int(i), "frequency": n / max(1, self.n_tokens), "max_act": float(s["act_max"][i]),
                         "mean_act": float(s["act_sum"][i] / n) if n else 0.0})
         return out
-
-
-def token_decoder(tokenizer):
-    """decode(ids) -> one string per token, each token id decoded once per process: a HF `decode([id])` costs
-    ~50 µs, and a latent's prompts and embeddings render ~20k tokens (most of the CPU per latent before)."""
-    table: dict[int, str] = {}
-
-    def decode(ids):
-        try:
-            return [table[i] for i in ids]
-        except KeyError:
-            for i in ids:
-                if i not in table:
-                    table[i] = tokenizer.decode([i])
-            return [table[i] for i in ids]
-
-    return decode

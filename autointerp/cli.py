@@ -197,18 +197,20 @@ def _print_quality(q: dict | None) -> None:
 @app.command()
 @_friendly
 def inspect(
-    cache: Path = typer.Argument(..., help="A cache folder written by `autointerp extract`."),
+    cache: str = typer.Argument(..., help="A cache folder written by `autointerp extract`, or the store name it "
+                                          "printed."),
     latent: Optional[int] = typer.Option(None, help="Show this latent's top and sampled windows."),
     n: int = typer.Option(5, help="Windows to show."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Summarise a latent cache, or show one latent's contexts."""
-    from .cache import LatentCache
-    c = LatentCache(cache)
+    from .hf_loading import load_tokenizer
+
+    c = _cache_folder(cache)
     if latent is None and as_json:  # numbers only: no tokenizer needed
         typer.echo(json.dumps(c.summary(), indent=1))
         return
-    tok = _tokenizer_for(c)
+    tok = load_tokenizer(c.manifest["model"])
     if latent is None:
         _print_summary(c, tokenizer=tok)
         return
@@ -396,10 +398,22 @@ def interpret(
     _print_job_result(store, job_id, summary, out)
 
 
-def _tokenizer_for(cache):
-    from .hf_loading import load_tokenizer
+def _cache_folder(ref: str):
+    """The LatentCache of a folder, or of a store dictionary (by name, key or id) whose folder is on this machine."""
+    from .cache import LatentCache
+    from .errors import ConfigError
+    from .store import open_store
+    from .store.examples import open_examples
 
-    return load_tokenizer(cache.manifest["model"])
+    if Path(ref).expanduser().exists():
+        return LatentCache(Path(ref).expanduser())
+    store = open_store()
+    d = store.dictionary(ref)
+    c = open_examples(d, store)
+    if not isinstance(c, LatentCache):
+        raise ConfigError(f"dictionary {d['name']}: its cache folder {d.get('cache_path')} is not on this machine "
+                          f"(its examples are on its page: `autointerp serve`, /d/{d['name']})")
+    return c
 
 
 @app.command()
@@ -730,7 +744,7 @@ def worker(
     loglevel: str = typer.Option("INFO", help="Celery log level."),
 ):
     """A Celery worker (broker $AUTOINTERP_BROKER_URL, store $AUTOINTERP_DATABASE_URL): it runs the jobs that
-    `autointerp job submit` queues. Flower works against it (`celery -A workers.app flower`)."""
+    `autointerp job submit` queues. Flower works against it (`celery -A autointerp.jobs.celery_app flower`)."""
     from .errors import ConfigError
     from .jobs.dispatch import QUEUES, Settings
 

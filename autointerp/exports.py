@@ -37,8 +37,9 @@ import numpy as np
 from sqlalchemy import select
 
 from .errors import ConfigError
+from .names import slug
 from .store import Store, headline
-from .store.store import T_EXPL, T_LATENT, T_SCORE
+from .store.store import T_LATENT
 from .units import unit_pole
 
 NP_BATCH = 1024
@@ -47,16 +48,12 @@ DELPHI_SCORER = {"fuzzing": "fuzz"}
 FROM_DELPHI_SCORER = {"fuzz": "fuzzing"}
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^a-z0-9._-]+", "-", s.lower()).strip("-") or "model"
-
-
 def neuronpedia_ids(store: Store, d: dict) -> tuple[str, str]:
     """(modelId, source id) Neuronpedia-style: the subject model's short name, and "{layer}-{dictionary name}"."""
     subject = next((x["subject_model"] for x in store.dictionaries() if x["id"] == d["id"]), "model")
-    model = _slug(subject.split("::")[-1].split(":")[-1].rstrip("/").split("/")[-1].removesuffix(".gguf"))
+    model = slug(subject.split("::")[-1].split(":")[-1].rstrip("/").split("/")[-1].removesuffix(".gguf")).lower()
     m = re.search(r"(\d+)", d["hookpoint"])
-    source = _slug(f"{m.group(1)}-{d['name']}" if m else d["name"])
+    source = slug(f"{m.group(1)}-{d['name']}" if m else d["name"]).lower()
     return model, source
 
 
@@ -124,7 +121,7 @@ def export_neuronpedia(store: Store, dictionary: int | str, out: str | Path, *, 
                        source_id: str | None = None, n_top: int = 20, n_per_quantile: int = 5,
                        batch_size: int = NP_BATCH) -> Path:
     """Write the dictionary in Neuronpedia's dataset layout under `out`; returns `out/{modelId}/{source}`."""
-    from .api.runtime import latent_examples
+    from .store.examples import latent_examples
 
     d = store.dictionary(dictionary)
     mid, sid = neuronpedia_ids(store, d)
@@ -135,7 +132,7 @@ def export_neuronpedia(store: Store, dictionary: int | str, out: str | Path, *, 
     for e in expls:
         by_latent.setdefault(e["latent"], []).append(e)
     scores = _scores_by_expl(store, [e["id"] for e in expls])
-    from .api.runtime import open_cache
+    from .store.examples import open_cache
     from .cache import hist_edges
 
     cache = open_cache(d, store)
@@ -221,7 +218,8 @@ def _best_per_latent(expls: list[dict], explainer: str | None) -> dict[int, dict
 def export_delphi(store: Store, dictionary: int | str, out: str | Path, *, explainer: str | None = None) -> Path:
     """A delphi result folder for one dictionary (one explanation per latent: the newest LLM one, or those of
     `explainer`); per-example score records with their tokens and activations when the extraction cache is here."""
-    from .api.runtime import decoder_for, open_cache
+    from .store.examples import open_cache
+    from .tokens import decoder_for
 
     d = store.dictionary(dictionary)
     out = Path(out)
@@ -322,7 +320,7 @@ def import_delphi(store: Store, folder: str | Path, dictionary: str, *, explaine
     `module` picks one hookpoint's files when the run covered several (default: the files of the dictionary's
     hookpoint, or the only module present)."""
     from .jobs.runner import ensure_dictionary
-    from .jobs.spec import digest
+    from .names import digest
 
     folder = Path(folder)
     ex_dir = folder / "explanations"

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from .corpus import CorpusSpec, count_windows, is_local, iter_windows
 from .dictionaries.base import Poles
 from .errors import ConfigError
 from .heads import n_heads_of
+from .names import dictionary_name
 from .subject import SubjectModel, load_subject, mlp_read_and_write, translate_hookpoint
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ class Target:
     out_dir: Path
     collector: Collector | None = None
     identity: dict = field(default_factory=dict)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "dictionary"
 
 
 def _load_dictionary(spec, subject: SubjectModel, hookpoint: str | None, device, norm_scaling_factor=None,
@@ -169,11 +165,12 @@ def _resolve_targets(subject: SubjectModel, dictionaries: list, hookpoints: list
             d = Poles(d)  # both poles of every latent, as units (unsigned dictionaries go in as they are)
         targets.append(Target(d, hp, out))
     if len(targets) > 1:
-        names = [f"{t.hookpoint}__{_slug(str(getattr(t.dictionary, 'id', 'dict')).split('/')[-1])}" for t in targets]
+        # each target's subfolder has the name the store registers it under
+        names = [dictionary_name(getattr(t.dictionary, "id", "dict"), t.hookpoint) for t in targets]
         if len(set(names)) != len(names):
             names = [f"{i}_{n}" for i, n in enumerate(names)]
         for t, n in zip(targets, names):
-            t.out_dir = out / _slug(n)
+            t.out_dir = out / n
     return targets
 
 

@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import threading
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -140,8 +141,10 @@ def _tokenizer(spec: str, source, kwargs: dict):
         raise _load_error(spec, source, kwargs, e) from e
 
 
+@lru_cache(maxsize=8)
 def load_tokenizer(spec: str = DEFAULT_MODEL, gguf_file: str | None = None):
-    """The tokenizer of any model spec load_causal_lm takes (what a cache's manifest records)."""
+    """The tokenizer of any model spec load_causal_lm takes (what a cache's manifest records); loaded once per
+    process and shared, so callers must not change it."""
     return _tokenizer(spec, *_source(spec, gguf_file))
 
 

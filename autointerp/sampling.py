@@ -28,6 +28,8 @@ embedded only when the contrastive explainer's negatives are asked for (`explain
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import zlib
 from collections import OrderedDict
@@ -388,6 +390,24 @@ def _stratified(bins: np.ndarray, n_q: int, n: int, keys: np.ndarray) -> np.ndar
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("autointerp_shared_samples", default=None)
+
+
+@contextlib.contextmanager
+def shared_samples():
+    """Inside this block `sample_latent` computes each sampling of a record once and hands the same LatentSample to
+    every later caller (the job's units: warm-up, explainer, each scorer of one latent — four calls, one sampling).
+    Keyed by the record and pool objects (held, so their ids stay theirs), config, seed, explain_negatives and
+    exclude_ids; a call whose `exclude_ids` are all windows of the explainer set of the sampling without them gets
+    that sampling (excluding them changes no set: they are never test windows or negatives anyway). Contextvars
+    carry the block into tasks and `asyncio.to_thread`; pass `contextvars.copy_context().run` to other executors."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def sample_latent(
     record: LatentRecord,
     config: SamplingConfig = SamplingConfig(),
@@ -399,7 +419,27 @@ def sample_latent(
 ) -> LatentSample | Skipped:
     """The explainer/test/negative sets of one latent. `exclude_ids` (e.g. the window ids an explanation was
     made from) never enter the test set, whatever config produced them. `explain_negatives=False` leaves the
-    contrastive explainer's negatives empty (and the explainer windows unembedded); no other set changes."""
+    contrastive explainer's negatives empty (and the explainer windows unembedded); no other set changes.
+    Within `shared_samples()` a repeated sampling is computed once."""
+    memo = _SHARED.get()
+    if memo is None:
+        return _sample_latent(record, config, seed, pool, exclude_ids, explain_negatives)
+    exclude = frozenset(int(i) for i in exclude_ids)
+    base = (id(record), id(pool), config, int(seed), bool(explain_negatives))
+    for key in ((base, exclude), (base, frozenset())):
+        hit = memo.get(key)
+        if hit is not None and hit[0] is record and hit[1] is pool:
+            s = hit[2]
+            if key[1] == exclude or (isinstance(s, LatentSample)
+                                     and exclude <= {int(i) for i in s.explain.window_ids}):
+                return s
+    s = _sample_latent(record, config, seed, pool, exclude, explain_negatives)
+    memo[(base, exclude)] = (record, pool, s)
+    return s
+
+
+def _sample_latent(record: LatentRecord, config: SamplingConfig, seed: int, pool: NegativePool | None,
+                   exclude_ids: Iterable[int], explain_negatives: bool) -> LatentSample | Skipped:
     cfg = config
     keys = lambda ex, salt: window_keys(ex.window_ids, seed, record.latent, salt)  # noqa: E731
     n_q = cfg.n_quantiles

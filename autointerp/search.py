@@ -267,7 +267,7 @@ def index_path(store: Store, embedder: str) -> Path:
     from sqlalchemy.engine import make_url
 
     from .paths import cache_root
-    from .jobs.spec import digest
+    from .names import digest
 
     u = make_url(store.url)
     tag = digest(embedder)[:8]

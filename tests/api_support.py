@@ -167,8 +167,27 @@ def build_env(subject, tmp_root: Path) -> dict:
                 "skipped": None, "parsed": True, "examples_used": [], "usage": {}, "cost_usd": 0.0})
     store.create_api_key("tests", API_KEY)
     _ENV["env"] = {"root": root, "cache": cache, "cache2": cache2, "url": url, "store": store, **info,
-                   "dictionary2": d2, "key": API_KEY}
+                   "dictionary2": d2, "key": API_KEY, "payload_latents": payload_latents(cache, info["explained"])}
     return _ENV["env"]
+
+
+def payload_latents(cache, first: list[int], want: int = 3, n_top: int = 20) -> dict[int, str]:
+    """{latent: a whole XSS payload (one with markup) found in one of its first `n_top` top contexts, the ones the
+    latent page shows}: explained latents first, then other alive ones. A payload sits in every fifth document of
+    the corpus, so such latents exist; the web test's XSS check relies on them, hence the assertion here."""
+    found: dict[int, str] = {}
+    order = list(first) + [int(i) for i in cache.alive_latents() if int(i) not in set(first)]
+    for i in order:
+        for w in cache.record(i).top.tokens[:n_top]:
+            text = "".join(cache._decode(w.tolist()))
+            hit = next((p for p in XSS[:3] if p in text), None)
+            if hit:
+                found[i] = hit
+                break
+        if len(found) >= want:
+            break
+    assert found, "no latent's top contexts hold an XSS payload: the corpus or the extraction changed"
+    return found
 
 
 @pytest.fixture(scope="session")

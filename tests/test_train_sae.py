@@ -8,6 +8,7 @@ import torch
 from autointerp.dictionaries import load_dictionary
 from autointerp.errors import ConfigError
 from autointerp.train_sae import train_topk_sae
+from needs import SPARSIFY, has_module, need
 
 FAST = dict(steps=300, lr=3e-3, batch_size=256, num_threads=1)
 
@@ -80,7 +81,8 @@ def test_bad_arguments(tmp_path):
 
 
 def test_loadable_by_eleutherai_sparsify(trained):
-    sparse_coder = pytest.importorskip("sparsify.sparse_coder", reason="EleutherAI sparsify not installed (eai-sparsify)")
+    need(has_module("sparsify"), SPARSIFY)
+    from sparsify import sparse_coder
     x, r = trained
     ref = sparse_coder.SparseCoder.load_from_disk(r.path)
     with torch.no_grad():

@@ -13,8 +13,36 @@ from pathlib import Path
 import pytest
 
 from api_support import API_KEY, XSS, api_env, api_server, http  # noqa: F401 (fixtures)
+from needs import need
 
-SHOTS = Path(os.environ.get("AUTOINTERP_SCREENSHOTS", "/tmp/autointerp-screenshots"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where the screenshots go: $AUTOINTERP_SCREENSHOTS when set (to keep them), else this run's temporary folder."""
+    keep = os.environ.get("AUTOINTERP_SCREENSHOTS")
+    path = Path(keep) if keep else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _shot(drv, path: Path) -> bytes:
+    """Write the window's screenshot to `path`; it is a PNG of the window's size showing more than a blank page."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    drv.get_screenshot_as_file(str(path))
+    png = path.read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000, path
+    img = Image.open(io.BytesIO(png))
+    size = drv.execute_script("return [window.innerWidth, window.innerHeight]")
+    assert list(img.size) == size, (img.size, size)
+    colours = np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)
+    assert len(colours) > 16, f"{path}: a nearly blank page ({len(colours)} colours)"
+    return png
 
 
 def _chromium() -> tuple[str, str] | None:
@@ -26,8 +54,7 @@ def _chromium() -> tuple[str, str] | None:
 @pytest.fixture(scope="module")
 def browser():
     found = _chromium()
-    if found is None:
-        pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver; scripts/test.sh does)")
+    need(found is not None, "headless Chromium (apt-get install chromium chromium-driver; scripts/test.sh does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -65,7 +92,7 @@ def _orange_pixels(png: bytes) -> int:
     return int(((r > 200) & (g > 120) & (g < 235) & (b < 200) & (r - b > 60)).sum())
 
 
-def test_feature_page_highlights_tokens_and_hover_shows_values(browser, api_server, api_env):
+def test_feature_page_highlights_tokens_and_hover_shows_values(browser, api_server, api_env, shots):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -89,12 +116,11 @@ def test_feature_page_highlights_tokens_and_hover_shows_values(browser, api_serv
     tip = browser.execute_script("return getComputedStyle(arguments[0], '::after').content", strongest)
     assert tip.strip('"') == strongest.get_attribute("data-act") == strongest.get_attribute("title")
     # the screenshot really shows highlighted tokens
-    SHOTS.mkdir(parents=True, exist_ok=True)
     browser.execute_script("window.scrollTo(0, 0)")
-    png = browser.get_screenshot_as_png()
-    (SHOTS / "feature_page.png").write_bytes(png)
-    box = top.screenshot_as_png
-    (SHOTS / "feature_contexts.png").write_bytes(box)
+    assert _orange_pixels(_shot(browser, shots / "feature_page.png")) > 200
+    top.screenshot(str(shots / "feature_contexts.png"))
+    box = (shots / "feature_contexts.png").read_bytes()
+    assert box.startswith(PNG_MAGIC)
     assert _orange_pixels(box) > 200, "no highlight colour in the rendered contexts"
     # explanations with their score table, the histogram
     table = browser.find_element(By.CSS_SELECTOR, "table.expls")
@@ -111,25 +137,27 @@ def test_xss_payloads_from_corpus_and_explanations_are_inert(browser, api_server
     hostile = api_env["explained"][0]  # its explanation is an XSS payload; the corpus holds all of them
     pages = [f"/d/{pk}/{hostile}", f"/d/{pk}", f"/d/{pk}?explained=yes&sort=score&order=desc",
              "/search?q=script&mode=keyword", "/search?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E&mode=keyword", "/"]
+    # latents whose top contexts hold a whole payload from the corpus (the fixture asserts some exist)
+    payloads = api_env["payload_latents"]
+    assert payloads
+    pages += [f"/d/{pk}/{i}" for i in payloads]
     for p in pages:
         browser.get(api_server.url + p)
         _no_xss(browser)
-        assert not browser.find_elements(By.CSS_SELECTOR, "main script, main img[src='x'], main svg[onload]")
+        assert not browser.find_elements(By.CSS_SELECTOR, "script:not([src]), img[src='x'], svg[onload], [onerror]")
     browser.get(f"{api_server.url}/d/{pk}/{hostile}")
     assert XSS[0] in browser.find_element(By.CSS_SELECTOR, "p.headline").text  # shown as text
-    # a context of the hostile corpus shows the payload's characters as text
-    all_text = " ".join(c.text for c in browser.find_elements(By.CSS_SELECTOR, ".ctx"))
-    latents_with_payload = [i for i in api_env["explained"] if "<" in "".join(
-        api_env["cache"]._decode(api_env["cache"].record(i).top.tokens[0].tolist()))]
-    if latents_with_payload:
-        browser.get(f"{api_server.url}/d/{pk}/{latents_with_payload[0]}")
-        all_text = " ".join(c.text for c in browser.find_elements(By.CSS_SELECTOR, ".ctx"))
-        assert "<" in all_text
+    _no_xss(browser)
+    # each payload of the corpus is shown character for character, as text, in its latent's contexts
+    for i, payload in payloads.items():
+        browser.get(f"{api_server.url}/d/{pk}/{i}")
+        shown = browser.execute_script("return Array.from(document.querySelectorAll('#top-examples .ctx'))"
+                                       ".map(c => c.textContent).join('\\n')")
+        assert payload in shown, (i, payload, shown[:500])
         _no_xss(browser)
-    assert all_text is not None
 
 
-def test_dictionary_overview_sorts_and_filters(browser, api_server, api_env):
+def test_dictionary_overview_sorts_and_filters(browser, api_server, api_env, shots):
     from selenium.webdriver.common.by import By
 
     pk = api_env["dictionary"]["id"]
@@ -166,11 +194,11 @@ def test_dictionary_overview_sorts_and_filters(browser, api_server, api_env):
     assert rows and len(rows) < len(api_env["explained"])
     for r in rows:
         assert float(r.find_elements(By.TAG_NAME, "td")[3].text) >= 0.7
-    (SHOTS / "dictionary_page.png").write_bytes(browser.get_screenshot_as_png())
+    _shot(browser, shots / "dictionary_page.png")
     _no_xss(browser)
 
 
-def test_search_page(browser, api_server, api_env):
+def test_search_page(browser, api_server, api_env, shots):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -185,11 +213,11 @@ def test_search_page(browser, api_server, api_env):
     rows[0].find_element(By.TAG_NAME, "a").click()
     WebDriverWait(browser, 30).until(lambda drv: "/d/" in drv.current_url)
     assert "Latent" in browser.find_element(By.TAG_NAME, "h1").text
-    (SHOTS / "search_page.png").parent.mkdir(parents=True, exist_ok=True)
+    _shot(browser, shots / "search_page.png")
     _no_xss(browser)
 
 
-def test_compare_page_shows_pairs_side_by_side(browser, api_server, api_env):
+def test_compare_page_shows_pairs_side_by_side(browser, api_server, api_env, shots):
     from selenium.webdriver.common.by import By
 
     from autointerp.store.queries import T_CMP
@@ -209,12 +237,12 @@ def test_compare_page_shows_pairs_side_by_side(browser, api_server, api_env):
     assert len(rows) == 2 and rows[0].find_element(By.CSS_SELECTOR, "td.num").text == "0.830"
     assert "closing brackets" in rows[0].text and "commas and brackets" in rows[0].text
     assert browser.find_elements(By.CSS_SELECTOR, "svg.hist rect")
-    (SHOTS / "compare_page.png").write_bytes(browser.get_screenshot_as_png())
+    _shot(browser, shots / "compare_page.png")
 
 
-def test_job_page_shows_live_progress(browser, api_server, api_env):
+def test_job_page_shows_live_progress(browser, api_server, api_env, shots):
     """A job submitted through the API (not started), its page opened, then resumed through the API: the page's
-    bars and status move to done without a reload."""
+    status goes pending → running → done and its bars fill, all without a reload (the page's own polling)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -223,7 +251,7 @@ def test_job_page_shows_live_progress(browser, api_server, api_env):
     cache = api_env["cache"]
     latents = [int(i) for i in cache.alive_latents()[40:44]]
     key = {"X-API-Key": API_KEY}
-    with start_llm_server(judge="judges:rule_judge", models=["judge"], latency_ms=300) as srv:
+    with start_llm_server(judge="judges:rule_judge", models=["judge"], latency_ms=600) as srv:
         spec = {"dictionary": "xss-mlp2", "latents": latents, "explainer_model": f"openai:judge@{srv.base_url}",
                 "scorers": ["detection"], "hard_negatives": False,
                 "sampling": {"n_explain": 5, "n_test": 10, "n_negatives": 10, "n_explain_negatives": 0,
@@ -235,21 +263,31 @@ def test_job_page_shows_live_progress(browser, api_server, api_env):
         job = sub["job_id"]
         browser.get(f"{api_server.url}/jobs/{job}")
         assert browser.find_element(By.ID, "job-status").text == "pending"
+        assert browser.find_element(By.ID, "job-latents").text == "0 / 4"
         assert len(browser.find_elements(By.CSS_SELECTOR, "#stages .stage")) == 2
+        browser.execute_script("window.__same_page = 1")  # gone if the page reloads
         status, _, res = http("POST", f"{api_server.url}/api/v1/jobs/{job}/resume", None, key)
         assert status == 200 and res["running_here"]
-        seen = set()
+        seen: list[tuple[str, str]] = []  # (status, latents finished) as the page showed them, in order
 
         def finished(drv):
-            seen.add(drv.find_element(By.ID, "job-status").text)
-            return drv.find_element(By.ID, "job-status").text == "done"
+            now = (drv.find_element(By.ID, "job-status").text, drv.find_element(By.ID, "job-latents").text)
+            if not seen or seen[-1] != now:
+                seen.append(now)
+            return now[0] == "done"
 
-        WebDriverWait(browser, 120, poll_frequency=0.2).until(finished)
-    assert "running" in seen or "pending" in seen
+        WebDriverWait(browser, 120, poll_frequency=0.1).until(finished)
+        assert browser.execute_script("return window.__same_page") == 1, "the page reloaded instead of updating"
+    states = [s for s, _ in seen]
+    assert states[0] == "pending" and "running" in states and states[-1] == "done", seen
+    assert states == sorted(states, key=["pending", "running", "done"].index), seen  # never back
+    done = [int(x.split("/")[0]) for _, x in seen]
+    assert done == sorted(done) and done[-1] == 4, seen
+    assert browser.find_element(By.ID, "job-latents").text == "4 / 4"
     fills = [f.get_attribute("style") for f in browser.find_elements(By.CSS_SELECTOR, "#stages .fill")]
-    assert fills and all("100%" in f for f in fills)
-    assert "4 / 4" in browser.find_element(By.ID, "job-latents").text
-    (SHOTS / "job_page.png").write_bytes(browser.get_screenshot_as_png())
+    assert len(fills) == 2 and all("width: 100%" in f for f in fills), fills
+    assert browser.find_element(By.ID, "job-updated").text.startswith("Updated ")
+    _shot(browser, shots / "job_page.png")
     browser.get(f"{api_server.url}/jobs")
     assert browser.find_element(By.CSS_SELECTOR, f"#jobs a[href='/jobs/{job}']")
     time.sleep(0.1)

@@ -28,6 +28,7 @@ from autointerp.jobs import status, submit
 from autointerp.store import open_store
 from autointerp.store.store import T_EXPL, T_ITEM, T_SCORE
 from llm_server_fixture import start_llm_server
+from needs import need
 
 SMALL_SAMPLING = dict(n_explain=5, n_test=10, n_negatives=10, n_explain_negatives=0, min_explain=3, min_test=4,
                       min_negatives=4)
@@ -45,8 +46,7 @@ class RedisServer:
     """Our own redis-server (nothing on disk, like the deployment's), restartable on its port."""
 
     def __init__(self, tmp: Path):
-        if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
+        need(shutil.which("redis-server") is not None, "redis-server (apt-get install redis-server; scripts/test.sh does)")
         self.port = _free_port()
         self.tmp = tmp
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -277,11 +277,11 @@ def test_unreliable_llm_server_every_latent_done_or_failed_with_its_reason(small
         assert r.returncode == 0
 
 
-@pytest.mark.skipif(not _rabbitmq_up(), reason="RabbitMQ is not running on 127.0.0.1:5672")
 def test_rabbitmq_broker_kill_9_and_a_shared_endpoint_limit(small_cache, workers, redis_server):
     """RabbitMQ by URL: two workers share one LLM endpoint limit through Redis (at most 3 requests in flight at the
     server, where two workers × 8 latents would send many more); one worker is killed with SIGKILL; the job
     finishes exactly once."""
+    need(_rabbitmq_up(), "RabbitMQ on 127.0.0.1:5672 (apt-get install rabbitmq-server; scripts/test.sh starts it)")
     cache = small_cache
     latents = [int(i) for i in cache.alive_latents()[1000:1200]]
     prefix = workers.env["AUTOINTERP_QUEUE_PREFIX"]

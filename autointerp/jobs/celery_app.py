@@ -2,9 +2,9 @@
 thread every worker runs (see dispatch.py for the design: the database is the queue's truth, messages are work
 tokens).
 
-    autointerp worker --queues llm             # or: celery -A workers.app worker -Q llm
+    autointerp worker --queues llm             # or: celery -A autointerp.jobs.celery_app worker -Q llm
     autointerp job submit spec.json            # the workers' dispatchers see the job within AUTOINTERP_SWEEP_S
-    celery -A workers.app flower               # Flower (pip install flower), or the mher/flower image
+    celery -A autointerp.jobs.celery_app flower  # Flower (pip install flower), or the mher/flower image
 
 Broker: `AUTOINTERP_BROKER_URL` (Redis by default; RabbitMQ by amqp:// URL). No result backend: results and
 progress live in the store. Delivery settings for long tasks: acks_late (a message is acked when its task ends),

@@ -11,6 +11,7 @@ runs on one background thread (`embed_executor`), never on the event loop where 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -163,7 +164,8 @@ class JobContext:
         # the explainer windows are embedded only for the contrastive explainer's negatives (sample_latent)
         contrastive = self.spec.explainer == "contrastive"
         for sampling in samplings - {None}:
-            await loop.run_in_executor(_EMBED, functools.partial(
+            # in this context: within the unit's `shared_samples()` the explainer and scorers reuse this sampling
+            await loop.run_in_executor(_EMBED, contextvars.copy_context().run, functools.partial(
                 sample_latent, record, sampling, self.spec.seed, pool=self.pool,
                 explain_negatives=contrastive and sampling == self.explain_config.sampling))
 

@@ -10,8 +10,6 @@ key the stored explanation and score rows, so "already done" means done with the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..errors import ConfigError
 from ..explainers import EXPLAINERS, ExplainConfig, check_kind
 from ..llm.client import parse_spec
+from ..names import digest  # noqa: F401 — re-exported: job keys are digests
 from ..prompt_files import _load, prompts_dir
 from ..sampling import SamplingConfig
 from ..scorers import SCORERS
@@ -189,11 +188,6 @@ def parse_job_spec(data: dict | str | JobSpec) -> JobSpec:
         where = ".".join(str(p) for p in err["loc"]) or "spec"
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"job spec field {where}: {msg}") from None
-
-
-def digest(obj: Any) -> str:
-    raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 def model_identity(spec: str) -> str:

@@ -19,7 +19,7 @@ from ..errors import AutointerpError
 from ..explainers import Explanation, explain
 from ..llm import usage_scope
 from ..llm.base import LLMError, PermanentLLMError, Usage
-from ..sampling import Skipped
+from ..sampling import Skipped, shared_samples
 from ..store import Store, headline
 from .context import JobContext
 from .spec import STAGE_EXPLAIN, score_stage
@@ -132,7 +132,7 @@ async def run_latent(ctx: JobContext, store: Store, job_id: int, latent: int, st
     """Run a latent's leased stages. Transient LLM failures (after the client's retries) end as failed items with
     the reason; a permanent one (bad credentials, unknown model) and bad input are raised: they stop the job."""
     record = ctx.record(latent)
-    with usage_scope() as total:
+    with usage_scope() as total, shared_samples():  # the latent is sampled once for all its stages
         try:
             await ctx.warm(record)
             expl = await _explain(ctx, store, job_id, record, explainer_client)

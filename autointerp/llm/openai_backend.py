@@ -1,6 +1,11 @@
 """Backend `openai`: any OpenAI-compatible chat-completions server (vLLM, Ollama, llama.cpp, OpenRouter, OpenAI).
 
-The retry policy is ours (the openai package runs with max_retries=0):
+Requests go straight through one aiohttp session per (backend, event loop), connections kept alive: the openai
+package (and httpx under it) cost ~1.5 ms of CPU per call, a third of a job's worker CPU per latent (issue 19);
+aiohttp's C parser a fraction of that. The body, headers, per-read timeout, the proxy from the environment
+($HTTPS_PROXY, $NO_PROXY, ...) and the error mapping are those the openai package had.
+
+The retry policy is ours:
   retried  - 429 (honouring Retry-After / retry-after-ms), 408, 5xx, timeouts, connection errors, malformed
              bodies (bad JSON, no choices); exponential backoff with full jitter between attempts
              (`backoff_delay`). 408 "Request Timeout" is retried on purpose although it is a 4xx: the server
@@ -28,7 +33,7 @@ import time
 import weakref
 from typing import Any
 
-import openai
+import aiohttp
 
 from .base import ChatMessage, Completion, LLMError, PermanentLLMError, SamplingParams, TokenLogprob, Usage
 
@@ -112,7 +117,26 @@ _MODEL_MISSING = re.compile(r"model.*(not found|does not exist|not exist|unknown
 _CONTEXT_LONG = re.compile(r"context length|context window|maximum context|too many tokens|prompt is too long", re.I)
 
 
-def _error_message(e: openai.APIStatusError) -> str:
+class _StatusError(Exception):
+    """A non-2xx answer, shaped as the openai package's APIStatusError: `body` is the `error` object of a JSON body
+    (else the body), `code` its code, `message` "Error code: N - <body>"."""
+
+    def __init__(self, status: int, text: str, headers: Any):
+        text = text.strip()
+        body: Any = text
+        try:
+            body = json.loads(text)
+        except ValueError:
+            pass
+        self.message = f"Error code: {status} - {body}"
+        super().__init__(self.message)
+        self.headers = headers
+        self.status_code = status
+        self.body = body.get("error", body) if isinstance(body, dict) else body
+        self.code = self.body.get("code") if isinstance(self.body, dict) else None
+
+
+def _error_message(e: _StatusError) -> str:
     body = e.body
     if isinstance(body, dict):
         inner = body.get("error", body)
@@ -123,8 +147,28 @@ def _error_message(e: openai.APIStatusError) -> str:
     return str(e.message or e)[:500]
 
 
+def _env_proxy(url: str) -> str | None:
+    """The proxy that $HTTPS_PROXY / $HTTP_PROXY / $ALL_PROXY name for `url` (None where $NO_PROXY exempts it), read
+    once (a session that trusts the environment reads ~/.netrc on every request)."""
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all") or None
+
+
+async def _closer(session: aiohttp.ClientSession):
+    try:
+        yield
+    finally:
+        await session.close()
+
+
 class OpenAIBackend:
-    """LLMClient over the openai package. `complete` returns a Completion with usage token counts (cost 0:
+    """LLMClient over HTTP (aiohttp). `complete` returns a Completion with usage token counts (cost 0:
     pricing is applied by the wrapper in client.py)."""
 
     cost_free = False
@@ -166,9 +210,14 @@ class OpenAIBackend:
         self._logprobs_configured = supports_logprobs
         self._logprobs_seen: bool | None = None  # learned from responses when not configured
         self._max_tokens_field = "max_tokens"  # switched once if the server asks for max_completion_tokens
-        self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
+        self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession]" = (
             weakref.WeakKeyDictionary()
         )
+        self._closers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
+        self._url = f"{self.base_url}/chat/completions"
+        self._proxy = _env_proxy(self._url)
+        self._headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json",
+                         "Content-Type": "application/json"}
         self._rng = rng or random.Random()  # the jitter's source (pass a seeded one for a reproducible schedule)
 
     # ---- public -------------------------------------------------------------------------------------------
@@ -212,20 +261,29 @@ class OpenAIBackend:
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
         client = self._clients.pop(loop, None)
+        closer = self._closers.pop(loop, None)
         if client is not None:
             await client.close()
+        if closer is not None:
+            await closer.aclose()
 
     # ---- internals ----------------------------------------------------------------------------------------
 
-    def _client(self) -> openai.AsyncOpenAI:
-        # The underlying HTTP connection pool belongs to one event loop.
+    async def _client(self) -> aiohttp.ClientSession:
+        # An HTTP connection pool belongs to one event loop; its connections are kept alive between requests.
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
-        if client is None:
-            client = openai.AsyncOpenAI(
-                api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0
-            )
+        if client is None or client.closed:
+            # the timeout applies to connecting and to each read, as the openai package's (httpx's) did
+            client = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
+                connector=aiohttp.TCPConnector(limit=1000), headers=self._headers)
             self._clients[loop] = client
+            # closed at the latest when asyncio.run ends the loop (it closes the loop's async generators), so a
+            # caller that never calls aclose() leaves no "Unclosed client session" behind
+            closer = _closer(client)
+            await closer.__anext__()
+            self._closers[loop] = closer
         return client
 
     def backoff_delay(self, attempt: int, retry_after: float | None = None) -> float:
@@ -253,22 +311,22 @@ class OpenAIBackend:
         return body
 
     async def _post(self, messages: list[ChatMessage], params: SamplingParams) -> dict:
-        body = self._body(messages, params)
-        create = self._client().chat.completions.with_raw_response.create
+        body = {**self._body(messages, params), **self.extra_body}
         try:
             # Outer deadline too: the HTTP timeout is per read, a server trickling bytes could exceed it.
             async with asyncio.timeout(self.timeout + 5.0):
-                raw = await create(**body, extra_body=self.extra_body or None)
-            text = raw.text
-        except openai.APITimeoutError as e:
+                async with (await self._client()).post(self._url, data=json.dumps(body).encode(),
+                                                       proxy=self._proxy) as raw:
+                    text = await raw.text(errors="replace")
+                    if raw.status >= 400:
+                        raise _StatusError(raw.status, text, raw.headers)
+        except aiohttp.ServerTimeoutError as e:  # connect or a read took longer than `timeout`
             raise _Retry(f"timed out after {self.timeout:g}s") from e
         except TimeoutError as e:
             raise _Retry(f"no complete answer within {self.timeout + 5.0:g}s") from e
-        except openai.APIConnectionError as e:
-            raise _Retry(f"connection error: {e.__cause__ or e}") from e
-        except openai.APIResponseValidationError as e:
-            raise _Retry(f"malformed response: {e}") from e
-        except openai.APIStatusError as e:
+        except aiohttp.ClientError as e:  # connection refused/reset, a broken or truncated answer
+            raise _Retry(f"connection error: {e}") from e
+        except _StatusError as e:
             if self._wants_max_completion_tokens(e):
                 self._max_tokens_field = "max_completion_tokens"
                 return await self._post(messages, params)
@@ -281,14 +339,14 @@ class OpenAIBackend:
             raise _Retry(f"malformed response (not an object): {text[:200]!r}")
         return data
 
-    def _wants_max_completion_tokens(self, e: openai.APIStatusError) -> bool:
+    def _wants_max_completion_tokens(self, e: _StatusError) -> bool:
         return (
             e.status_code == 400
             and self._max_tokens_field == "max_tokens"
             and "max_completion_tokens" in _error_message(e)
         )
 
-    def _raise_for_status(self, e: openai.APIStatusError) -> None:
+    def _raise_for_status(self, e: _StatusError) -> None:
         status, msg = e.status_code, _error_message(e)
         where = f"{self.base_url}"
         if status in (401, 403):
@@ -305,11 +363,11 @@ class OpenAIBackend:
             code = e.code or ""
             if code == "insufficient_quota" or ("quota" in msg.lower() and "exceeded your" in msg.lower()):
                 raise PermanentLLMError(f"quota exhausted at {where}: {msg}") from e
-            raise _Retry(f"rate limited (HTTP 429): {msg}", parse_retry_after(e.response.headers)) from e
+            raise _Retry(f"rate limited (HTTP 429): {msg}", parse_retry_after(e.headers)) from e
         if status == 408:
             raise _Retry(f"server timeout (HTTP 408): {msg}") from e
         if status >= 500:
-            raise _Retry(f"server error (HTTP {status}): {msg}", parse_retry_after(e.response.headers)) from e
+            raise _Retry(f"server error (HTTP {status}): {msg}", parse_retry_after(e.headers)) from e
         if _CONTEXT_LONG.search(msg):
             raise LLMError(f"prompt too long for {self.model!r} at {where}: {msg}") from e
         raise PermanentLLMError(f"request rejected by {where} for model {self.model!r}: HTTP {status}: {msg}") from e

@@ -4,11 +4,11 @@ URL: `AUTOINTERP_DATABASE_URL` (or the `url` argument); default `sqlite:///<cach
 `postgresql://…` uses psycopg 3. SQLite runs in WAL mode with a busy timeout, so several worker processes on one
 machine write safely (each write transaction is short; readers never block writers).
 
-Schema: Alembic migrations in db/. A new, empty database is brought to the current schema on first open. An SQLite
-store at an older revision is upgraded on open, said once on stderr (it is one user's embedded file, and a release
-that adds an index should not stop the CLI). A PostgreSQL database at an older revision is refused with one line
-telling the user to run `autointerp db upgrade` (a migration of a shared database is an operator's decision, never a
-side effect of a worker starting).
+Schema: Alembic migrations in autointerp/db/ (inside the package, so a wheel carries them). A new, empty database
+is brought to the current schema on first open. An SQLite store at an older revision is upgraded on open, said once
+on stderr (it is one user's embedded file, and a release that adds an index should not stop the CLI). A PostgreSQL
+database at an older revision is refused with one line telling the user to run `autointerp db upgrade` (a migration
+of a shared database is an operator's decision, never a side effect of a worker starting).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from ..errors import ConfigError
 
 URL_ENV = "AUTOINTERP_DATABASE_URL"
-MIGRATIONS = Path(__file__).resolve().parents[2] / "db"
+MIGRATIONS = Path(__file__).resolve().parents[1] / "db"  # autointerp/db: env.py, script.py.mako, versions/
 
 
 class StoreError(ConfigError):
@@ -84,7 +84,7 @@ def alembic_config(url: str):
     from alembic.config import Config
 
     if not (MIGRATIONS / "env.py").is_file():
-        raise StoreError(f"{MIGRATIONS}: Alembic migrations not found (is autointerp installed from its source tree?)")
+        raise StoreError(f"{MIGRATIONS}: Alembic migrations not found (a broken install: reinstall autointerp)")
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

@@ -23,6 +23,7 @@ import os
 import struct
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, select
@@ -30,7 +31,9 @@ from sqlalchemy.engine import Connection
 
 from ..cache import ExampleSource, LatentCache, dense_acts
 from ..errors import ConfigError
+from ..lru import LRU
 from ..records import LatentStats
+from ..tokens import decoder_for
 from .tables import Blob, ExampleWindow, LatentExample, utcnow
 
 log = logging.getLogger(__name__)
@@ -285,5 +288,64 @@ def open_examples(dictionary: dict, store=None) -> ExampleSource | None:
     return None
 
 
-__all__ = ["StoredCache", "open_examples", "save_examples", "put_blob", "get_blob", "delete_blobs",
+_OPENED = LRU(16)
+
+
+def open_cache(dictionary: dict, store=None) -> ExampleSource | None:
+    """open_examples, kept open per process (keyed by what the row says; a re-extraction is a new key); None when
+    the examples are absent or unreadable."""
+    key = (str(dictionary.get("cache_path")), dictionary.get("id"), str(dictionary.get("n_tokens")), repr(store))
+
+    def make():
+        try:
+            return open_examples(dictionary, store)
+        except ConfigError as e:
+            log.warning("dictionary %s: examples unreadable (%s)", dictionary.get("name"), e)
+            return None
+
+    return _OPENED.get(key, make)
+
+
+def _rows(examples, decode, limit: int | None = None) -> list[dict]:
+    n = len(examples) if limit is None else min(limit, len(examples))
+    if n == 0:
+        return []
+    acts = np.round(np.asarray(examples.acts[:n], np.float64), 4)
+    peaks = acts.max(axis=1).tolist() if acts.shape[1] else [0.0] * n
+    toks = np.asarray(examples.tokens[:n]).tolist()
+    wins = np.asarray(examples.window_ids[:n]).tolist()
+    return [{"window": w, "tokens": decode(t), "token_ids": t, "acts": a, "max_act": m}
+            for w, t, a, m in zip(wins, toks, acts.tolist(), peaks)]
+
+
+def latent_examples(dictionary: dict, index: int, n_top: int = 20, n_quantiles: int = 4,
+                    per_quantile: int = 5, store=None) -> dict[str, Any] | None:
+    """{top: [...], quantiles: [{label, lo, hi, examples}], hist_edges} with decoded tokens, or None without
+    examples. Quantiles: the uniform random sample of activating windows, split by window max into equal-count
+    strata (highest first), as the explainers' quantile sampling sees them."""
+    cache = open_cache(dictionary, store)
+    if cache is None or not 0 <= index < cache.n_latents:
+        return None
+    decode = decoder_for(cache.manifest["model"])
+    rows, acts = cache.kept("top", index)
+    top = cache._examples(rows, acts)
+    srows, sacts = cache.kept("sample", index)
+    sample = cache._examples(srows, sacts)
+    quantiles = []
+    if len(sample):
+        order = np.argsort(-sample.max_acts, kind="stable")
+        for q, part in enumerate(np.array_split(order, min(n_quantiles, len(order)))):
+            if not len(part):
+                continue
+            ex = sample.take(part[np.linspace(0, len(part) - 1, min(per_quantile, len(part))).astype(int)])
+            m = sample.max_acts[part]
+            quantiles.append({"label": f"Q{q + 1}", "lo": float(m.min()), "hi": float(m.max()),
+                              "examples": _rows(ex, decode)})
+    edges = cache.hist_edges
+    return {"top": _rows(top, decode, n_top), "quantiles": quantiles,
+            "hist_edges": None if edges is None else [float(e) for e in edges], "ctx_len": cache.ctx_len,
+            "tokens_decoded": decode.tok is not None}
+
+
+__all__ = ["StoredCache", "open_examples", "open_cache", "latent_examples", "save_examples", "put_blob", "get_blob", "delete_blobs",
            "examples_in_store", "pack_latent", "unpack_latent"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -22,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
 from ..errors import ConfigError
+from ..names import dictionary_name
 from .engine import StoreError, engine_for, resolve_url
 from .tables import (ApiKey, Dictionary, Explanation, ExplanationEmbedding, Job, JobItem, Latent, Score,
                      SubjectModel, utcnow)
@@ -39,10 +39,6 @@ HEADLINE = {"detection": "balanced_accuracy", "fuzzing": "balanced_accuracy", "i
 def headline(scorer: str, metrics: dict | None) -> float | None:
     v = (metrics or {}).get(HEADLINE.get(scorer, ""))
     return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:120] or "dictionary"
 
 
 # rows of the candidate window a claim looks at: wide enough that concurrent claimers find latents nobody holds
@@ -137,7 +133,7 @@ class Store:
         n_tokens = max(1, cache.n_tokens)
         heads_file = getattr(cache, "path", None) and cache.path / "head_share.npy"  # attn_z dictionaries
         heads = np.load(heads_file).astype(np.float32) if heads_file and heads_file.is_file() else None
-        row = {"key": key, "name": name or _slug(f"{d['id'].rstrip('/').split('/')[-1]}-{m['hookpoint']}"),
+        row = {"key": key, "name": name or dictionary_name(d["id"], m["hookpoint"]),
                "dictionary_id": d["id"], "hookpoint": m["hookpoint"], "format": d.get("format", ""),
                "source": str(d.get("source", "")), "n_latents": int(d["n_latents"]), "d_in": int(d.get("d_in", 0)),
                "n_tokens": int(cache.n_tokens), "ctx_len": int(cache.ctx_len),

@@ -1,4 +1,4 @@
-"""The store's tables (sqlmodel on SQLAlchemy 2). The migrations in db/versions create exactly these.
+"""The store's tables (sqlmodel on SQLAlchemy 2). The migrations in autointerp/db/versions create exactly these.
 
 What lives where (bytes per latent in docs/design-notes.md): statistics, histograms, explanations, scores, usage and
 jobs are rows here; so are the display examples (top and quantile windows with per-token activations: one compact

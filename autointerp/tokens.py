@@ -1,0 +1,58 @@
+"""Token ids -> display strings: one memoising decoder, and one per subject model for whoever shows tokens (the
+API, exports, the CLI)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger(__name__)
+_LOCK = threading.Lock()
+
+
+class TokenDecoder:
+    """decode(ids) -> one string per token, each id decoded once per decoder: a HF `decode([id])` costs ~50 µs, and
+    a latent's prompts, embeddings and pages render ~20k tokens from a small vocabulary. Without a tokenizer a
+    token shows as `#id`."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.memo: dict[int, str] = {}
+
+    def _miss(self, i: int) -> str:
+        s = self.tok.decode([i]) if self.tok is not None else f"#{i}"
+        self.memo[i] = s
+        return s
+
+    def __call__(self, ids) -> list[str]:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        memo = self.memo
+        try:
+            return [memo[i] for i in ids]
+        except KeyError:
+            return [memo[i] if i in memo else self._miss(i) for i in ids]
+
+
+def tokenizer_for(model_spec: str):
+    """The subject model's tokenizer, or None when it cannot be loaded here (tokens then show as ids)."""
+    from .hf_loading import load_tokenizer
+
+    try:
+        return load_tokenizer(model_spec)
+    except Exception as e:  # noqa: BLE001 — a display nicety; the ids are still shown
+        log.warning("tokenizer of %s not loadable (%s): tokens are shown as ids", model_spec, e)
+        return None
+
+
+_DECODERS: dict[str, TokenDecoder] = {}
+
+
+def decoder_for(model_spec: str) -> TokenDecoder:
+    """The process's decoder for a subject model's tokens."""
+    with _LOCK:
+        d = _DECODERS.get(model_spec)
+    if d is None:
+        d = TokenDecoder(tokenizer_for(model_spec))
+        with _LOCK:
+            d = _DECODERS.setdefault(model_spec, d)
+    return d
