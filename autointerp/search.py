@@ -185,7 +185,12 @@ def keyword_search(store: Store, query: str, k: int = 20, filters: SearchFilters
             fts = text("SELECT rowid AS rowid, bm25(explanation_fts) AS rank FROM explanation_fts "
                        "WHERE explanation_fts MATCH :m").bindparams(m=match)\
                 .columns(column("rowid", Integer), column("rank", Float)).subquery("fts")
-            rows = conn.execute(_joined([T_EXPL.c.id]).join(fts, fts.c.rowid == T_EXPL.c.id).where(*cond)
+            # filters on the explanation alone: no dictionary, subject or latent row per match (foreign keys: the
+            # inner joins never drop one, the outer join never filters), a lookup saved for each of many matches
+            own = f.hookpoint is None and f.subject_model is None and f.min_frequency is None \
+                and f.max_frequency is None and f.head is None
+            base = select(T_EXPL.c.id).select_from(T_EXPL) if own else _joined([T_EXPL.c.id])
+            rows = conn.execute(base.join(fts, fts.c.rowid == T_EXPL.c.id).where(*cond)
                                 .order_by(fts.c.rank).limit(k)).scalars().all()
         else:
             tsq = func.plainto_tsquery("english", " ".join(words))

@@ -242,10 +242,12 @@ class ReadRoute(APIRoute):
         return checked
 
 
-def read_access(request: Request, key: str | None = Depends(_key_header),
-                bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def read_access(request: Request, key: str | None = Depends(_key_header),
+                      bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """async: an open read route costs no thread hop for this check; a keyed one checks the key in a thread (it may
+    query the store)."""
     if request.app.state.settings.read_key_required:
-        require_key(request, key, bearer)
+        await run_in_threadpool(require_key, request, key, bearer)
 
 
 _KINDS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",

@@ -53,6 +53,12 @@ class LatentFilter:
     head: int | None = None  # attn_z dictionaries: latents whose largest decoder-norm share is in this head
 
 
+def _dicts(result) -> list[dict]:
+    """A result's rows as dicts (column name: value); cheaper than `.mappings()` per row."""
+    keys = list(result.keys())
+    return [dict(zip(keys, r)) for r in result.all()]
+
+
 def subject_models(store: Store) -> list[dict]:
     q = (select(T_SUBJECT.c.id, T_SUBJECT.c.name, T_SUBJECT.c.created, func.count(T_DICT.c.id).label("n_dictionaries"))
          .select_from(T_SUBJECT).join(T_DICT, T_DICT.c.subject_model_id == T_SUBJECT.c.id, isouter=True)
@@ -176,13 +182,13 @@ def _page_by_score(store: Store, dictionary_pk: int, f: LatentFilter, order: str
     lat, val = lat[:limit], val[:limit]
     cols = [T_LATENT.c.index, T_LATENT.c.n_active, T_LATENT.c.frequency, T_LATENT.c.max_act, T_LATENT.c.mean_act]
     with store.tx() as conn:
-        got = {r["index"]: dict(r) for r in conn.execute(select(*cols).where(
-            T_LATENT.c.dictionary_pk == dictionary_pk, T_LATENT.c.index.in_([int(i) for i in lat]))).mappings()}
-    rows = []
-    for i, v in zip(lat.tolist(), val.tolist()):
-        if i in got:
-            rows.append({**got[i], "score": v})
-    _attach_best_explanations(store, dictionary_pk, rows)
+        got = {r["index"]: r for r in _dicts(conn.execute(select(*cols).where(
+            T_LATENT.c.dictionary_pk == dictionary_pk, T_LATENT.c.index.in_([int(i) for i in lat]))))}
+        rows = []
+        for i, v in zip(lat.tolist(), val.tolist()):
+            if i in got:
+                rows.append({**got[i], "score": v})
+        _attach_best_explanations(store, dictionary_pk, rows, conn)
     nxt = encode_cursor([rows[-1]["score"], rows[-1]["index"]]) if more and rows else None
     return rows, nxt
 
@@ -256,15 +262,17 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
     else:
         q = q.order_by(key.desc() if desc else key, T_LATENT.c.index.desc() if desc else T_LATENT.c.index)
     with store.tx() as conn:
-        rows = [dict(r) for r in conn.execute(q.limit(limit + 1)).mappings()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    if display_only:
+        rows = _dicts(conn.execute(q.limit(limit + 1)))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if not display_only:
+            _attach_best_explanations(store, dictionary_pk, rows, conn)
+    if display_only:  # `score` before the explanation's keys, as the page's rows always had them
         lat, val = best_scores(store, dictionary_pk, f.scorer)
         by = dict(zip(lat.tolist(), val.tolist()))
         for r in rows:
             r["score"] = by.get(r["index"])
-    _attach_best_explanations(store, dictionary_pk, rows)
+        _attach_best_explanations(store, dictionary_pk, rows)
     nxt = None
     if more and rows:
         last = rows[-1]
@@ -273,27 +281,36 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
     return rows, nxt
 
 
-def _attach_best_explanations(store: Store, dictionary_pk: int, rows: list[dict]) -> None:
+def _attach_best_explanations(store: Store, dictionary_pk: int, rows: list[dict], conn=None) -> None:
     """Each row gets `explanation` (the text of its best-scored explanation, else its newest) and `scores`
-    ({scorer: best headline score}) — two queries for the whole page."""
+    ({scorer: best headline score}) — one query for the whole page (each explanation joined to its valued scores;
+    `conn`: a transaction the caller already holds)."""
     if not rows:
         return
     idx = [r["index"] for r in rows]
-    with store.tx() as conn:
-        ex = conn.execute(select(T_EXPL.c.id, T_EXPL.c.latent, T_EXPL.c.text, T_EXPL.c.explainer)
-                          .where(T_EXPL.c.dictionary_pk == dictionary_pk, T_EXPL.c.latent.in_(idx),
-                                 T_EXPL.c.text.is_not(None)).order_by(T_EXPL.c.id)).all()
-        ids = [e[0] for e in ex]
-        sc = conn.execute(select(T_SCORE.c.explanation_id, T_SCORE.c.scorer, T_SCORE.c.value)
-                          .where(T_SCORE.c.explanation_id.in_(ids), T_SCORE.c.value.is_not(None))).all() if ids else []
+    q = (select(T_EXPL.c.id, T_EXPL.c.latent, T_EXPL.c.text, T_EXPL.c.explainer, T_SCORE.c.scorer, T_SCORE.c.value)
+         .select_from(T_EXPL.outerjoin(T_SCORE, and_(T_SCORE.c.explanation_id == T_EXPL.c.id,
+                                                     T_SCORE.c.value.is_not(None))))
+         .where(T_EXPL.c.dictionary_pk == dictionary_pk, T_EXPL.c.latent.in_(idx), T_EXPL.c.text.is_not(None))
+         .order_by(T_EXPL.c.id))
+    if conn is None:
+        with store.tx() as conn:
+            got = conn.execute(q).all()
+    else:
+        got = conn.execute(q).all()
+    ex: list[tuple] = []
     per_expl: dict[int, dict[str, float]] = {}
-    for eid, scorer, v in sc:
-        d = per_expl.setdefault(eid, {})
-        d[scorer] = max(v, d.get(scorer, v))
+    for eid, latent, text, explainer, scorer, v in got:
+        d = per_expl.get(eid)
+        if d is None:
+            d = per_expl[eid] = {}
+            ex.append((eid, latent, text, explainer))
+        if scorer is not None:
+            d[scorer] = max(v, d.get(scorer, v))
     best: dict[int, tuple] = {}
     scores: dict[int, dict[str, float]] = {}
     for eid, latent, text, explainer in ex:
-        s = per_expl.get(eid, {})
+        s = per_expl[eid]
         mean = sum(s.values()) / len(s) if s else -1.0
         # baselines (random, token_frequency) never stand for a latent when an LLM explanation exists
         baseline = explainer in ("random", "token_frequency")
