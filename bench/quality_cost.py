@@ -5,6 +5,7 @@ machine noise hits both alike; with --repeats R the medians over R runs of each 
 
     python bench/quality_cost.py                       # 100k tokens (extract's default), 1 run per mode
     python bench/quality_cost.py --n-tokens 200000 --repeats 3
+    python bench/quality_cost.py --dictionary topk-neurons:32 --hookpoint mlp_neurons.2   # the unfavourable case
 
 Reported: seconds per run, the quality pass's own seconds (manifest "quality"."seconds"), and the pass's cost as a
 fraction of the extraction without it, two ways: the difference of the wall times, and the pass's own seconds.
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--n-tokens", type=int, default=100_000, help="extract's --n-tokens (its default: 100000)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per mode; medians are compared")
     ap.add_argument("--dictionary", default="builtin:demo", help="a checkpoint (default: the demo SAE, trained once)")
+    ap.add_argument("--hookpoint", default=None, help="where the dictionary reads (needed for neurons); a shallow "
+                    "one is the unfavourable case: extraction stops there, the pass runs the whole model")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
 
@@ -39,7 +42,7 @@ def main() -> None:
     dictionary = str(ensure_demo_dictionary(subject, progress=False)) if args.dictionary == "builtin:demo" \
         else args.dictionary
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: first-call costs (kernels, tokenizer) hit neither mode
-        extract(subject, dictionary, None, "builtin", tmp, n_tokens=2048, progress=False)
+        extract(subject, dictionary, args.hookpoint, "builtin", tmp, n_tokens=2048, progress=False)
     runs: dict[bool, list[float]] = {False: [], True: []}
     quality_s: list[float] = []
     block = None
@@ -47,7 +50,8 @@ def main() -> None:
         for quality in ((False, True) if r % 2 == 0 else (True, False)):
             with tempfile.TemporaryDirectory() as tmp:
                 t = time.perf_counter()
-                (cache,) = extract(subject, dictionary, None, "builtin", tmp, n_tokens=args.n_tokens, progress=False,
+                (cache,) = extract(subject, dictionary, args.hookpoint, "builtin", tmp, n_tokens=args.n_tokens,
+                                   progress=False,
                                    quality=quality)
                 runs[quality].append(time.perf_counter() - t)
                 if quality:
