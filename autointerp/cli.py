@@ -1012,6 +1012,141 @@ def compare_cmd(
     _print_comparison(r, show)
 
 
+def _corpus_reader(dictionary: str, model: str, hookpoint: Optional[str], device: Optional[str]):
+    """(reader, store, stored dictionary row or None): a dictionary of the store reads with the model and checkpoint
+    it was extracted with (results are stored); anything else is a checkpoint read with --model (not stored)."""
+    from .corpus_latents import LatentReader
+    from .store import open_store
+
+    store = open_store()
+    if _in_store(store, dictionary):
+        row = store.dictionary(dictionary)
+        return LatentReader.from_store(store, dictionary, device), store, row
+    return LatentReader.from_specs(model, dictionary, hookpoint, device), store, None
+
+
+def _corpus_spec(source: str, text_column: str, split: str):
+    from .corpus import CorpusSpec
+
+    return CorpusSpec(source=source, text_column=text_column, split=split)
+
+
+_D_HELP = ("Dictionary: a store name (reads with the model and checkpoint of its extraction; results are stored) or a "
+           "checkpoint / neurons / topk-neurons:K read with --model at --hookpoint (results printed, not stored).")
+
+
+@app.command("embed-docs")
+@_friendly
+def embed_docs_cmd(
+    corpus: str = typer.Argument(..., help="builtin, builtin:code, a .txt/.jsonl/.parquet file or folder, or hf:NAME."),
+    out: Path = typer.Option(..., "--out", "-o", help="Parquet file to write (one row per document)."),
+    dictionary: str = typer.Option(..., "--dictionary", "-d", help=_D_HELP),
+    model: str = typer.Option("builtin:smollm2", help="Subject model for a checkpoint that is not in the store."),
+    hookpoint: Optional[str] = typer.Option(None, help="Hookpoint for a checkpoint that is not in the store."),
+    max_docs: Optional[int] = typer.Option(None, min=1, help="Documents to read (default: all)."),
+    max_tokens: int = typer.Option(256, min=1, help="Tokens read per document (a longer one is cut there)."),
+    batch_size: int = typer.Option(16, min=1, help="Documents per forward pass."),
+    text_column: str = typer.Option("text", help="Text column of .jsonl/.parquet/HF corpora."),
+    split: str = typer.Option("train", help="HF dataset split."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, … (default: CUDA when present)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Per-document SAE embeddings of a corpus, in its file order, streamed to parquet: for each document the
+    latents that fire (the binarised embedding) with their max- and mean-pooled activations and token counts."""
+    from .corpus_latents import embed_docs
+
+    reader, _, _ = _corpus_reader(dictionary, model, hookpoint, device)
+    s = embed_docs(reader, _corpus_spec(corpus, text_column, split), out, max_docs=max_docs, max_tokens=max_tokens,
+                   batch_size=batch_size, progress=progress)
+    typer.echo(f"wrote {s['documents']} documents ({s['tokens']} tokens, {s['mean_active_latents']:.1f} active "
+               f"latents per document) to {s['path']}")
+
+
+@app.command("diff")
+@_friendly
+def diff_cmd(
+    corpus_a: str = typer.Argument(..., help="Corpus A (as extract's --corpus)."),
+    corpus_b: str = typer.Argument(..., help="Corpus B."),
+    dictionary: str = typer.Option(..., "--dictionary", "-d", help=_D_HELP),
+    model: str = typer.Option("builtin:smollm2", help="Subject model for a checkpoint that is not in the store."),
+    hookpoint: Optional[str] = typer.Option(None, help="Hookpoint for a checkpoint that is not in the store."),
+    max_docs: Optional[int] = typer.Option(2000, min=1, help="Documents read from each side."),
+    max_tokens: int = typer.Option(256, min=1, help="Tokens read per document."),
+    top: int = typer.Option(20, min=1, max=500, help="Latents reported (largest |firing-rate difference| first)."),
+    alpha: float = typer.Option(0.05, min=0.0, max=1.0, help="False-discovery rate for 'significant'."),
+    batch_size: int = typer.Option(16, min=1, help="Documents per forward pass."),
+    text_column: str = typer.Option("text", help="Text column of .jsonl/.parquet/HF corpora."),
+    split: str = typer.Option("train", help="HF dataset split."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, … (default: CUDA when present)."),
+    as_json: bool = typer.Option(False, "--json", help="The result as JSON."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Which latents fire in more documents of A than of B (and the reverse): ranked by firing-rate difference,
+    with a two-proportion z-test and Benjamini–Hochberg q-values, each latent's explanation and its best documents
+    on both sides. Stored (see /analyses) when the dictionary is in the store."""
+    from .corpus_latents import Side, format_diff, run_diff
+
+    reader, store, row = _corpus_reader(dictionary, model, hookpoint, device)
+    r = run_diff(reader, Side(corpus_a, _corpus_spec(corpus_a, text_column, split)),
+                 Side(corpus_b, _corpus_spec(corpus_b, text_column, split)), store=store,
+                 dictionary_pk=row["id"] if row else None, max_docs=max_docs, max_tokens=max_tokens, top=top,
+                 alpha=alpha, batch_size=batch_size, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(r, default=str))
+        return
+    for line in format_diff(r):
+        typer.echo(line)
+
+
+@app.command("separability")
+@_friendly
+def separability_cmd(
+    sources: List[str] = typer.Argument(..., help="A JSONL of {text, label} (one file), or two corpora: the "
+                                                  "concept's texts, then the others."),
+    dictionary: str = typer.Option(..., "--dictionary", "-d", help=_D_HELP),
+    concept: Optional[str] = typer.Option(None, help="The concept's label (JSONL with more than two labels)."),
+    model: str = typer.Option("builtin:smollm2", help="Subject model for a checkpoint that is not in the store."),
+    hookpoint: Optional[str] = typer.Option(None, help="Hookpoint for a checkpoint that is not in the store."),
+    max_docs: int = typer.Option(1000, min=1, help="Documents read from each of two corpora."),
+    max_tokens: int = typer.Option(256, min=1, help="Tokens read per document."),
+    top: int = typer.Option(20, min=1, max=500, help="Latents printed."),
+    label_column: str = typer.Option("label", help="Label field of the JSONL."),
+    text_column: str = typer.Option("text", help="Text field/column."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, … (default: CUDA when present)."),
+    as_json: bool = typer.Option(False, "--json", help="The summary and top latents as JSON."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Concept separability per latent: the Jensen–Shannon distance between the latent's max-activation
+    distributions on the concept's texts and on the others (0 blind … 1 perfectly separating). Stored as the
+    `separability` statistic of each latent (sortable on the latents page) when the dictionary is in the store."""
+    from .corpus import iter_documents
+    from .corpus_latents import format_separability, read_labelled, run_separability
+    from .errors import ConfigError
+
+    if len(sources) == 1:
+        texts, labels = read_labelled(sources[0], text_column, label_column)
+    elif len(sources) == 2:
+        texts, labels = [], []
+        for src, lab in zip(sources, ("concept", "other")):
+            docs = iter_documents(_corpus_spec(src, text_column, "train"), ordered=True)
+            got = [t for _, t in zip(range(max_docs), docs)]
+            docs.close()
+            texts += got
+            labels += [lab] * len(got)
+        concept = "concept"
+    else:
+        raise ConfigError(f"separability: expected one labelled JSONL or two corpora (got {len(sources)} arguments)")
+    reader, store, row = _corpus_reader(dictionary, model, hookpoint, device)
+    r = run_separability(reader, texts, labels, concept, store=store, dictionary_pk=row["id"] if row else None,
+                         title=" vs ".join(sources) if len(sources) == 2 else "", max_tokens=max_tokens, top=top,
+                         progress=progress)
+    if as_json:
+        typer.echo(json.dumps({k: r[k] for k in ("id", "summary", "rows", "params")}, default=str))
+        return
+    for line in format_separability(r):
+        typer.echo(line)
+
+
 def _in_store(store, *refs: str) -> bool:
     """Whether every ref names a dictionary of the store (else: checkpoints)."""
     from .errors import ConfigError
@@ -1049,6 +1184,72 @@ def _print_comparison(r: dict, show: int) -> None:
         typer.echo(f"  {'quality':<34} {'A':>12} {'B':>12}")
         for label, (va, vb) in rows:
             typer.echo(f"  {label:<34} {format_value(va):>12} {format_value(vb):>12}")
+
+
+@app.command("steer")
+@_friendly
+def steer_cmd(
+    dictionary: str = typer.Argument(..., help="Store dictionary (name, key or id) or cache folder; with --model, a "
+                                               "checkpoint (folder/file, hub id, 'neurons' or 'topk-neurons:K')."),
+    prompt: str = typer.Option("The most important thing is", help="Prompt to complete."),
+    latent: List[int] = typer.Option(..., "--latent", "-l", help="Latent index to edit (repeatable: several at "
+                                                                 "once; a signed dictionary's units are its poles)."),
+    mode: List[str] = typer.Option(["add"], "--mode", help="add (the unit decoder direction × strength × value × the "
+                                                         "median activation norm), clamp (the code set to strength "
+                                                         "× value at every position) or ablate (the direction "
+                                                         "projected out); one for all latents or one per --latent."),
+    value: Optional[List[float]] = typer.Option(None, "--value", help="add: weight (default 1); clamp: the code "
+                                                                    "(default 0); one for all or one per --latent."),
+    strength: Optional[List[float]] = typer.Option(None, "--strength", "-s", help="Strengths (repeatable; 0 = clean). "
+                                                   "Default 0 0.5 1 2 with an add edit, else 0 1."),
+    max_new_tokens: int = typer.Option(24, min=1, help="Tokens to generate per completion."),
+    model: Optional[str] = typer.Option(None, help="Subject model when DICTIONARY is a checkpoint (default: the "
+                                                   "cache's)."),
+    hookpoint: Optional[str] = typer.Option(None, help="Hookpoint of a checkpoint (default: what it names)."),
+    loss_corpus: Optional[str] = typer.Option(None, help="Also print the next-token loss on this corpus (extract's "
+                                                         "sources) clean and under the edits at each strength."),
+    loss_tokens: int = typer.Option(4096, min=2, help="Tokens of --loss-corpus."),
+    ctx_len: int = typer.Option(64, help="Window length of --loss-corpus in tokens (BOS included)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: CUDA when present)."),
+    progress: bool = typer.Option(True, help="Show a progress bar over --loss-corpus."),
+):
+    """Greedy completions of a prompt with latents added, clamped or ablated at each strength; with --loss-corpus
+    the corpus's next-token loss clean vs edited."""
+    from .corpus import CorpusSpec
+    from .scorers.intervention import steer_loss, steering_target
+
+    edits = _steer_edits(latent, mode, value or [])
+    loss_spec = CorpusSpec(loss_corpus, ctx_len=ctx_len, n_tokens=loss_tokens) if loss_corpus else None
+    if loss_spec:
+        loss_spec.validate()
+    target = steering_target(dictionary, model=model, hookpoint=hookpoint, device=device, edits=edits,
+                             label="--latent")
+    strengths = strength or ([0.0, 0.5, 1.0, 2.0] if any(e.mode == "add" for e in edits) else [0.0, 1.0])
+    typer.echo(f"{target.hookpoint.name} (median norm {target.norm:.1f}): "
+               + ", ".join(f"#{e.latent} {e.mode}" + ("" if e.mode == "ablate" else f" {e.value:g}") for e in edits))
+    for row in target.sweep(prompt, edits, strengths, max_new_tokens):
+        typer.echo(f"  strength {row['strength']:g}: {json.dumps(prompt + row['completion'])}")
+    if loss_spec:
+        loss = steer_loss(target, loss_spec, edits, [s for s in strengths if s], progress=progress)
+        typer.echo(f"next-token loss on {loss_corpus} ({loss.n_tokens} tokens): clean {loss.clean:.4f}")
+        for s, v in loss.intervened.items():
+            typer.echo(f"  strength {s:g}: {v:.4f} ({v - loss.clean:+.4f})")
+
+
+def _steer_edits(latents: list[int], modes: list[str], values: list[float]):
+    """--latent/--mode/--value as edits: a mode or value given once holds for every latent."""
+    from .errors import ConfigError
+    from .scorers.intervention import STEER_DEFAULT_VALUE, steer_edit
+
+    for m in modes:
+        if m not in STEER_DEFAULT_VALUE:
+            raise ConfigError(f"--mode {m!r}: expected one of {', '.join(STEER_DEFAULT_VALUE)}")
+    for name, given in (("--mode", modes), ("--value", values)):
+        if len(given) > 1 and len(given) != len(latents):
+            raise ConfigError(f"{name}: give one for all latents or one per --latent ({len(latents)}), "
+                              f"not {len(given)}")
+    pick = lambda xs, i: (xs[i] if len(xs) > 1 else xs[0]) if xs else None  # noqa: E731
+    return [steer_edit(j, pick(modes, i), pick(values, i)) for i, j in enumerate(latents)]
 
 
 def main() -> None:  # pragma: no cover

@@ -191,7 +191,7 @@ def _buffer_shuffle(docs: Iterator[str], seed: int, size: int = SHUFFLE_BUFFER) 
     yield from buf
 
 
-def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
+def _hf_documents(spec: CorpusSpec, ordered: bool = False) -> Iterator[str]:
     import datasets
 
     name = spec.source[3:]
@@ -202,7 +202,8 @@ def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
         ds = datasets.load_dataset(name, config, split=spec.split, streaming=True)
     except Exception as e:
         raise ConfigError(f"corpus {spec.source}: could not load split {spec.split!r} ({str(e).splitlines()[0]})") from None
-    ds = ds.shuffle(seed=spec.seed, buffer_size=10_000)
+    if not ordered:
+        ds = ds.shuffle(seed=spec.seed, buffer_size=10_000)
     first = True
     for row in ds:
         if first:
@@ -215,17 +216,22 @@ def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
             yield text
 
 
-def iter_documents(spec: CorpusSpec) -> Iterator[str]:
+def iter_documents(spec: CorpusSpec, ordered: bool = False) -> Iterator[str]:
+    """The corpus's non-empty documents, shuffled by `spec.seed` (what windows are cut from) or, `ordered`, in
+    their file order (per-document outputs, whose rows a user maps back to the input)."""
     if spec.source.startswith("hf:"):
-        yield from _hf_documents(spec)
+        yield from _hf_documents(spec, ordered)
         return
     if spec.source == "builtin" or spec.source.startswith("builtin:"):
         # already in memory (shipped with Python, a few MB): the full shuffle costs nothing extra
         docs = [d for d in _builtin_documents(spec.source.split(":", 1)[1] if ":" in spec.source else "docs")
                 if d.strip()]
-        random.Random(spec.seed).shuffle(docs)
+        if not ordered:
+            random.Random(spec.seed).shuffle(docs)
     else:
-        docs = _buffer_shuffle((d for d in _file_documents(spec) if d.strip()), spec.seed)
+        docs = (d for d in _file_documents(spec) if d.strip())
+        if not ordered:
+            docs = _buffer_shuffle(docs, spec.seed)
     empty = True
     for d in docs:
         empty = False

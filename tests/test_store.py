@@ -156,7 +156,7 @@ def test_a_store_older_than_the_code_says_how_to_upgrade(store_url, capfd):
     if store_url.startswith("sqlite"):
         capfd.readouterr()
         store = open_store()
-        assert store.dictionaries() == [] and current_revision(store.engine) == head == "0006"
+        assert store.dictionaries() == [] and current_revision(store.engine) == head == "0007"
         assert f"upgraded the store {url} from schema 0001 to 0006" in capfd.readouterr().err
         with store.engine.connect() as conn:
             assert {"ix_latent_max_act", "ix_latent_mean_act"} <= {i["name"] for i in inspect(conn).get_indexes("latent")}

@@ -207,6 +207,35 @@ class Comparison(SQLModel, table=True):
     created: datetime = Field(default_factory=utcnow)
 
 
+class Analysis(SQLModel, table=True):
+    """A corpus-level result on one dictionary (autointerp.corpus_latents): a dataset diff or a separability run."""
+
+    __tablename__ = "analysis"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=50)  # diff | separability
+    dictionary_pk: int = Field(foreign_key="dictionary.id", index=True)
+    title: str = Field(max_length=500)  # "corpusA vs corpusB"
+    params: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    summary: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    result: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    created: datetime = Field(default_factory=utcnow)
+
+
+class LatentStat(SQLModel, table=True):
+    """A number per latent that scores no explanation (separability, random-token firing rate): sortable and a filter."""
+
+    __tablename__ = "latent_stat"
+    __table_args__ = (Index("ix_latent_stat_value", "dictionary_pk", "stat", "value"),)
+    dictionary_pk: int = Field(foreign_key="dictionary.id", primary_key=True)
+    latent: int = Field(primary_key=True)
+    stat: str = Field(max_length=50, primary_key=True)
+    stat_key: str = Field(max_length=64, primary_key=True)  # hash of the settings that made it
+    value: Optional[float] = None
+    details: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    analysis_id: Optional[int] = None  # the analysis that made it
+    created: datetime = Field(default_factory=utcnow)
+
+
 class ApiKey(SQLModel, table=True):
     __tablename__ = "api_key"
     id: Optional[int] = Field(default=None, primary_key=True)
