@@ -151,3 +151,40 @@ def test_steering_sweep(api_server, api_env, shared_subject):
     s, _, body = http("POST", api_server.url + "/api/v1/steer",
                       {"dictionary": "xss-mlp2", "latent": 10 ** 6, "prompt": "x"}, KEY)
     assert s == 404 and "out of range" in body["detail"]
+
+
+def test_diff_endpoint_stores_what_the_library_computes(api_server, api_env, shared_subject):
+    """POST /diffs = corpus_latents.diff on the same texts (ranking, rates, examples), stored and listed; the
+    analysis and its page read back; bad input is a 422 naming the field."""
+    from autointerp.api import runtime
+    from autointerp.corpus_latents import Side, diff
+
+    code = ["def parse(x):\n    return int(x) + 1", "for i in range(10):\n    print(i, end=', ')",
+            "class A:\n    def f(self):\n        return [1, 2]"]
+    prose = ["The committee met on Tuesday to discuss the budget.", "Rivers carry sediment to the sea.",
+             "She poured the coffee and read the letter twice.", "Prices rose by 3 percent in March."]
+    body = {"dictionary": "xss-mlp2", "texts_a": code * 3, "texts_b": prose * 3, "label_a": "code",
+            "label_b": "prose", "top": 6, "max_tokens": 48}
+    s, _, out = http("POST", api_server.url + "/api/v1/diffs", body, KEY, timeout=300)
+    assert s == 201, out
+    assert out["kind"] == "diff" and out["title"] == "code vs prose" and out["summary"]["docs_a"] == 9
+    reader = runtime.reader_for(api_env["dictionary"], None, api_env["store"])
+    want = diff(reader, Side("code", texts=code * 3), Side("prose", texts=prose * 3), top=6, max_tokens=48,
+                progress=False)
+    got = out["result"]["rows"]
+    assert [r["latent"] for r in got] == [r["latent"] for r in want["rows"]]
+    assert [r["rate_a"] for r in got] == [r["rate_a"] for r in want["rows"]]
+    assert got[0]["examples_a"][0]["tokens"] == want["rows"][0]["examples_a"][0]["tokens"]
+    s, _, listed = http("GET", api_server.url + "/api/v1/analyses?kind=diff&dictionary=xss-mlp2")
+    assert s == 200 and out["id"] in [a["id"] for a in listed] and all("result" not in a or a["result"] is None
+                                                                      for a in listed)
+    s, _, one = http("GET", api_server.url + f"/api/v1/analyses/{out['id']}")
+    assert s == 200 and one["result"]["rows"] == got
+    s, _, page = http("GET", api_server.url + f"/analyses/{out['id']}")
+    assert s == 200 and b"code vs prose" in page and page.count(b'class="diff-row"') == len(got)
+    s, _, err = http("POST", api_server.url + "/api/v1/diffs", {**body, "texts_a": []}, KEY)
+    assert s == 422 and err["field"].startswith("texts_a")
+    s, _, err = http("POST", api_server.url + "/api/v1/diffs", {**body, "dictionary": "nope"}, KEY)
+    assert s == 404
+    s, _, _ = http("GET", api_server.url + "/api/v1/analyses/999999")
+    assert s == 404

@@ -198,6 +198,42 @@ def test_stored_separability_equals_jensenshannon_on_the_stored_histograms(small
     # a rerun with the same settings replaces its statistics, never duplicates them
     CliRunner().invoke(app, ["separability", str(path), "-d", "mlp2", "--concept", "code", "--no-progress"])
     assert len(latent_stats(store, store.dictionary("mlp2")["id"], stat="separability")) == len(stats)
+    _separability_sorts_and_filters(store, stats)
+
+
+def _separability_sorts_and_filters(store, stats):
+    """The statistic is a sort key and a filter of the latent list: the store query, the API and the page."""
+    from api_support import ApiServer, http
+    from autointerp.api import Settings
+    from autointerp.errors import ConfigError
+    from autointerp.store.queries import LatentFilter, list_latents
+
+    pk = store.dictionary("mlp2")["id"]
+    by_value = sorted(stats, key=lambda s: (-s["value"], -s["latent"]))  # ties: index in the same direction
+    rows, nxt = list_latents(store, pk, f=LatentFilter(stat="separability"), sort="stat", order="desc", limit=5)
+    assert [(r["index"], r["stat"]) for r in rows] == [(s["latent"], s["value"]) for s in by_value[:5]]
+    rows2, _ = list_latents(store, pk, f=LatentFilter(stat="separability"), sort="stat", order="desc", limit=5,
+                            cursor=nxt)
+    assert [r["index"] for r in rows2] == [s["latent"] for s in by_value[5:10]]
+    cut = by_value[len(by_value) // 3]["value"]
+    got, cur = [], None
+    while True:  # every page of the filtered list
+        rows, cur = list_latents(store, pk, f=LatentFilter(stat="separability", min_stat=cut), limit=100, cursor=cur)
+        got += [r["index"] for r in rows]
+        if cur is None:
+            break
+    assert got == sorted(s["latent"] for s in stats if s["value"] >= cut)
+    with pytest.raises(ConfigError, match="need stat"):
+        list_latents(store, pk, sort="stat")
+    with ApiServer(Settings(database_url=store.url)) as srv:
+        s, _, page = http("GET", srv.url + "/api/v1/dictionaries/mlp2/latents?stat=separability&sort=stat"
+                                           "&order=desc&limit=3")
+        assert s == 200 and [r["index"] for r in page["items"]] == [x["latent"] for x in by_value[:3]]
+        s, _, html = http("GET", srv.url + f"/d/{pk}?sort=stat&order=desc")
+        assert s == 200 and html.count(b'class="num stat"') == min(50, 1536)
+        best = by_value[0]
+        s, _, html = http("GET", srv.url + f"/d/{pk}/{best['latent']}")
+        assert s == 200 and b'data-stat="separability"' in html and f"{best['value']:.3f}".encode() in html
 
 
 def test_separability_bad_input(tmp_path):

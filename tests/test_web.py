@@ -291,3 +291,37 @@ def test_job_page_shows_live_progress(browser, api_server, api_env, shots):
     browser.get(f"{api_server.url}/jobs")
     assert browser.find_element(By.CSS_SELECTOR, f"#jobs a[href='/jobs/{job}']")
     time.sleep(0.1)
+
+
+def test_diff_page_highlights_both_sides(browser, api_server, api_env, subject, shots):
+    """A stored diff's page: one row per latent, both sides' documents with tokens coloured where the latent fires
+    (hover shows the value), the corpus's XSS payloads inert."""
+    from selenium.webdriver.common.by import By
+
+    from autointerp.corpus_latents import LatentReader, Side, run_diff
+    from autointerp.dictionaries import load_cached_dictionary
+
+    cache = api_env["cache"]
+    reader = LatentReader(subject, load_cached_dictionary(cache.manifest["dictionary"]), "mlp_neurons.2",
+                          "builtin:smollm2", "xss-mlp2")
+    a = [f"def f{i}(x):\n    return x[{i}] + 1  {XSS[i % len(XSS)]}" for i in range(8)]
+    b = [f"The river rose {i} feet after the storm. {XSS[(i + 1) % len(XSS)]}" for i in range(8)]
+    r = run_diff(reader, Side("code", texts=a), Side("prose", texts=b), store=api_env["store"],
+                 dictionary_pk=api_env["dictionary"]["id"], top=5, max_tokens=48, progress=False)
+    browser.get(f"{api_server.url}/analyses")
+    assert browser.find_element(By.CSS_SELECTOR, f"#analyses a[href='/analyses/{r['id']}']")
+    browser.get(f"{api_server.url}/analyses/{r['id']}")
+    _no_xss(browser)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#diff-rows tr.diff-row")
+    assert len(rows) == len(r["rows"]) == 5
+    first = browser.find_elements(By.CSS_SELECTOR, "#diff-rows tr.diff-examples")[0]
+    sides = first.find_elements(By.CSS_SELECTOR, ".side")
+    assert len(sides) == 2
+    top = r["rows"][0]
+    for side, exs in zip(sides, (top["examples_a"], top["examples_b"])):
+        ctxs = side.find_elements(By.CSS_SELECTOR, ".ctx")
+        assert len(ctxs) == len(exs)
+        for ctx, e in zip(ctxs, exs):  # the coloured tokens are exactly the ones where the latent fired
+            on = [float(t.get_attribute("data-act")) for t in ctx.find_elements(By.CSS_SELECTOR, "span.tok.on")]
+            assert on == pytest.approx([a for a in e["acts"] if a > 0], abs=1e-3)
+    assert _orange_pixels(_shot(browser, shots / "diff_page.png")) > 100

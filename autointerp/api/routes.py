@@ -25,9 +25,11 @@ from ..store.store import T_DICT, T_LATENT, T_SUBJECT
 from ..units import unit_pole
 from . import runtime
 from .app import KeyedRoute, ReadRoute, read_access, require_key
-from .schemas import (MAX_QUERY_CHARS, ActivationsOut, ActivationsRequest, ComparisonOut, ComparisonRequest,
+from .schemas import (MAX_QUERY_CHARS, ActivationsOut, ActivationsRequest, AnalysisOut, ComparisonOut,
+                      ComparisonRequest, DiffRequest,
                       DictionaryDetail, DictionaryOut, Health, JobOut, JobStatusOut, JobSubmitted, LatentDetail,
-                      LatentPage, Problem, ResumeRequest, SearchResult, SteerOut, SteerRequest, SubjectModelOut)
+                      LatentPage, Problem, ResumeRequest, SearchResult, SteerEdit, SteerOut, SteerRequest,
+                      SubjectModelOut)
 
 log = logging.getLogger(__name__)
 MAX_ID = 2 ** 62  # ids and indices beyond any store's (SQLite integers are 64-bit)
@@ -180,7 +182,7 @@ def dictionary_plot(request: Request, ref: str):
 
 @reads.get("/dictionaries/{ref}/latents", response_model=LatentPage, tags=["browse"])
 def list_latents(request: Request, ref: str,
-                 sort: Literal["index", "frequency", "max_act", "mean_act", "score"] = "index",
+                 sort: Literal["index", "frequency", "max_act", "mean_act", "score", "stat"] = "index",
                  order: Literal["asc", "desc"] = "asc",
                  limit: int = Query(50, ge=1, le=200, description="Page size (at most 200)"),
                  cursor: Optional[str] = Query(None, max_length=200, description="next_cursor of the previous page"),
@@ -191,10 +193,16 @@ def list_latents(request: Request, ref: str,
                  max_score: Optional[float] = Query(None, ge=-1e6, le=1e6),
                  explained: Optional[bool] = None, alive: Optional[bool] = None,
                  head: Optional[int] = Query(None, ge=0, le=4096, description="attn_z dictionaries: latents whose "
-                                             "largest decoder-norm share is in this attention head")):
+                                             "largest decoder-norm share is in this attention head"),
+                 stat: Optional[Literal["separability", "random_rate"]] = Query(
+                     None, description="A latent statistic, shown as `stat` (its newest run); sort=stat, min_stat "
+                                       "and max_stat apply to it"),
+                 min_stat: Optional[float] = Query(None, ge=-1e6, le=1e6),
+                 max_stat: Optional[float] = Query(None, ge=-1e6, le=1e6)):
     store = store_of(request)
     d = lookup_dictionary(store, ref)
-    f = Q.LatentFilter(min_frequency, max_frequency, scorer, min_score, max_score, explained, alive, head)
+    f = Q.LatentFilter(min_frequency, max_frequency, scorer, min_score, max_score, explained, alive, head, stat,
+                       min_stat, max_stat)
     rows, nxt = Q.list_latents(store, d["id"], f=f, sort=sort, order=order, limit=limit, cursor=cursor)
     for r in rows:
         r.setdefault("score", None)
@@ -384,6 +392,25 @@ def export(request: Request, ref: str, format: Literal["jsonl", "neuronpedia", "
         raise
 
 
+@reads.get("/analyses", response_model=list[AnalysisOut], tags=["corpus"])
+def list_analyses(request: Request, dictionary: Optional[str] = Query(None, max_length=1000),
+                  kind: Optional[str] = Query(None, pattern="^(diff|separability)$"),
+                  limit: int = Query(50, ge=1, le=200)):
+    """Stored corpus-level results (dataset diffs, separability runs), newest first; without their full result."""
+    from ..store.analyses import analyses
+
+    store = store_of(request)
+    pk = lookup_dictionary(store, dictionary)["id"] if dictionary else None
+    return analyses(store, pk, kind, limit)
+
+
+@reads.get("/analyses/{analysis_id}", response_model=AnalysisOut, tags=["corpus"])
+def get_analysis(request: Request, analysis_id: int = IdParam()):
+    from ..store.analyses import analysis
+
+    return analysis(store_of(request), analysis_id)
+
+
 # ------------------------------------------------------------------------------------------------- writes
 
 
@@ -406,6 +433,19 @@ def start_comparison(request: Request, body: ComparisonRequest):
     if cid is None:
         cid = Q.comparisons(store, 1)[0]["id"]
     return Q.comparison(store, int(cid))
+
+
+@writes.post("/diffs", response_model=AnalysisOut, status_code=201, tags=["corpus"])
+def start_diff(request: Request, body: DiffRequest):
+    """Which latents fire in more of the documents of A than of B (and the reverse), by firing-rate difference
+    with BH-corrected q-values and each latent's best documents on both sides; stored as an analysis. For corpora
+    bigger than a request, use `autointerp diff` (same computation, same store)."""
+    from ..store.analyses import analysis
+
+    store = store_of(request)
+    d = lookup_dictionary(store, body.dictionary)
+    aid = runtime.diff_texts(d, body, request.app.state.settings.device, store=store)
+    return analysis(store, aid)
 
 
 def _start_runner(request: Request, job_id: int) -> bool:
@@ -486,10 +526,15 @@ def activations(request: Request, body: ActivationsRequest):
 
 @writes.post("/steer", response_model=SteerOut, tags=["model"])
 def steer(request: Request, body: SteerRequest):
-    """Greedy completions of a prompt with the latent's decoder direction added at each strength."""
+    """Greedy completions of a prompt with one or several latents edited at each strength: added along their
+    decoder direction, clamped to a value, or ablated."""
+    from ..scorers.intervention import steer_edit
+
     store = store_of(request)
     d = lookup_dictionary(store, body.dictionary)
-    return runtime.steer(d, body.latent, body.prompt, body.strengths, body.max_new_tokens,
+    items = body.latents if body.latents is not None else [SteerEdit(latent=body.latent, value=body.value)]
+    edits = [steer_edit(e.latent, e.mode or body.mode, e.value) for e in items]
+    return runtime.steer(d, edits, body.prompt, body.strengths, body.max_new_tokens,
                          request.app.state.settings.device, store=store)
 
 

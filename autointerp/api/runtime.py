@@ -77,22 +77,48 @@ def activations(dictionary: dict, text: str, top_k: int = 5, device: str | None 
     return {"dictionary": dictionary["name"], "hookpoint": hook, "model": cache.manifest["model"], "tokens": tokens}
 
 
+def reader_for(dictionary: dict, device: str | None = None, store=None):
+    """The corpus-level reader (autointerp.corpus_latents) of a stored dictionary, on this process's loaded model."""
+    from ..corpus_latents import LatentReader
+
+    cache = _need_cache(dictionary, store)
+    subject = subject_for(cache.manifest["model"], device)
+    ratio = (cache.manifest.get("ignored_positions") or {}).get("max_norm_ratio", 5.0)
+    return LatentReader(subject, dictionary_for(cache, str(subject.device)), cache.manifest["hookpoint"],
+                        cache.manifest["model"], dictionary["name"], float(ratio or 0.0))
+
+
+def diff_texts(dictionary: dict, body, device: str | None = None, store=None) -> int:
+    """POST /diffs: the CLI's `diff` on the request's texts, stored; returns the analysis id."""
+    from ..corpus_latents import Side, run_diff
+    from ..steering import model_lock
+
+    reader = reader_for(dictionary, device, store)
+    with model_lock(reader.subject.model):
+        out = run_diff(reader, Side(body.label_a, texts=body.texts_a), Side(body.label_b, texts=body.texts_b),
+                       store=store, dictionary_pk=dictionary["id"], top=body.top, max_tokens=body.max_tokens,
+                       alpha=body.alpha, progress=False)
+    return int(out["id"])
+
+
 STRENGTHS = (0.0, 0.5, 1.0, 2.0)
 SIGNED_STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # a pole of a two-sided axis: steer it both ways
 
 
-def steer(dictionary: dict, latent: int, prompt: str, strengths: list[float] | None, max_new_tokens: int,
+def steer(dictionary: dict, edits: list, prompt: str, strengths: list[float] | None, max_new_tokens: int,
           device: str | None = None, store=None) -> dict:
-    """Greedy completions of `prompt` with the latent's unit decoder direction added at each strength (multiples of
-    the median activation norm at the hookpoint; 0 = the clean completion), as the intervention scorer steers.
-    `strengths` None: STRENGTHS, or SIGNED_STRENGTHS for a signed dictionary's poles."""
+    """Greedy completions of `prompt` with `edits` (autointerp.steering.Edit, in SteeringTarget.edits_at's units:
+    add along the unit decoder direction by strength × value × the median activation norm at the hookpoint, clamp
+    to strength × value, ablate) at each strength (0 = the clean completion), as the intervention scorer steers.
+    `strengths` None: STRENGTHS, or SIGNED_STRENGTHS for a signed dictionary's poles; (0, 1) with no add edit."""
     if strengths is None:
-        strengths = list(SIGNED_STRENGTHS if dictionary.get("signed") else STRENGTHS)
+        adds = any(e.mode == "add" for e in edits)
+        strengths = list(SIGNED_STRENGTHS if dictionary.get("signed") else STRENGTHS) if adds else [0.0, 1.0]
     from ..scorers.intervention import SteeringTarget
+    from ..steering import check_edits
 
     cache = _need_cache(dictionary, store)
-    if not 0 <= latent < cache.n_latents:
-        raise ConfigError(f"latent {latent} out of range (the dictionary has {cache.n_latents} latents)")
+    check_edits(edits, cache.n_latents)  # before any model is loaded
     subject = subject_for(cache.manifest["model"], device)
     d = dictionary_for(cache, str(subject.device))
     # keyed by what the target is made of, not the store's row id (another store's row 1 is another dictionary)
@@ -100,9 +126,7 @@ def steer(dictionary: dict, latent: int, prompt: str, strengths: list[float] | N
     target = _DICTS.get(("target", str(m["dictionary"]["id"]), int(m["dictionary"]["n_latents"]), m["hookpoint"],
                          m["model"], str(subject.device)),
                         lambda: SteeringTarget.from_subject(subject, d, cache.manifest["hookpoint"]))
-    out = []
-    for s in strengths:
-        texts, _ = target.run([prompt], latent if s else None, float(s), max_new_tokens)
-        out.append({"strength": float(s), "completion": texts[0]})
-    return {"dictionary": dictionary["name"], "latent": latent, "prompt": prompt, "hookpoint": target.hookpoint.name,
-            "norm": float(target.norm), "completions": out}
+    return {"dictionary": dictionary["name"], "latent": edits[0].latent if len(edits) == 1 else None,
+            "edits": [{"latent": e.latent, "mode": e.mode, "value": e.value} for e in edits], "prompt": prompt,
+            "hookpoint": target.hookpoint.name, "norm": float(target.norm),
+            "completions": target.sweep(prompt, edits, strengths, max_new_tokens)}

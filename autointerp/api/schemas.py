@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TEXT_CHARS = 2000
 MAX_PROMPT_CHARS = 1000
@@ -88,6 +88,7 @@ class LatentRow(BaseModel):
     base_latent: Optional[int] = Field(None, description="Signed dictionaries: the latent this pole belongs to")
     top_head: Optional[int] = Field(None, description="attn_z dictionaries: the attention head holding the largest "
                                                       "share of the decoder row's squared norm")
+    stat: Optional[float] = Field(None, description="The requested latent statistic (`stat`), when asked for")
 
 
 class LatentPage(BaseModel):
@@ -209,6 +210,33 @@ class ComparisonOut(BaseModel):
     created: datetime
 
 
+class AnalysisOut(BaseModel):
+    """A corpus-level result on one dictionary: `diff` (latents by firing-rate difference between two corpora, with
+    example documents from each side) or `separability` (latents by JS distance between labelled texts)."""
+    id: int
+    kind: str
+    dictionary_pk: int
+    title: str
+    params: Optional[dict[str, Any]] = None
+    summary: Optional[dict[str, Any]] = None
+    result: Optional[dict[str, Any]] = None
+    created: datetime
+
+
+class DiffRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dictionary: str = Field(..., max_length=1000)
+    texts_a: list[Annotated[str, Field(max_length=20_000)]] = Field(..., min_length=1, max_length=500,
+                                                                     description="Documents of side A")
+    texts_b: list[Annotated[str, Field(max_length=20_000)]] = Field(..., min_length=1, max_length=500,
+                                                                     description="Documents of side B")
+    label_a: str = Field("A", max_length=200)
+    label_b: str = Field("B", max_length=200)
+    top: int = Field(20, ge=1, le=100)
+    max_tokens: int = Field(128, ge=1, le=512, description="Tokens read per document")
+    alpha: float = Field(0.05, ge=0.0, le=1.0, description="False-discovery rate for 'significant'")
+
+
 class ActivationsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dictionary: str = Field(..., max_length=1000)
@@ -237,16 +265,40 @@ class ActivationsOut(BaseModel):
     tokens: list[TokenActivations]
 
 
+SteerMode = Literal["add", "clamp", "ablate"]
+_VALUE_HELP = ("add: a weight on the strength (default 1; negative steers the other way); clamp: the code the "
+               "latent is set to at strength 1 (default 0); ablate: unused")
+
+
+class SteerEdit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    latent: int = Field(..., ge=0, le=2 ** 31)
+    mode: Optional[SteerMode] = Field(None, description="Default: the request's `mode`")
+    value: Optional[float] = Field(None, ge=-1e6, le=1e6, description=_VALUE_HELP)
+
+
 class SteerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dictionary: str = Field(..., max_length=1000)
-    latent: int = Field(..., ge=0, le=2 ** 31)
+    latent: Optional[int] = Field(None, ge=0, le=2 ** 31, description="The latent to steer (or several: `latents`)")
+    mode: SteerMode = Field("add", description="add: the unit decoder direction × strength × the median activation "
+                                               "norm; clamp: the latent's code set to strength × value at every "
+                                               "position; ablate: its direction projected out (any strength but 0)")
+    value: Optional[float] = Field(None, ge=-1e6, le=1e6, description=_VALUE_HELP)
+    latents: Optional[list[SteerEdit]] = Field(None, min_length=1, max_length=16,
+                                               description="Several latents edited at once (instead of `latent`), "
+                                                           "each with its own mode and value")
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     strengths: Optional[list[float]] = Field(None, min_length=1, max_length=8,
-                                             description="Multiples of the median activation norm at the hookpoint; "
-                                                         "0 = clean. Default 0, 0.5, 1, 2; for a signed dictionary "
-                                                         "both signs: -2, -1, 0, 1, 2")
+                                             description="0 = clean. Default 0, 0.5, 1, 2; for a signed dictionary "
+                                                         "both signs: -2, -1, 0, 1, 2; with no add edit 0, 1")
     max_new_tokens: int = Field(24, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.latent is None) == (self.latents is None):
+            raise ValueError("give either `latent` or `latents`")
+        return self
 
 
 class SteerCompletion(BaseModel):
@@ -254,9 +306,16 @@ class SteerCompletion(BaseModel):
     completion: str
 
 
+class SteerEditOut(BaseModel):
+    latent: int
+    mode: SteerMode
+    value: float
+
+
 class SteerOut(BaseModel):
     dictionary: str
-    latent: int
+    latent: Optional[int] = Field(None, description="The latent steered; null when several were (see `edits`)")
+    edits: list[SteerEditOut]
     prompt: str
     hookpoint: str
     norm: float

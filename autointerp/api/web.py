@@ -6,6 +6,8 @@
                         score table, activation histogram, nearest latents elsewhere
 /search                 semantic / keyword search
 /compare, /compare/{id} comparisons: similarity histogram, matched pairs side by side
+/analyses, /analyses/{id}  corpus-level results: a dataset diff with both sides' highlighted documents, a
+                        separability run with each latent's two activation histograms
 /jobs, /jobs/{id}       jobs; live progress
 """
 
@@ -111,7 +113,8 @@ def dictionary_page(request: Request, ref: str,
                     scorer: Optional[str] = Query(None, max_length=50), min_score: Optional[str] = None,
                     max_score: Optional[str] = None, min_frequency: Optional[str] = None,
                     max_frequency: Optional[str] = None, explained: Optional[str] = None,
-                    head: Optional[str] = None):
+                    head: Optional[str] = None, min_stat: Optional[str] = None):
+    from ..store.analyses import stat_names
     from .routes import _dict_out, lookup_dictionary
 
     store = _store(request)
@@ -134,6 +137,11 @@ def dictionary_page(request: Request, ref: str,
                        num(min_score, "min_score"), num(max_score, "max_score"),
                        {"yes": True, "no": False}.get(explained or ""), None,
                        int(num(head, "head")) if head not in (None, "") else None)
+    stats = stat_names(store, d["id"])
+    if stats:  # a statistic the latents have (separability): a column, a sort key and a lower bound
+        f.stat, f.min_stat = stats[0], num(min_stat, "min_stat")
+    elif sort == "stat":
+        sort = "index"
     if sort == "score" and not f.scorer:
         f.scorer = scorers[0] if scorers else None
         if f.scorer is None:
@@ -142,7 +150,8 @@ def dictionary_page(request: Request, ref: str,
     params = {k: v for k, v in {"sort": sort, "order": order, "limit": limit, "scorer": f.scorer or "",
                                 "min_score": min_score or "", "max_score": max_score or "",
                                 "min_frequency": min_frequency or "", "max_frequency": max_frequency or "",
-                                "explained": explained or "", "head": head or ""}.items() if v not in ("", None)}
+                                "explained": explained or "", "head": head or "",
+                                "min_stat": min_stat or ""}.items() if v not in ("", None)}
     sort_links = {}
     for key in Q.SORTS:
         flip = {"asc": "desc", "desc": "asc"}[order] if sort == key else ("asc" if key == "index" else "desc")
@@ -163,7 +172,10 @@ def latent_page(request: Request, ref: str, index: int = PathParam(..., ge=0, le
     lat = latent_detail(store, d, index)
     top_act = max([e["max_act"] for e in lat["top"]] + [lat["max_act"] or 0.0]) or 1.0
     scorers = sorted({s["scorer"] for e in lat["explanations"] for s in e["scores"]})
+    from ..store.analyses import latest_stats
+
     return _page(request, "latent.html", d=d, lat=lat, top_act=top_act, scorers=scorers,
+                 stats=latest_stats(store, d["id"], index),
                  hist=_act_hist(lat["hist"], lat["hist_edges"]),
                  prev=index - 1 if index > 0 else None, next=index + 1 if index + 1 < d["n_latents"] else None)
 
@@ -263,6 +275,32 @@ def compare_page(request: Request, comparison_id: int = PathParam(..., ge=0, le=
     summary = {k: v for k, v in (c.get("summary") or {}).items() if not isinstance(v, (list, dict))}
     return _page(request, "compare.html", c=c, names=names, summary=summary, pairs=_pairs(store, c),
                  hist=_similarity_hist(c))
+
+
+@router.get("/analyses", response_class=HTMLResponse)
+def analyses_page(request: Request):
+    from ..store.analyses import analyses
+
+    store = _store(request)
+    names = {d["id"]: d["name"] for d in store.dictionaries()}
+    return _page(request, "analyses.html", analyses=analyses(store, limit=200), names=names)
+
+
+@router.get("/analyses/{analysis_id}", response_class=HTMLResponse)
+def analysis_page(request: Request, analysis_id: int = PathParam(..., ge=0, le=2 ** 62)):
+    from ..store.analyses import analysis, latent_stats
+
+    store = _store(request)
+    a = analysis(store, analysis_id)
+    d = store.dictionary(a["dictionary_pk"])
+    rows = (a.get("result") or {}).get("rows") or []
+    hists = {}
+    if a["kind"] == "separability":  # each latent's two histograms, from its stored statistic
+        for s in latent_stats(store, d["id"], [r["latent"] for r in rows], "separability"):
+            if s["analysis_id"] == a["id"]:
+                hists[s["latent"]] = s["details"]
+    return _page(request, "analysis.html", a=a, d=d, rows=rows, hists=hists,
+                 summary={k: v for k, v in (a.get("summary") or {}).items() if not isinstance(v, (list, dict))})
 
 
 @router.get("/jobs", response_class=HTMLResponse)

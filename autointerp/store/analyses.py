@@ -75,3 +75,29 @@ def latent_stats(store: Store, dictionary_pk: int, latents: Sequence[int] | None
         q = q.where(T_STAT.c.stat == stat)
     with store.tx() as conn:
         return [dict(r) for r in conn.execute(q.order_by(T_STAT.c.latent, T_STAT.c.created.desc())).mappings()]
+
+
+def latest_stats(store: Store, dictionary_pk: int, latent: int) -> list[dict]:
+    """A latent's statistics, the newest run of each (what its page shows), with the analysis's title as `label`."""
+    seen, out = set(), []
+    for s in latent_stats(store, dictionary_pk, [latent]):
+        if s["stat"] not in seen:
+            seen.add(s["stat"])
+            out.append(s)
+    titles = {}
+    ids = [s["analysis_id"] for s in out if s["analysis_id"] is not None]
+    if ids:
+        with store.tx() as conn:
+            titles = dict(conn.execute(select(T_ANALYSIS.c.id, T_ANALYSIS.c.title)
+                                       .where(T_ANALYSIS.c.id.in_(ids))).all())
+    for s in out:
+        s["label"] = titles.get(s["analysis_id"])
+    return out
+
+
+def stat_names(store: Store, dictionary_pk: int) -> list[str]:
+    """The statistics some latent of the dictionary has, in STATS order."""
+    with store.tx() as conn:
+        have = {r[0] for r in conn.execute(select(T_STAT.c.stat).where(T_STAT.c.dictionary_pk == dictionary_pk)
+                                           .group_by(T_STAT.c.stat)).all()}
+    return [s for s in STATS if s in have]

@@ -22,7 +22,7 @@ from .store import T_DICT, T_EXPL, T_ITEM, T_JOB, T_LATENT, T_SCORE, T_SUBJECT, 
 from .tables import Comparison
 
 T_CMP = Comparison.__table__
-SORTS = ("index", "frequency", "max_act", "mean_act", "score")
+SORTS = ("index", "frequency", "max_act", "mean_act", "score", "stat")
 
 
 def encode_cursor(values: Sequence[Any]) -> str:
@@ -51,6 +51,9 @@ class LatentFilter:
     explained: bool | None = None  # True: only latents with an explanation; False: only without
     alive: bool | None = None  # True: fired at least once
     head: int | None = None  # attn_z dictionaries: latents whose largest decoder-norm share is in this head
+    stat: str | None = None  # a latent statistic (latent_stat: separability, random_rate): its newest run's value
+    min_stat: float | None = None  # is shown as `stat`, and sort=stat, min_stat and max_stat apply to it
+    max_stat: float | None = None
 
 
 def _dicts(result) -> list[dict]:
@@ -205,8 +208,10 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
         raise ConfigError("sort=score needs a scorer (which score to sort by)")
     if (f.min_score is not None or f.max_score is not None) and not f.scorer:
         raise ConfigError("min_score/max_score need a scorer (which score they apply to)")
+    if (sort == "stat" or f.min_stat is not None or f.max_stat is not None) and not f.stat:
+        raise ConfigError("sort=stat, min_stat and max_stat need stat (which statistic, e.g. separability)")
     by_score = sort == "score" or f.min_score is not None or f.max_score is not None
-    others = (f.min_frequency, f.max_frequency, f.explained, f.alive, f.head)
+    others = (f.min_frequency, f.max_frequency, f.explained, f.alive, f.head, f.stat)
     if f.scorer and by_score and sort in ("score",) and all(x is None for x in others):
         return _page_by_score(store, dictionary_pk, f, order, limit, cursor)
     cols = [T_LATENT.c.index, T_LATENT.c.n_active, T_LATENT.c.frequency, T_LATENT.c.max_act, T_LATENT.c.mean_act,
@@ -233,6 +238,19 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
             q = q.where(score_col >= f.min_score)
         if f.max_score is not None:
             q = q.where(score_col <= f.max_score)
+    stat_col = None
+    if f.stat:
+        sv = _stat_values(dictionary_pk, f.stat)
+        stat_col = sv.c.value
+        if sort == "stat" or f.min_stat is not None or f.max_stat is not None:  # only latents that have it
+            q = q.join(sv, sv.c.latent == T_LATENT.c.index)
+        else:
+            q = q.join(sv, sv.c.latent == T_LATENT.c.index, isouter=True)
+        q = q.add_columns(stat_col.label("stat"))
+        if f.min_stat is not None:
+            q = q.where(stat_col >= f.min_stat)
+        if f.max_stat is not None:
+            q = q.where(stat_col <= f.max_stat)
     if f.min_frequency is not None:
         q = q.where(T_LATENT.c.frequency >= f.min_frequency)
     if f.max_frequency is not None:
@@ -244,7 +262,8 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
     if f.explained is not None:
         has = select(T_EXPL.c.latent).where(T_EXPL.c.dictionary_pk == dictionary_pk, T_EXPL.c.text.is_not(None))
         q = q.where(T_LATENT.c.index.in_(has) if f.explained else T_LATENT.c.index.not_in(has))
-    key = T_LATENT.c.index if sort == "index" else score_col if sort == "score" else T_LATENT.c[sort]
+    key = T_LATENT.c.index if sort == "index" else score_col if sort == "score" else stat_col if sort == "stat" \
+        else T_LATENT.c[sort]
     desc = order == "desc"
     if cursor:
         if sort == "index":
@@ -276,9 +295,20 @@ def list_latents(store: Store, dictionary_pk: int, *, f: LatentFilter | None = N
     nxt = None
     if more and rows:
         last = rows[-1]
-        nxt = encode_cursor([last["index"]] if sort == "index" else [last["score" if sort == "score" else sort],
-                                                                    last["index"]])
+        nxt = encode_cursor([last["index"]] if sort == "index" else [last[sort], last["index"]])
     return rows, nxt
+
+
+def _stat_values(dictionary_pk: int, stat: str):
+    """(latent, value) of a statistic's newest run on a dictionary (one settings key: a rerun with other settings,
+    e.g. another concept, replaces the one shown)."""
+    from .analyses import T_STAT
+
+    newest = (select(T_STAT.c.stat_key).where(T_STAT.c.dictionary_pk == dictionary_pk, T_STAT.c.stat == stat)
+              .order_by(T_STAT.c.created.desc()).limit(1).scalar_subquery())
+    return (select(T_STAT.c.latent, T_STAT.c.value)
+            .where(T_STAT.c.dictionary_pk == dictionary_pk, T_STAT.c.stat == stat, T_STAT.c.stat_key == newest)
+            .subquery())
 
 
 def _attach_best_explanations(store: Store, dictionary_pk: int, rows: list[dict], conn=None) -> None:
