@@ -783,6 +783,9 @@ def search_cmd(
     max_frequency: Optional[float] = typer.Option(None, help="Maximum firing frequency."),
     head: Optional[int] = typer.Option(None, min=0, help="attn_z dictionaries: latents living mostly in this "
                                                           "attention head (largest decoder-norm share)."),
+    max_random_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Only latents whose firing rate on "
+                                                    "random-token sequences (autointerp random-rate) is at most "
+                                                    "this: LangFIR's filter of language-agnostic latents."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Search explanations across every dictionary in the store (semantic by default)."""
@@ -791,7 +794,7 @@ def search_cmd(
 
     store = open_store()
     f = SearchFilters(dictionary, subject_model, hookpoint, explainer, scorer, min_score, min_frequency, max_frequency,
-                      head)
+                      head, max_random_rate)
     if not keyword:
         embed_explanations(store, progress=True)  # the ones not embedded yet (none, after the first search)
     hits = search(store, query, k, "keyword" if keyword else "semantic", f)
@@ -1145,6 +1148,38 @@ def separability_cmd(
         return
     for line in format_separability(r):
         typer.echo(line)
+
+
+@app.command("random-rate")
+@_friendly
+def random_rate_cmd(
+    dictionary: str = typer.Option(..., "--dictionary", "-d", help=_D_HELP),
+    model: str = typer.Option("builtin:smollm2", help="Subject model for a checkpoint that is not in the store."),
+    hookpoint: Optional[str] = typer.Option(None, help="Hookpoint for a checkpoint that is not in the store."),
+    sequences: int = typer.Option(256, min=1, help="Random-token sequences."),
+    length: int = typer.Option(64, min=1, help="Tokens per sequence (after BOS)."),
+    seed: int = typer.Option(0, help="Seed of the random tokens."),
+    batch_size: int = typer.Option(16, min=1, help="Sequences per forward pass."),
+    show: int = typer.Option(10, min=0, help="Latents printed (highest rates first)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, … (default: CUDA when present)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Each latent's firing rate on random-token sequences (LangFIR's filter: latents that fire whatever the text
+    are not about any language or topic). Stored as the `random_rate` statistic when the dictionary is in the
+    store: then `search --max-random-rate`, the API's `max_random_rate` and `stat=random_rate` filter by it."""
+    import numpy as np
+
+    from .corpus_latents import run_random_rate
+
+    reader, store, row = _corpus_reader(dictionary, model, hookpoint, device)
+    r = run_random_rate(reader, store=store, dictionary_pk=row["id"] if row else None, n_seqs=sequences,
+                        length=length, seed=seed, batch_size=batch_size, progress=progress)
+    s = r["summary"]
+    typer.echo(f"random-token firing rate over {s['positions']} positions: {s['latents_firing']} latents fire, "
+               f"{s['above_1pct']} above 1 %, max {s['max']:.4f}" + ("" if r["stored"] else " (not stored)"))
+    for j in np.argsort(-r["rates"], kind="stable")[:show]:
+        if r["rates"][j] > 0:
+            typer.echo(f"  {int(j):>7} {r['rates'][j]:.4f}")
 
 
 def _in_store(store, *refs: str) -> bool:

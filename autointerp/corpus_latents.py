@@ -162,6 +162,14 @@ def _run_batch(reader: LatentReader, id_lists: list[list[int]]):
     return ids, x, keep
 
 
+def _pool_ids(reader: LatentReader, id_lists: list[list[int]]):
+    """Max, sum, firing count [n_docs, n_latents] and positions read [n_docs] of a batch of token-id documents."""
+    _, x, keep = _run_batch(reader, id_lists)
+    b_idx = torch.nonzero(keep, as_tuple=True)[0].cpu()
+    mx, sm, ct = _pooled(reader, x[keep], b_idx, len(id_lists))
+    return mx, sm, ct, keep.sum(dim=1).cpu()
+
+
 def document_codes(reader: LatentReader, spec: CorpusSpec, *, max_docs: int | None = None, max_tokens: int = 256,
                    batch_size: int = 16, progress: bool = False, desc: str = "documents",
                    documents: Iterable[str] | None = None) -> Iterator[DocCodes]:
@@ -183,11 +191,7 @@ def document_codes(reader: LatentReader, spec: CorpusSpec, *, max_docs: int | No
                     break
             if not texts:
                 break
-            id_lists = [_doc_ids(reader, t, max_tokens) for t in texts]
-            _, x, keep = _run_batch(reader, id_lists)
-            b_idx = torch.nonzero(keep, as_tuple=True)[0].cpu()
-            mx, sm, ct = _pooled(reader, x[keep], b_idx, len(texts))
-            counts = keep.sum(dim=1).cpu()
+            mx, sm, ct, counts = _pool_ids(reader, [_doc_ids(reader, t, max_tokens) for t in texts])
             for b, text in enumerate(texts):
                 nz = torch.nonzero(mx[b] > 0, as_tuple=True)[0]
                 c = max(1, int(counts[b]))
@@ -224,6 +228,55 @@ def token_codes(reader: LatentReader, text: str, latents: list[int], max_tokens:
             dense = (dense.to_dense() if hasattr(dense, "to_dense") else dense).float().cpu()
         codes[pos.cpu()] = dense[:, latents].clamp_min(0)
     return ids[0].tolist(), codes
+
+
+# ------------------------------------------------------------------------------------------------- random tokens
+
+def random_token_rate(reader: LatentReader, n_seqs: int = 256, length: int = 64, seed: int = 0, batch_size: int = 16,
+                      progress: bool = True) -> tuple[np.ndarray, int]:
+    """Each latent's firing rate (share of positions where it fires) on sequences of uniformly random tokens
+    (BOS + `length` ids, special tokens excluded): LangFIR's test for latents that fire whatever the text is
+    (position, frequency or language-agnostic latents), a filter before anything language-specific is read into
+    them. Returns (rates [n_latents], positions read)."""
+    from tqdm import tqdm
+
+    if n_seqs < 1 or length < 1:
+        raise ConfigError(f"random-rate: --sequences and --length must be >= 1 (got {n_seqs}, {length})")
+    tok = reader.subject.tokenizer
+    special = set(tok.all_special_ids or [])
+    vocab = np.array([i for i in range(len(tok)) if i not in special], np.int64)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    rng = np.random.default_rng(seed)
+    fires = torch.zeros(reader.n_latents, dtype=torch.float64)
+    total = 0
+    with tqdm(total=n_seqs, unit="seq", disable=not progress, desc="random tokens", dynamic_ncols=True) as bar:
+        for s in range(0, n_seqs, batch_size):
+            b = min(batch_size, n_seqs - s)
+            ids = rng.choice(vocab, size=(b, length))
+            _, _, ct, counts = _pool_ids(reader, [([bos] if bos is not None else []) + row.tolist() for row in ids])
+            fires += ct.sum(dim=0).double()
+            total += int(counts.sum())
+            bar.update(b)
+    return (fires / max(1, total)).numpy(), total
+
+
+def run_random_rate(reader: LatentReader, *, store=None, dictionary_pk: int | None = None, **kw) -> dict:
+    """`random_token_rate`, stored as each latent's `random_rate` statistic (every latent, zeros included: a
+    filter "at most x" must keep the silent ones) when a store and dictionary are given."""
+    from .names import digest
+
+    rates, total = random_token_rate(reader, **kw)
+    params = {k: v for k, v in kw.items() if k not in ("progress", "batch_size")}
+    out = {"rates": rates, "positions": total, "params": params, "stored": False,
+           "summary": {"positions": total, "latents_firing": int((rates > 0).sum()),
+                       "above_1pct": int((rates > 0.01).sum()), "max": float(rates.max()) if len(rates) else 0.0}}
+    if store is not None and dictionary_pk is not None:
+        from .store.analyses import save_latent_stats
+
+        save_latent_stats(store, dictionary_pk, {"stat": "random_rate", "key": digest(params),
+                                                 "values": {j: (float(r), None) for j, r in enumerate(rates)}})
+        out["stored"] = True
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- embeddings

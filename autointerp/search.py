@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from sqlalchemy import Float, Integer, and_, cast, column, func, literal, select, table, text
+from sqlalchemy import Float, Integer, and_, cast, column, exists, func, literal, select, table, text
 from sqlalchemy.types import UserDefinedType
 
 from .errors import ConfigError
@@ -40,6 +40,9 @@ class SearchFilters:
     min_frequency: float | None = None
     max_frequency: float | None = None
     head: int | None = None  # attn_z dictionaries: the attention head holding the latent's largest decoder share
+    # LangFIR's filter: only latents whose measured firing rate on random-token sequences is at most this (latents
+    # never measured are left out)
+    max_random_rate: float | None = None
 
 
 @dataclass
@@ -117,6 +120,12 @@ def _allowed(store: Store, f: SearchFilters):
         cond.append(T_LATENT.c.frequency <= f.max_frequency)
     if f.head is not None:
         cond.append(T_LATENT.c.top_head == f.head)
+    if f.max_random_rate is not None:
+        from .store.analyses import T_STAT
+
+        cond.append(exists().where(T_STAT.c.dictionary_pk == T_EXPL.c.dictionary_pk,
+                                   T_STAT.c.latent == T_EXPL.c.latent, T_STAT.c.stat == "random_rate",
+                                   T_STAT.c.value <= f.max_random_rate))
     if f.min_score is not None or f.scorer:
         if not f.scorer:
             raise ConfigError("min_score needs a scorer (which score it applies to)")

@@ -252,3 +252,55 @@ def test_run_functions_store_nothing_without_a_store(reader):
     assert r["id"] is None and len(r["rows"]) == 3
     s = run_separability(reader, PROSE + CODE, ["p"] * 5 + ["c"] * 3, "c", progress=False, max_tokens=32)
     assert s["id"] is None and 0 <= s["summary"]["mean"] <= 1
+
+
+# ------------------------------------------------------------------------------------------- random-token rate
+
+def test_random_token_rate_equals_a_direct_count_and_filters_search(small_cache, reader):
+    """LangFIR's statistic = the share of random-token positions where the latent fires, counted here directly
+    one sequence at a time; stored for every latent, it filters search (CLI and library)."""
+    import torch
+
+    from autointerp.corpus_latents import random_token_rate
+    from autointerp.jobs.spec import digest
+    from autointerp.search import SearchFilters, keyword_search
+    from autointerp.store import open_store
+    from autointerp.store.analyses import latent_stats
+
+    rates, total = random_token_rate(reader, n_seqs=6, length=20, seed=5, batch_size=4, progress=False)
+    tok = reader.subject.tokenizer
+    special = set(tok.all_special_ids)
+    vocab = np.array([i for i in range(len(tok)) if i not in special], np.int64)
+    ids = np.random.default_rng(5).choice(vocab, size=(6, 20))
+    fires, n = torch.zeros(reader.n_latents), 0
+    for row in ids:
+        x = reader.subject.capture(torch.tensor([[tok.bos_token_id, *row.tolist()]]), ["mlp_neurons.2"])
+        x = x["mlp_neurons.2"][0, 1:].float()
+        norms = x.norm(dim=-1)
+        x = x[norms <= 5.0 * norms.median()]
+        codes = reader.dictionary.encode(x)
+        fires += (torch.as_tensor(codes.to_dense() if hasattr(codes, "to_dense") else codes) > 0).sum(0)
+        n += len(x)
+    assert total == n and np.allclose(rates, (fires / n).numpy(), atol=1e-9)
+    assert 0 < (rates > 0).sum() < reader.n_latents
+
+    store = open_store()
+    d = store.register_cache(small_cache, name="mlp2")
+    res = CliRunner().invoke(app, ["random-rate", "-d", "mlp2", "--sequences", "8", "--length", "24",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    stored = {s["latent"]: s["value"] for s in latent_stats(store, d["id"], stat="random_rate")}
+    assert len(stored) == d["n_latents"]
+    firing = [j for j, v in stored.items() if v > 0][:10]
+    silent = [j for j, v in stored.items() if v == 0][:10]
+    with store.tx(write=True) as conn:
+        for j in firing + silent:
+            store.insert_explanation(conn, {
+                "dictionary_pk": d["id"], "latent": j, "explain_key": digest({"t": 1}), "explainer": "default",
+                "model": "m", "prompt_version": "v", "seed": 0, "text": f"fires on commas {j}", "skipped": None,
+                "parsed": True, "examples_used": [], "usage": {}, "cost_usd": 0.0})
+    every = {h.latent for h in keyword_search(store, "commas", 100)}
+    kept = {h.latent for h in keyword_search(store, "commas", 100, SearchFilters(max_random_rate=0.0))}
+    assert every == set(firing + silent) and kept == set(silent)
+    res = CliRunner().invoke(app, ["search", "commas", "--keyword", "--max-random-rate", "0", "--json"])
+    assert res.exit_code == 0 and {h["latent"] for h in json.loads(res.output)} == set(silent)

@@ -315,7 +315,10 @@ def search(request: Request, q: str = Query(..., min_length=1, max_length=MAX_QU
            min_frequency: Optional[float] = Query(None, ge=0, le=1),
            max_frequency: Optional[float] = Query(None, ge=0, le=1),
            head: Optional[int] = Query(None, ge=0, le=4096, description="attn_z dictionaries: latents living mostly "
-                                                                         "in this attention head")):
+                                                                         "in this attention head"),
+           max_random_rate: Optional[float] = Query(None, ge=0, le=1, description="Only latents whose firing rate "
+                                                    "on random-token sequences (`autointerp random-rate`) is at most "
+                                                    "this (LangFIR's filter)")):
     from .. import search as S
 
     store = store_of(request)
@@ -326,7 +329,7 @@ def search(request: Request, q: str = Query(..., min_length=1, max_length=MAX_QU
     if min_score is not None and not scorer:
         raise HTTPException(422, "min_score needs a scorer (which score it applies to)")
     f = S.SearchFilters(dictionary, subject_model, hookpoint, explainer, scorer, min_score, min_frequency,
-                        max_frequency, head)
+                        max_frequency, head, max_random_rate)
     if mode == "semantic":
         _ensure_embedded(store)
     hits = S.search(store, q, k, mode, f)
