@@ -39,19 +39,27 @@ class CorpusSpec:
     text_column: str = "text"
     split: str = "train"
     bos: bool = True
+    chat: bool = False  # conversations ({"messages": [...]}) through the chat template: autointerp.chat
+    special_tokens: str = "keep"  # chat: keep or drop the template's special tokens
 
     def validate(self) -> None:
         if self.n_tokens <= 0:
             raise ConfigError(f"--n-tokens: must be > 0 (got {self.n_tokens})")
         if self.ctx_len < 2:
             raise ConfigError(f"--ctx-len: must be >= 2 (got {self.ctx_len})")
+        if self.special_tokens not in ("keep", "drop"):
+            raise ConfigError(f"--special-tokens: expected keep or drop (got {self.special_tokens!r})")
 
     @property
     def n_windows(self) -> int:
         return max(1, self.n_tokens // self.ctx_len)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.chat:  # fields added later leave the identities of plain-text corpora as they were
+            d.pop("chat")
+            d.pop("special_tokens")
+        return d
 
 
 # ---------------------------------------------------------------------------------------------- document sources
@@ -245,6 +253,18 @@ def iter_documents(spec: CorpusSpec, ordered: bool = False) -> Iterator[str]:
 def iter_windows(spec: CorpusSpec, tokenizer, batch_size: int = 32) -> Iterator[np.ndarray]:
     """Batches [b, ctx_len] int32 of token windows, at most spec.n_windows in all, always in the same order."""
     spec.validate()
+    if spec.chat:  # one conversation per window run (autointerp.chat)
+        from .chat import chat_windows
+
+        batch = []
+        for ids, _ in chat_windows(spec, tokenizer):
+            batch.append(ids)
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+        return
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     body = spec.ctx_len - 1 if spec.bos else spec.ctx_len

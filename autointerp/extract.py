@@ -444,6 +444,12 @@ def _publish(t: Target, collector: Collector, windows: np.ndarray, extra: dict) 
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     np.save(stage / "windows.npy", np.asarray(windows[used], dtype=np.int32))
+    corpus = t.identity.get("corpus") or {}
+    if corpus.get("chat"):  # each stored token's role (autointerp.chat), recomputed from the corpus
+        from .chat import window_roles
+        from .tokens import tokenizer_for
+
+        np.save(stage / "roles.npy", window_roles(CorpusSpec(**corpus), tokenizer_for(t.identity["model"]), used))
     for name, buf, ids in (("top", c.top, kept_ids[0]), ("sample", c.sample, kept_ids[1])):
         write_kept(stage, name, buf.export(), c.n, len(ids), buf.live, rows, windows.shape[1])
     np.save(stage / "hist.npy", c.hist.cpu().numpy())

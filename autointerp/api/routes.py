@@ -194,7 +194,7 @@ def list_latents(request: Request, ref: str,
                  explained: Optional[bool] = None, alive: Optional[bool] = None,
                  head: Optional[int] = Query(None, ge=0, le=4096, description="attn_z dictionaries: latents whose "
                                              "largest decoder-norm share is in this attention head"),
-                 stat: Optional[Literal["separability", "random_rate"]] = Query(
+                 stat: Optional[Literal["separability", "random_rate", "assistant_share"]] = Query(
                      None, description="A latent statistic, shown as `stat` (its newest run); sort=stat, min_stat "
                                        "and max_stat apply to it"),
                  min_stat: Optional[float] = Query(None, ge=-1e6, le=1e6),

@@ -250,6 +250,8 @@ def config_options(config) -> dict:
         v = getattr(config, f.name)
         if not f.compare or f.name in _RUNTIME_FIELDS or (f.name.startswith("prompt") and isinstance(v, str)):
             continue
+        if f.metadata.get("identity_omit_default") and v == f.default:  # a later field: old keys stay valid
+            continue
         out[f.name] = v
     return out
 

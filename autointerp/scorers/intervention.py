@@ -2,8 +2,9 @@
 
 The subject model is steered at the dictionary's hookpoint along the latent's unit decoder direction, at several
 strengths given as multiples of the median activation norm at that hookpoint, on short neutral prompts, with greedy
-completions. For each (prompt, strength > 0) the judge sees the steered and the clean completion in shuffled order and
-picks the one the explanation predicts. Pairs whose two completions are identical are not sent to the judge and
+completions (`mode="clamp"`: the latent's code is clamped to strength × its max activation instead). For each
+(prompt, strength > 0) the judge sees the steered and the clean completion in shuffled order and picks the one the
+explanation predicts. Pairs whose two completions are identical are not sent to the judge and
 count as half right (a coin flip).
 
 Metrics (overall: over every pair / every strength > 0; `_s{strength}`: one strength):
@@ -39,7 +40,7 @@ from ..llm.base import LLMClient, SamplingParams, Usage
 from ..prompt_files import load_prompt
 from ..records import LatentRecord
 from ..sampling import Skipped
-from ..steering import activation_norm, model_lock, steer
+from ..steering import Edit, activation_norm, check_edits, intervene, model_lock, steer, write_directions
 from ..subject import Hookpoint, SubjectModel, mlp_read_and_write, resolve_hookpoint, translate_hookpoint
 from .base import ScoreResult
 from .base import explanation_parts
@@ -63,6 +64,17 @@ NORM_TEXTS = (
     "Scientists measured the temperature of the lake every morning for a year.",
     "If you want to learn a language, practice a little every day.",
 )
+
+
+STEER_DEFAULT_VALUE = {"add": 1.0, "clamp": 0.0, "ablate": 0.0}
+
+
+def steer_edit(latent: int, mode: str = "add", value: float | None = None) -> Edit:
+    """One edit as the API and the CLI take it (see SteeringTarget.edits_at), its value defaulted per mode: add 1
+    (the latent's unit direction × the strength × the median norm), clamp 0 (the latent switched off)."""
+    if mode not in STEER_DEFAULT_VALUE:
+        raise ConfigError(f"mode {mode!r}: expected one of {', '.join(STEER_DEFAULT_VALUE)}")
+    return Edit(int(latent), mode, STEER_DEFAULT_VALUE[mode] if value is None else float(value))
 
 
 class SteeringTarget:
@@ -112,10 +124,15 @@ class SteeringTarget:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def direction(self, latent: int) -> torch.Tensor:
+    def _matrix(self) -> torch.Tensor:
+        """The decoder directions [n_latents, d], read from the dictionary once."""
         if not isinstance(self._directions, torch.Tensor):
             d = self._directions.decoder_directions()
             self._directions = d if isinstance(d, torch.Tensor) else torch.as_tensor(np.asarray(d))
+        return self._directions
+
+    def direction(self, latent: int) -> torch.Tensor:
+        self._matrix()
         if not 0 <= latent < self._directions.shape[0]:
             raise ConfigError(f"intervention: latent {latent} out of range (0..{self._directions.shape[0] - 1})")
         v = self._directions[latent].detach().float()
@@ -182,20 +199,103 @@ class SteeringTarget:
                     self._clean_reads[clean_key] = reads
         return np.array([np.nan if x is None else float(self.dictionary.encode(x)[:, latent].max()) for x in reads])
 
-    def run(self, prompts: list[str], latent: int | None, strength: float, max_new_tokens: int):
-        """(completions, next-token logprobs [n_prompts, vocab]); latent None or strength 0 = clean (cached)."""
+    def _edited(self):
+        """What `intervene` edits: the dictionary (clamp encodes with it), else the bare directions."""
+        if self.dictionary is not None and hasattr(self.dictionary, "decode"):
+            return self.dictionary
+        return self._matrix()
+
+    def edits_at(self, edits: list[Edit], strength: float) -> list[Edit]:
+        """The edits one strength applies, in `intervene`'s units: add writes strength × value × the median
+        activation norm along the latent's unit direction (value 1: what `run(latent=j)` does); clamp sets the code
+        to strength × value; ablate is on at any strength but 0. Strength 0 is the clean model: no edits."""
+        source = self._edited()
+        check_edits(edits, source.shape[0] if isinstance(source, torch.Tensor) else source.n_latents)
+        if strength == 0:
+            return []
+        out = []
+        for e in edits:
+            v = e.value if e.mode == "ablate" else strength * e.value
+            if e.mode == "add" and v:
+                size = float(write_directions(source, [e.latent]).norm())
+                if size == 0:
+                    raise ConfigError(f"intervention: latent {e.latent} has a zero decoder direction")
+                v *= self.norm / size
+            out.append(Edit(e.latent, e.mode, v))
+        return out
+
+    def run(self, prompts: list[str], latent: int | list[Edit] | None, strength: float, max_new_tokens: int):
+        """(completions, next-token logprobs [n_prompts, vocab]); latent None or strength 0 = clean (cached).
+        `latent`: one latent steered along its unit direction by strength × the median activation norm, or a list
+        of edits (scaled by `edits_at`)."""
         key = (tuple(prompts), max_new_tokens)
         with self.lock:
-            if latent is None or strength == 0:
+            if latent is None or strength == 0 or (isinstance(latent, list) and not latent):
                 if key not in self._clean:
                     self._clean[key] = self._generate(prompts, max_new_tokens)
                 return self._clean[key]
+            if isinstance(latent, list):
+                with self.intervention(latent, strength):
+                    return self._generate(prompts, max_new_tokens)
             alpha = strength * self.norm
             with steer(self.model, self.hookpoint, self.direction(latent), alpha):
                 return self._generate(prompts, max_new_tokens)
 
+    def intervention(self, edits: list[Edit], strength: float = 1.0):
+        """The context manager of `edits` at one strength (see `edits_at`) at this target's hookpoint."""
+        return intervene(self.model, self.hookpoint, self.edits_at(edits, strength), self._edited(),
+                         read_hookpoint=self.read_hookpoint)
+
+    def sweep(self, prompt: str, edits: list[Edit], strengths: list[float], max_new_tokens: int) -> list[dict]:
+        """[{strength, completion}] greedy completions of `prompt` with the edits at each strength (0: clean)."""
+        return [{"strength": float(s), "completion": self.run([prompt], edits, float(s), max_new_tokens)[0][0]}
+                for s in strengths]
+
+
+def steering_target(ref: str, *, model: str | None = None, hookpoint: str | None = None, device: str | None = None,
+                    edits: list[Edit] = (), label: str = "latent") -> SteeringTarget:
+    """The SteeringTarget of a store dictionary or cache folder (its subject model, checkpoint and hookpoint), or,
+    with `model`, of a checkpoint (`hookpoint`: where, default what it names). `edits` are checked against its units
+    before the model loads where those are known without it (errors say `label`)."""
+    from ..cache import LatentCache
+    from ..dictionaries import as_units, load_cached_dictionary
+    from ..extract import _load_dictionary
+    from ..store import open_store
+    from ..store.examples import open_cache
+    from ..subject import load_subject
+
+    if model is None:
+        if Path(ref).expanduser().is_dir():
+            cache = LatentCache(Path(ref).expanduser())
+        else:
+            store = open_store()
+            cache = open_cache(store.dictionary(ref), store)
+            if cache is None:
+                raise ConfigError(f"dictionary {ref}: no examples here, so no subject model or checkpoint to steer")
+        check_edits(edits, cache.n_latents, label)
+        subject = load_subject(cache.manifest["model"], device=device)
+        d = load_cached_dictionary(cache.manifest["dictionary"], device=str(subject.device))
+        return SteeringTarget.from_subject(subject, d, cache.manifest["hookpoint"])
+    subject = load_subject(model, device=device)
+    d = as_units(_load_dictionary(ref, subject, hookpoint, str(subject.device)))
+    check_edits(edits, d.n_latents, label)
+    if not (hookpoint or d.hookpoint):
+        raise ConfigError(f"{ref}: the checkpoint names no hookpoint; pass --hookpoint")
+    return SteeringTarget.from_subject(subject, d, hookpoint)
+
+
+def steer_loss(target: SteeringTarget, corpus, edits: list[Edit], strengths: list[float], *, batch_size: int = 8,
+               progress: bool = False):
+    """`corpus_loss` of a corpus (CorpusSpec) clean and under `edits` at each strength (keys: the strengths)."""
+    from ..steering import corpus_loss
+
+    subject = SubjectModel(target.model, target.tokenizer)
+    runs = {s: (lambda s=s: target.intervention(edits, s)) for s in strengths}
+    return corpus_loss(subject, corpus, runs, batch_size=batch_size, progress=progress)
+
 
 CHANCE = 0.5  # the judge picks one of two completions
+SCORER_MODES = ("add", "clamp")
 
 
 def _rounded(a: np.ndarray) -> list:
@@ -222,6 +322,9 @@ class InterventionConfig:
     prompt: str = "intervention"
     prompt_dir: Path | None = None  # None: the packaged prompts/
     judge_max_tokens: int = 8  # per pair
+    # add: the latent's unit direction × strength × the median norm; clamp: its code set to strength × its max
+    # activation (record.stats.max_act). Added later: at its default it stays out of the score's identity.
+    mode: str = field(default="add", metadata={"identity_omit_default": True})
 
     def get_target(self) -> SteeringTarget:
         if self.target is None:
@@ -243,7 +346,14 @@ def preflight(config: InterventionConfig, client: LLMClient | None) -> list:
         raise ConfigError("intervention scorer needs a judge LLM client")
     if config.target is None and (config.subject is None or config.dictionary is None):
         raise ConfigError(_NO_TARGET)
+    _check_mode(config.mode)
     return [load_prompt(config.prompt, _VARS, config.prompt_dir)]
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in SCORER_MODES:
+        raise ConfigError(f"intervention.mode {mode!r}: expected one of {', '.join(SCORER_MODES)} (ablation removes "
+                          "what the explanation predicts, so the judge would have nothing to pick)")
 
 
 def _show(text: str) -> str:
@@ -265,14 +375,15 @@ def parse_answers(text: str, n: int) -> dict[int, str]:
     return out
 
 
-def _steer_all(target: SteeringTarget, latent: int, cfg: InterventionConfig):
+def _steer_all(target: SteeringTarget, record: LatentRecord, cfg: InterventionConfig):
     """(clean completions, clean activations or None, {strength: (completions, KL per prompt, activations or None)})"""
-    prompts = list(cfg.prompts)
+    prompts, latent = list(cfg.prompts), record.latent
     clean_text, clean_lp = target.run(prompts, None, 0.0, cfg.max_new_tokens)
     clean_act = target.latent_activation(latent, prompts, clean_text, clean_key=(tuple(prompts), cfg.max_new_tokens))
+    steered = latent if cfg.mode == "add" else [Edit(latent, "clamp", float(record.stats.max_act))]
     runs = {}
     for s in cfg.strengths:
-        texts, lp = target.run(prompts, latent, s, cfg.max_new_tokens)
+        texts, lp = target.run(prompts, steered, s, cfg.max_new_tokens)
         act = clean_act if s == 0 or clean_act is None else target.latent_activation(latent, prompts, texts)
         runs[s] = (texts, kl_divergence(lp, clean_lp).numpy(), act)
     return clean_text, clean_act, runs
@@ -291,11 +402,12 @@ async def score(
     if isinstance(explanation, Skipped):
         return ScoreResult(NAME, record.latent, {}, seed=seed, skipped=explanation.reason)
     explanation, _ = explanation_parts(explanation)
+    _check_mode(cfg.mode)
     target = cfg.get_target()
     if client is None:
         raise ConfigError("intervention scorer needs a judge LLM client")
     tpl = load_prompt(cfg.prompt, _VARS, cfg.prompt_dir)
-    clean, clean_act, runs = await asyncio.to_thread(_steer_all, target, record.latent, cfg)
+    clean, clean_act, runs = await asyncio.to_thread(_steer_all, target, record, cfg)
 
     rng = np.random.default_rng([seed, record.latent])
     items = []  # one per (strength > 0, prompt)
@@ -365,6 +477,7 @@ async def score(
         res.skipped = "judge gave no parsable answer" if to_judge else "no strengths > 0 to judge"
     res.details = {
         "norm": target.norm,
+        "mode": cfg.mode,
         "hookpoint": target.hookpoint.name,
         "clean": clean,
         "pairs": items,

@@ -13,7 +13,7 @@ from .tables import Analysis, LatentStat
 
 T_ANALYSIS = Analysis.__table__
 T_STAT = LatentStat.__table__
-STATS = ("separability", "random_rate")  # the per-latent statistics the store knows
+STATS = ("separability", "random_rate", "assistant_share")  # the per-latent statistics the store knows
 
 
 def save_analysis(store: Store, kind: str, dictionary_pk: int, title: str, params: dict, summary: dict,

@@ -163,6 +163,8 @@ class Store:
                 manifest = save_examples(conn, pk, cache)
                 conn.execute(update(T_DICT).where(T_DICT.c.id == pk).values(manifest=manifest,
                                                                             examples_in_store=True))
+            if (m.get("corpus") or {}).get("chat") and isinstance(cache, LatentCache):
+                _save_role_shares(conn, pk, cache)
         return self.dictionary(pk)
 
     def dictionary(self, ref: int | str) -> dict:
@@ -698,6 +700,24 @@ class Store:
             conn.execute(self._insert_ignore(T_ITEM, ["job_id", "latent", "stage"]), rows[lo:lo + CHUNK])
         conn.execute(update(T_JOB).where(T_JOB.c.id == job_id).values(n_items=T_JOB.c.n_items + len(rows),
                                                                       updated=now))
+
+
+def _save_role_shares(conn: Connection, dictionary_pk: int, cache) -> None:
+    """A chat extraction's latents: the `assistant_share` statistic (share of their firing tokens in assistant
+    turns; details: every role's share), so the latent list can sort and filter by "fires on assistant turns"."""
+    from ..chat import ROLES, role_shares
+    from ..names import digest
+    from .analyses import _put_stats
+
+    shares = role_shares(cache)
+    if shares is None:
+        return
+    fired = np.nonzero(shares.sum(axis=1) > 0)[0]
+    a = ROLES.index("assistant")
+    _put_stats(conn, dictionary_pk, {"stat": "assistant_share", "key": digest({"roles": cache.manifest["corpus"]}),
+                                     "values": {int(j): (float(shares[j, a]),
+                                                         {r: round(float(shares[j, k]), 4)
+                                                          for k, r in enumerate(ROLES)}) for j in fired}}, None)
 
 
 def open_store(url: str | None = None) -> Store:
