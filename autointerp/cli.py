@@ -120,14 +120,24 @@ def extract(
                                             "reconstruction spliced in, dead/dense latents) into the manifest."),
     quality_tokens: Optional[int] = typer.Option(None, min=1, help="Tokens the quality pass reads (default: 0.5 % "
                                                  "of --n-tokens, which costs ~6 % of the extraction)."),
+    chat: bool = typer.Option(False, help="The corpus is conversations (a .jsonl of {\"messages\": [{role, "
+                                          "content}, ...]}): rendered by the model's chat template, one "
+                                          "conversation per window run, each token's role kept (assistant_share)."),
+    special_tokens: str = typer.Option("keep", help="--chat: keep or drop the template's special tokens "
+                                                    "(<|im_start|>, <|im_end|>, ...)."),
 ):
     """Run the subject model over a corpus and collect every latent's contexts and statistics (resumable)."""
     from .extract import extract as run
     from .subject import load_subject
 
+    from .corpus import CorpusSpec
+
+    spec = CorpusSpec(source=corpus, ctx_len=ctx_len, n_tokens=n_tokens, seed=seed, text_column=text_column,
+                      split=split, chat=chat, special_tokens=special_tokens)
+    spec.validate()  # bad options fail before the model loads
     subject = load_subject(model, device=device, dtype=dtype)
     dicts = [_resolve_dictionary(d, subject) for d in dictionary]
-    caches = run(subject, dicts, list(hookpoint) if hookpoint else None, corpus, out, n_tokens=n_tokens,
+    caches = run(subject, dicts, list(hookpoint) if hookpoint else None, spec, out, n_tokens=n_tokens,
                  ctx_len=ctx_len, batch_size=batch_size, seed=seed, top_k=top_k, n_sample=n_sample,
                  pool_size=pool_size, text_column=text_column, split=split, overwrite=overwrite, progress=progress,
                  checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio, encode_dtype=encode_dtype,
@@ -237,19 +247,36 @@ def inspect(
 @_friendly
 def train_sae(
     model: str = typer.Option("builtin:smollm2", help="Subject model."),
-    hookpoint: str = typer.Option("resid_post.15", help="Where to read activations. Trains a plain SAE (codes reconstruct "
-                                                    "the same activations); transcoders: the Python API, "
-                                                    "train_topk_sae(..., targets=, transcode=True)."),
+    hookpoint: Optional[str] = typer.Option(None, help="Where to read activations (default resid_post.15). Trains a "
+                                                       "plain SAE (codes reconstruct the same activations); "
+                                                       "transcoders: the Python API, train_topk_sae(..., targets=, "
+                                                       "transcode=True). With --on-decoder: the output subfolder "
+                                                       "(default: the base's hookpoint)."),
     corpus: str = typer.Option("builtin", help="Training corpus (same sources as extract)."),
     n_tokens: int = typer.Option(100_000, help="Training tokens."),
-    n_latents: int = typer.Option(2048, help="Dictionary size."),
-    k: int = typer.Option(32, help="Active latents per token (TopK)."),
+    n_latents: Optional[int] = typer.Option(None, min=1, help="Dictionary size (default 2048; with --on-decoder: "
+                                                              "the base's units / 16)."),
+    k: Optional[int] = typer.Option(None, min=1, help="Active latents per token (TopK; default 32, with "
+                                                      "--on-decoder 4)."),
     out: Path = typer.Option(Path("runs/sae"), help="Output folder (sparsify format: <out>/<hookpoint>/)."),
-    steps: int = typer.Option(1000, help="Optimizer steps (batches of 256 activations)."),
+    steps: int = typer.Option(1000, help="Optimizer steps (batches of 256 activations or decoder rows)."),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="Adam learning rate (default: 2e-4 / sqrt(n_latents / "
+                                                           "16384), sparsify's)."),
     seed: int = typer.Option(0, help="Seed."),
     device: Optional[str] = typer.Option(None, help="Device."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads while training (default: torch's); "
+                                                            "small dictionaries train several times faster on 1."),
+    on_decoder: Optional[str] = typer.Option(None, "--on-decoder", help="Train a meta-dictionary instead: on this "
+                                             "dictionary's unit-norm decoder rows (a checkpoint folder/file, a hub id "
+                                             "or builtin:demo), not on activations; writes meta.json beside the "
+                                             "checkpoint naming the base (see `autointerp meta-members`)."),
 ):
-    """Train a small TopK SAE (sparsify format) — a real dictionary for offline demos and tests."""
+    """Train a small TopK SAE (sparsify format) — a real dictionary for offline demos and tests — or, with
+    --on-decoder, a meta-dictionary on another dictionary's decoder rows."""
+    if on_decoder is not None:
+        _train_meta(on_decoder, model, hookpoint, n_latents, k, out, steps, lr, seed, device, threads)
+        return
+    hookpoint, n_latents, k = hookpoint or "resid_post.15", n_latents or 2048, k or 32
     from .activations import collect_activations
     from .corpus import CorpusSpec
     from .subject import load_subject
@@ -258,8 +285,88 @@ def train_sae(
     subject = load_subject(model, device=device)
     acts = collect_activations(subject, hookpoint, CorpusSpec(source=corpus, n_tokens=n_tokens, seed=seed))
     result = train_topk_sae(acts, n_latents=n_latents, k=k, out_dir=out, hookpoint=hookpoint, seed=seed,
-                            steps=steps, progress=True)
+                            steps=steps, lr=lr, num_threads=threads, progress=True)
     typer.echo(f"wrote {result.path}: FVU {result.fvu:.3f}, dead {result.dead_fraction:.1%}, {result.steps} steps")
+
+
+def _train_meta(spec: str, model: str, folder: Optional[str], n_latents: Optional[int], k: Optional[int], out: Path,
+                steps: int, lr: Optional[float], seed: int, device: Optional[str], threads: Optional[int]) -> None:
+    from .dictionaries import as_units, load_dictionary
+    from .meta import train_meta_dictionary
+
+    if spec == "builtin:demo":  # the only spec that needs the subject model (to train the demo SAE once)
+        from .subject import load_subject
+
+        spec = _resolve_dictionary(spec, load_subject(model, device=device))
+    base = load_dictionary(spec)
+    n_units = as_units(base).n_latents
+    k = k or 4
+    n_latents = n_latents or max(k, n_units // 16)
+    r = train_meta_dictionary(base, n_latents, k, out_dir=out, folder=folder, steps=steps, lr=lr, seed=seed,
+                              num_threads=threads, progress=True)
+    typer.echo(f"wrote {r.path}: meta-dictionary {n_latents}x k={k} on {n_units} decoder rows of {base.id}; "
+               f"FVU {r.fvu:.3f}, dead {r.dead_fraction:.1%}, {r.steps} steps")
+
+
+@app.command("meta-members")
+@_friendly
+def meta_members_cmd(
+    meta: Path = typer.Argument(..., help="A meta-dictionary folder (what train-sae --on-decoder wrote, or its "
+                                          "parent)."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base dictionary (default: the one meta.json "
+                                                            "names)."),
+    top: int = typer.Option(10, min=1, help="Base latents shown per meta-latent (largest activation first)."),
+    latents: Optional[str] = typer.Option(None, help="Meta-latents to show, e.g. 0-9,12 (default: all)."),
+    store: bool = typer.Option(False, "--store", help="Show each base latent's explanation from the store (the "
+                                                      "base dictionary's extraction)."),
+    store_dictionary: Optional[str] = typer.Option(None, help="The store's dictionary holding the base's "
+                                                   "explanations: name, key or id (implies --store; default: the "
+                                                   "one extracted from the base checkpoint)."),
+    explainer: Optional[str] = typer.Option(None, help="Explanations of this explainer kind (default: the newest "
+                                                       "that is not a baseline)."),
+    save: bool = typer.Option(False, "--save", help="Store the member lists as an analysis of the base dictionary "
+                                                    "(implies --store): its page /analyses/{id} lists each "
+                                                    "meta-latent's base latents with their explanations."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Per meta-latent, the base latents it fires on (their unit-norm decoder rows), with their explanations."""
+    from .dictionaries import load_dictionary
+    from .errors import ConfigError
+    from .interpret import parse_latents
+    from .meta import base_rows, load_meta_dictionary, meta_members, store_dictionary_for, unit_explanations
+    from .units import unit_label
+
+    md, info = load_meta_dictionary(meta)
+    b = load_dictionary(base or info["base"]["source"])
+    rows = base_rows(b)
+    if rows.shape[1] != md.d_in:
+        raise ConfigError(f"--base {b.id}: decoder rows of width {rows.shape[1]}, the meta-dictionary reads {md.d_in}")
+    shown = parse_latents(latents, range(md.n_latents), md.n_latents) if latents else list(range(md.n_latents))
+    every = meta_members(md, rows)
+    members = [m[:top] for m in every]
+    texts: dict[int, str] = {}
+    if store or store_dictionary or save:
+        from .store import open_store
+
+        st = open_store()
+        row = store_dictionary_for(st, {"id": b.id, "hookpoint": b.hookpoint}, store_dictionary)
+        texts = unit_explanations(st, row["id"], [i for j in shown for i, _ in members[j]], explainer)
+        if save:
+            from .meta import save_meta_analysis
+
+            aid = save_meta_analysis(st, row["id"], meta, info, every)
+            typer.echo(f"stored as analysis {aid} of {row['name']} (/analyses/{aid})", err=as_json)
+    if as_json:
+        typer.echo(json.dumps([{"meta_latent": j, "n_members": len(every[j]), "members": [
+            {"unit": i, "label": unit_label(i, rows.shape[0], b.signed), "activation": a,
+             "explanation": texts.get(i)} for i, a in members[j]]} for j in shown], indent=1))
+        return
+    typer.echo(f"{md.n_latents} meta-latents on {rows.shape[0]} decoder rows of {b.id}")
+    for j in shown:
+        typer.echo(f"meta #{j}: fires on {len(every[j])} base latents" + (f", top {top}:" if every[j] else ""))
+        for i, a in members[j]:
+            text = f"  {texts[i][:100]}" if i in texts else ""
+            typer.echo(f"  {unit_label(i, rows.shape[0], b.signed):>8} {a:7.3f}{text}")
 
 
 @app.command("fit-snmf")

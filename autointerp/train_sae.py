@@ -79,12 +79,19 @@ def train_topk_sae(
     seed: int = 0,
     num_threads: int | None = None,
     progress: bool = False,
+    decoder_bias: bool = True,
+    k_start: int | None = None,
 ) -> TrainResult:
     """Train on acts [N, d_in] (a transcoder predicts targets [N, d_out] from them); `epochs` overrides `steps`.
 
     Deterministic for a given seed (and thread count). The seed alone draws the initial decoder: two SAEs of one
     seed on different hookpoints start from the same rows (give them different seeds to compare them). `num_threads` sets torch's intra-op threads for the run
-    only: small SAEs train much faster on one thread than on busy shared cores.
+    only: small SAEs train much faster on one thread than on busy shared cores. `decoder_bias=False` keeps b_dec at
+    0 (meta-dictionaries: a learned offset would absorb the directions shared by unit-norm rows).
+    `k_start` (> k): train with the top-k_start latents at first, k falling linearly to `k` over the first half of
+    the steps. With about as many latents as true directions, a fixed small k lets one latent settle on the sum of
+    two directions while another starves (two latents cannot share a row's k slots while they split them); a wide
+    k early leaves room for the split.
     """
     if acts.ndim != 2 or not acts.is_floating_point():
         raise ConfigError(f"train_topk_sae: acts must be a float tensor [N, d_in], got {tuple(acts.shape)} {acts.dtype}")
@@ -95,6 +102,8 @@ def train_topk_sae(
         raise ConfigError(f"train_topk_sae: targets must be [N={acts.shape[0]}, d_out], got {tuple(y_all.shape)}")
     if not 1 <= k <= n_latents:
         raise ConfigError(f"train_topk_sae: need 1 <= k <= n_latents, got k={k}, n_latents={n_latents}")
+    if k_start is not None and not k <= k_start <= n_latents:
+        raise ConfigError(f"train_topk_sae: need k <= k_start <= n_latents, got k_start={k_start}, k={k}")
     if not hookpoint or "/" in hookpoint or hookpoint in (".", ".."):
         raise ConfigError(f"train_topk_sae: hookpoint {hookpoint!r} must be a plain folder name")
     x_all = acts.float()
@@ -106,7 +115,7 @@ def train_topk_sae(
 
     with _threads(num_threads):
         sae = _fit(x_all, y_all, n_latents, k, transcode, steps, lr, batch_size, auxk_alpha, dead_after, seed,
-                   progress)
+                   progress, decoder_bias, k_start)
         fvu, dead_fraction = _evaluate(sae, x_all, y_all, batch_size)
     path = _save(sae, Path(out_dir) / hookpoint, d_in, n_latents, k, transcode)
     return TrainResult(path=path, fvu=fvu, dead_fraction=dead_fraction, steps=steps, model=sae)
@@ -124,25 +133,29 @@ def _threads(n: int | None):
 
 
 def _fit(x_all, y_all, n_latents, k, transcode, steps, lr, batch_size, auxk_alpha, dead_after, seed,
-         progress: bool = False) -> TopKSAE:
+         progress: bool = False, decoder_bias: bool = True, k_start: int | None = None) -> TopKSAE:
     n, d_in, d_out = x_all.shape[0], x_all.shape[1], y_all.shape[1]
     g = torch.Generator().manual_seed(seed)
     sae = TopKSAE(d_in, n_latents, k, d_out, transcode, g)
-    with torch.no_grad():
-        sae.b_dec.copy_(y_all.mean(0))
+    if decoder_bias:
+        with torch.no_grad():
+            sae.b_dec.copy_(y_all.mean(0))
+    else:
+        sae.b_dec.requires_grad_(False)  # stays 0: Adam skips a parameter with no gradient
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     since_fired = torch.zeros(n_latents, dtype=torch.long)
     order, pos = torch.randperm(n, generator=g), 0
 
-    for _ in tqdm(range(steps), desc=f"train SAE {n_latents}x k={k}", unit="step", dynamic_ncols=True,
-                  disable=not progress):
+    for step in tqdm(range(steps), desc=f"train SAE {n_latents}x k={k}", unit="step", dynamic_ncols=True,
+                     disable=not progress):
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
         x, y = x_all[idx], y_all[idx]
         pre = sae.pre_acts(x)
-        vals, top = pre.topk(k, dim=-1, sorted=False)
+        k_now = k if k_start is None else round(k_start + (k - k_start) * min(1.0, step / max(1, steps // 2)))
+        vals, top = pre.topk(k_now, dim=-1, sorted=False)
         err = y - sae.decode(vals, top)
         total_var = (y - y.mean(0)).pow(2).sum()
         loss = err.pow(2).sum() / total_var

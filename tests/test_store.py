@@ -157,7 +157,7 @@ def test_a_store_older_than_the_code_says_how_to_upgrade(store_url, capfd):
         capfd.readouterr()
         store = open_store()
         assert store.dictionaries() == [] and current_revision(store.engine) == head == "0007"
-        assert f"upgraded the store {url} from schema 0001 to 0006" in capfd.readouterr().err
+        assert f"upgraded the store {url} from schema 0001 to 0007" in capfd.readouterr().err
         with store.engine.connect() as conn:
             assert {"ix_latent_max_act", "ix_latent_mean_act"} <= {i["name"] for i in inspect(conn).get_indexes("latent")}
             assert {"example_window", "latent_example", "blob"} <= set(inspect(conn).get_table_names())
@@ -165,7 +165,7 @@ def test_a_store_older_than_the_code_says_how_to_upgrade(store_url, capfd):
         open_store()
         assert "upgraded" not in capfd.readouterr().err  # once
         return
-    with pytest.raises(StoreError, match=r"is at schema 0001, this autointerp needs 0006: run `autointerp db upgrade`"):
+    with pytest.raises(StoreError, match=r"is at schema 0001, this autointerp needs 0007: run `autointerp db upgrade`"):
         open_store()
     r = _cli("job", "list")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "autointerp db upgrade" in r.stderr

@@ -325,3 +325,36 @@ def test_diff_page_highlights_both_sides(browser, api_server, api_env, subject, 
             on = [float(t.get_attribute("data-act")) for t in ctx.find_elements(By.CSS_SELECTOR, "span.tok.on")]
             assert on == pytest.approx([a for a in e["acts"] if a > 0], abs=1e-3)
     assert _orange_pixels(_shot(browser, shots / "diff_page.png")) > 100
+
+
+def test_separability_page_shows_each_latents_two_histograms(browser, api_server, api_env, subject, shots):
+    """A stored separability run: its latents by JS distance, each with the concept's and the others' histogram
+    bars (one bar per nonzero bin of the stored statistic), linked from the latent's page."""
+    from selenium.webdriver.common.by import By
+
+    from autointerp.corpus_latents import LatentReader, run_separability
+    from autointerp.dictionaries import load_cached_dictionary
+    from autointerp.store.analyses import latent_stats
+
+    cache, store, d = api_env["cache"], api_env["store"], api_env["dictionary"]
+    reader = LatentReader(subject, load_cached_dictionary(cache.manifest["dictionary"]), "mlp_neurons.2",
+                          "builtin:smollm2", "xss-mlp2")
+    texts = [f"def f{i}(x):\n    return [x, {i}]" for i in range(10)] + \
+        [f"The river rose {i} feet after the storm. {XSS[i % len(XSS)]}" for i in range(10)]
+    r = run_separability(reader, texts, ["code"] * 10 + ["prose"] * 10, "code", store=store, dictionary_pk=d["id"],
+                         top=6, max_tokens=32, progress=False)
+    browser.get(f"{api_server.url}/analyses/{r['id']}")
+    _no_xss(browser)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#sep-rows tbody tr")
+    assert len(rows) == len(r["rows"]) == 6
+    stats = {s["latent"]: s for s in latent_stats(store, d["id"], [x["latent"] for x in r["rows"]], "separability")
+             if s["analysis_id"] == r["id"]}
+    for row, want in zip(rows, r["rows"]):
+        assert row.find_element(By.CSS_SELECTOR, "td.num").text == f"{want['separability']:.3f}"
+        det = stats[want["latent"]]["details"]
+        assert len(row.find_elements(By.CSS_SELECTOR, "rect.concept")) == len(det["concept"])
+        assert len(row.find_elements(By.CSS_SELECTOR, "rect.other")) == len(det["other"])
+    _shot(browser, shots / "separability_page.png")
+    browser.get(f"{api_server.url}/d/{d['id']}/{r['rows'][0]['latent']}")
+    assert browser.find_element(By.CSS_SELECTOR, "dd.latent-stat[data-stat='separability'] a").get_attribute(
+        "href").endswith(f"/analyses/{r['id']}")

@@ -397,7 +397,7 @@ def export(request: Request, ref: str, format: Literal["jsonl", "neuronpedia", "
 
 @reads.get("/analyses", response_model=list[AnalysisOut], tags=["corpus"])
 def list_analyses(request: Request, dictionary: Optional[str] = Query(None, max_length=1000),
-                  kind: Optional[str] = Query(None, pattern="^(diff|separability)$"),
+                  kind: Optional[str] = Query(None, pattern="^(diff|separability|meta)$"),
                   limit: int = Query(50, ge=1, le=200)):
     """Stored corpus-level results (dataset diffs, separability runs), newest first; without their full result."""
     from ..store.analyses import analyses

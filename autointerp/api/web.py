@@ -294,12 +294,16 @@ def analysis_page(request: Request, analysis_id: int = PathParam(..., ge=0, le=2
     a = analysis(store, analysis_id)
     d = store.dictionary(a["dictionary_pk"])
     rows = (a.get("result") or {}).get("rows") or []
-    hists = {}
+    hists, texts = {}, {}
+    if a["kind"] == "meta":  # the members' explanations as they are now
+        from ..meta import unit_explanations
+
+        texts = unit_explanations(store, d["id"], [u for r in rows for u, _ in r["members"]])
     if a["kind"] == "separability":  # each latent's two histograms, from its stored statistic
         for s in latent_stats(store, d["id"], [r["latent"] for r in rows], "separability"):
             if s["analysis_id"] == a["id"]:
                 hists[s["latent"]] = s["details"]
-    return _page(request, "analysis.html", a=a, d=d, rows=rows, hists=hists,
+    return _page(request, "analysis.html", a=a, d=d, rows=rows, hists=hists, texts=texts,
                  summary={k: v for k, v in (a.get("summary") or {}).items() if not isinstance(v, (list, dict))})
 
 
