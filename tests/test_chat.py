@@ -141,3 +141,34 @@ def test_chat_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "o" / "manifest.json").exists()
     r = CliRunner().invoke(app, args + ["--special-tokens", "maybe"])
     assert r.exit_code == 2 and "--special-tokens" in r.output
+
+
+def test_a_sharded_chat_extraction_job_spec_equals_the_one_process_run(tmp_path, subject):
+    """The job path: ExtractionSpec(chat=True) hands its corpus (chat fields included) to every shard; the merged
+    cache has the one-process run's windows and roles. A plain-text spec's key is what it was before chat existed."""
+    from autointerp.extract import extract, extract_shard, publish_shards
+    from autointerp.jobs.spec import ExtractionSpec
+    from autointerp.names import digest
+
+    corpus = _write(tmp_path / "chat.jsonl", conversations(12))
+    ex = ExtractionSpec(dictionary="topk-neurons:8", hookpoint="mlp_neurons.2", corpus=str(corpus), n_tokens=1536,
+                        ctx_len=32, batch_size=8, top_k=6, n_sample=6, pool_size=8, chat=True,
+                        special_tokens="drop", shards=3)
+    plain = ex.model_copy(update={"chat": False, "special_tokens": "keep"})
+    legacy = plain.model_dump(mode="json", exclude={"shards", "device", "also", "names", "chat", "special_tokens"})
+    assert plain.key() == digest(legacy) and ex.key() != plain.key()
+    kw = {k: v for k, v in ex.extract_kwargs().items() if k not in ("device", "dtype")}
+    assert len(ex.shard_bounds()) == 3
+    states = [extract_shard(subject, "topk-neurons:8", "mlp_neurons.2", ex.corpus_spec(), windows=b, quality=False,
+                            **kw) for b in ex.shard_bounds()]
+    merged = publish_shards(states, tmp_path / "merged")
+    (one,) = extract(subject, "topk-neurons:8", "mlp_neurons.2", ex.corpus_spec(), tmp_path / "one", quality=False,
+                     progress=False, **kw)
+    assert merged.manifest["corpus"]["chat"] and merged.manifest["corpus"]["special_tokens"] == "drop"
+    assert (np.asarray(merged.array("windows")) == np.asarray(one.array("windows"))).all()
+    assert (np.asarray(merged.array("roles")) == np.asarray(one.array("roles"))).all()
+    assert tok_start_absent(subject.tokenizer, np.asarray(one.array("windows")))
+
+
+def tok_start_absent(tok, windows) -> bool:
+    return tok.convert_tokens_to_ids("<|im_start|>") not in set(windows.ravel().tolist())

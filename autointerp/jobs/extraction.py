@@ -97,7 +97,7 @@ def run_shard(store: Store, job_id: int, spec: ExtractionSpec, shard: int, worke
         subject = _subject(spec.model, spec.device, spec.dtype)
         kw = spec.extract_kwargs()
         kw.pop("device"), kw.pop("dtype")
-        data = extract_shard(subject, [m.dictionary for m in spec.members()], spec.hookpoint, spec.corpus,
+        data = extract_shard(subject, [m.dictionary for m in spec.members()], spec.hookpoint, spec.corpus_spec(),
                              windows=(w0, w1), on_progress=progress, **kw)
     finally:
         stop.set()

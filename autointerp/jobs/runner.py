@@ -122,10 +122,9 @@ def _extraction_job_key(spec: JobSpec) -> str:
 
 def _check_extraction(ex) -> None:
     """What can be checked without loading anything: the corpus names a source that exists here or anywhere."""
-    from ..corpus import CorpusSpec, is_local
+    from ..corpus import is_local
 
-    spec = CorpusSpec(source=ex.corpus, ctx_len=ex.ctx_len, n_tokens=ex.n_tokens, seed=ex.seed,
-                      text_column=ex.text_column, split=ex.split)
+    spec = ex.corpus_spec()
     spec.validate()
     if is_local(spec) and not Path(ex.corpus).expanduser().exists():
         raise ConfigError(f"extraction.corpus {ex.corpus}: no such file (workers read it at this path)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -65,6 +65,9 @@ class ExtractionSpec(BaseModel):
     pool_size: int = Field(1000, ge=0)
     text_column: str = "text"
     split: str = "train"
+    chat: bool = Field(False, description="The corpus is conversations ({messages: [...]}) through the chat "
+                                          "template, one per window run, roles kept (autointerp.chat)")
+    special_tokens: Literal["keep", "drop"] = Field("keep", description="chat: the template's special tokens")
     dtype: Optional[str] = Field(None, description="Subject model dtype (float32, bfloat16, float16)")
     encode_dtype: Optional[str] = Field(None, description="Dictionary encode dtype (default float32)")
     max_norm_ratio: float = Field(5.0, gt=0)
@@ -78,7 +81,16 @@ class ExtractionSpec(BaseModel):
                              "`also` (default: from the checkpoint and hookpoint)")
 
     def identity(self) -> dict:
-        return self.model_dump(mode="json", exclude={"shards", "device", "also", "names"})
+        # the chat fields enter only when set: extractions made before they existed keep their keys
+        chat = set() if self.chat else {"chat", "special_tokens"}
+        return self.model_dump(mode="json", exclude={"shards", "device", "also", "names", *chat})
+
+    def corpus_spec(self):
+        from ..corpus import CorpusSpec
+
+        return CorpusSpec(source=self.corpus, ctx_len=self.ctx_len, n_tokens=self.n_tokens, seed=self.seed,
+                          text_column=self.text_column, split=self.split, chat=self.chat,
+                          special_tokens=self.special_tokens)
 
     def members(self) -> list["ExtractionSpec"]:
         """One spec per dictionary this extraction collects (`dictionary` first): each one's key is what a
@@ -100,7 +112,8 @@ class ExtractionSpec(BaseModel):
 
     def extract_kwargs(self) -> dict:
         """The keyword arguments of `extract` / `extract_shard` these settings name."""
-        return self.model_dump(exclude={"model", "dictionary", "hookpoint", "corpus", "shards", "also", "names"})
+        return self.model_dump(exclude={"model", "dictionary", "hookpoint", "corpus", "shards", "also", "names",
+                                        "chat", "special_tokens"})
 
 
 class JobSpec(BaseModel):
