@@ -304,3 +304,20 @@ def test_random_token_rate_equals_a_direct_count_and_filters_search(small_cache,
     assert every == set(firing + silent) and kept == set(silent)
     res = CliRunner().invoke(app, ["search", "commas", "--keyword", "--max-random-rate", "0", "--json"])
     assert res.exit_code == 0 and {h["latent"] for h in json.loads(res.output)} == set(silent)
+
+
+def test_diff_bad_input_is_one_line_exit_2_and_stores_nothing(small_cache, tmp_path):
+    from autointerp.store import open_store
+    from autointerp.store.analyses import analyses
+
+    store = open_store()
+    store.register_cache(small_cache, name="mlp2")
+    good = _jsonl(tmp_path / "a.jsonl", PROSE)
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    for args in ([str(good), str(tmp_path / "missing.jsonl")], [str(good), str(bad)]):
+        r = CliRunner().invoke(app, ["diff", *args, "-d", "mlp2", "--no-progress"])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "b.jsonl:2" in r.output and analyses(store) == []
+    r = CliRunner().invoke(app, ["diff", str(good), str(good), "-d", "no-such-dictionary", "--no-progress"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
