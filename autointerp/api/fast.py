@@ -293,7 +293,7 @@ class FastRoute(Route):
 
 def install(app) -> FastLatent:
     """Put the fast path in front of the FastAPI route of GET one latent (first in the app's routes)."""
-    from .app import API
+    from .access import API
 
     fast = FastLatent(app)
     app.router.routes.insert(0, FastRoute(API + PATH, fast, include_in_schema=False))

@@ -24,7 +24,7 @@ from ..store import queries as Q
 from ..store.store import T_DICT, T_LATENT, T_SUBJECT
 from ..units import unit_pole
 from . import runtime
-from .app import KeyedRoute, ReadRoute, read_access, require_key
+from .access import KeyedRoute, ReadRoute, read_access, require_key
 from .schemas import (MAX_QUERY_CHARS, ActivationsOut, ActivationsRequest, AnalysisOut, ComparisonOut,
                       ComparisonRequest, DiffRequest,
                       DictionaryDetail, DictionaryOut, Health, JobOut, JobStatusOut, JobSubmitted, LatentDetail,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 from urllib.parse import urlencode
 
@@ -23,11 +24,11 @@ from fastapi.templating import Jinja2Templates
 
 from ..store import queries as Q
 from ..units import unit_label
-from .app import HERE, ReadRoute, read_access
+from .access import ReadRoute, read_access
 from .schemas import MAX_QUERY_CHARS
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)], route_class=ReadRoute)
-templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
 
 
 def _fmt(v, digits: int = 3) -> str:
