@@ -853,7 +853,7 @@ def worker(
     """A Celery worker (broker $AUTOINTERP_BROKER_URL, store $AUTOINTERP_DATABASE_URL): it runs the jobs that
     `autointerp job submit` queues. Flower works against it (`celery -A autointerp.jobs.celery_app flower`)."""
     from .errors import ConfigError
-    from .jobs.dispatch import QUEUES, Settings
+    from .jobs.dispatch import QUEUES, WorkerSettings
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
     bad = [q for q in names if q not in QUEUES]
@@ -863,7 +863,7 @@ def worker(
         raise ConfigError(f"--pool {pool!r}: expected prefork, threads or solo")
     if not dispatch:
         os.environ["AUTOINTERP_DISPATCH"] = "0"
-    settings = Settings.from_env()  # a bad setting fails here, with one line
+    settings = WorkerSettings.from_env()  # a bad setting fails here, with one line
     threads = worker_threads(os.cpu_count() or 1, concurrency, pool, os.environ)
     if threads is not None:  # read by torch when a pool process imports it
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)

@@ -160,9 +160,9 @@ def _stored_comparison(store, a: dict, b: dict, method: str):
     explanation of either dictionary is newer), else None."""
     from sqlalchemy import func, select
 
-    from .store.tables import Comparison, Explanation
+    from .store.tables import Comparison, ExplanationRow
 
-    c, e = Comparison.__table__, Explanation.__table__
+    c, e = Comparison.__table__, ExplanationRow.__table__
     with store.tx() as conn:
         row = conn.execute(select(c.c.id, c.c.summary, c.c.created)
                            .where(c.c.dictionary_a == a["id"], c.c.dictionary_b == b["id"], c.c.method == method)

@@ -50,7 +50,7 @@ def main() -> None:
     os.environ["AUTOINTERP_DATABASE_URL"] = url
     from autointerp.jobs import status, submit
     from autointerp.jobs.celery_app import make_app
-    from autointerp.jobs.dispatch import Dispatcher, Settings
+    from autointerp.jobs.dispatch import Dispatcher, WorkerSettings
     from autointerp.store import open_store
 
     store = open_store(url)
@@ -68,7 +68,7 @@ def main() -> None:
 
     redis = Redis()
     try:
-        settings = Settings(broker_url=redis.url, redis_url=redis.url, queue_prefix="bench.")
+        settings = WorkerSettings(broker_url=redis.url, redis_url=redis.url, queue_prefix="bench.")
         d = Dispatcher(make_app(settings), settings, store)
         m0 = redis.used_memory()
         step, t_step = timed(d.step)

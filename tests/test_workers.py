@@ -319,7 +319,7 @@ def _delete_amqp_queues(prefix: str) -> None:
 
 def test_bad_specs_are_rejected_at_submit_and_nothing_is_queued(small_cache, tmp_path, redis_server):
     from autointerp.jobs.celery_app import make_app
-    from autointerp.jobs.dispatch import Dispatcher, Settings
+    from autointerp.jobs.dispatch import Dispatcher, WorkerSettings
 
     bad = [({"scorers": ["nope"]}, "unknown scorer 'nope'"),
            ({"latents": "0-999999"}, "out of range"),
@@ -337,7 +337,7 @@ def test_bad_specs_are_rejected_at_submit_and_nothing_is_queued(small_cache, tmp
         assert r.stderr.count("\n") == 1 and r.stdout == ""
     store = open_store()
     assert store.jobs() == []
-    settings = dataclasses.replace(Settings.from_env(), broker_url=redis_server.url, redis_url=redis_server.url,
+    settings = dataclasses.replace(WorkerSettings.from_env(), broker_url=redis_server.url, redis_url=redis_server.url,
                                    queue_prefix=f"t{uuid.uuid4().hex[:8]}.")
     d = Dispatcher(make_app(settings), settings, store)
     assert d.step()["sent"] == 0 and d.waiting(settings.queue("llm")) == 0

@@ -20,13 +20,13 @@ from celery import Celery, signals
 from kombu import Queue
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from .dispatch import QUEUES, Dispatcher, Settings
+from .dispatch import QUEUES, Dispatcher, WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
-def make_app(settings: Settings | None = None) -> Celery:
-    s = settings or Settings.from_env()
+def make_app(settings: WorkerSettings | None = None) -> Celery:
+    s = settings or WorkerSettings.from_env()
     app = Celery("autointerp", broker=s.broker_url, set_as_current=True)
     transport = {"visibility_timeout": s.visibility_timeout}
     if s.broker_url.startswith(("redis://", "rediss://")):

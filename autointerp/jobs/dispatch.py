@@ -91,7 +91,7 @@ def _env(name: str) -> str:
 
 
 @dataclass
-class Settings:
+class WorkerSettings:
     broker_url: str = DEFAULT_BROKER
     redis_url: str | None = None
     lease_s: float = 60.0
@@ -105,7 +105,7 @@ class Settings:
     visibility_timeout: int = 3600
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> "WorkerSettings":
         broker = os.environ.get("AUTOINTERP_BROKER_URL") or DEFAULT_BROKER
         redis_url = os.environ.get("AUTOINTERP_REDIS_URL")
         if redis_url is None:
@@ -290,7 +290,7 @@ class _SharedSlot:
             await self.local.__aexit__(*exc)
 
 
-def share_limits(clients, settings: Settings) -> None:
+def share_limits(clients, settings: WorkerSettings) -> None:
     """Put the shared per-endpoint limits around every OpenAI-compatible client's HTTP attempts (no-op without
     Redis or without limits)."""
     if not (settings.llm_max_in_flight or settings.llm_rate):
@@ -312,7 +312,7 @@ class Budget:
     """A job's spend as every worker sees it: a Redis counter (initialised from the store's sum when missing;
     workers add each latent's cost), or the store's sum cached for `cache_s` without Redis."""
 
-    def __init__(self, store: Store, job_id: int, settings: Settings, cache_s: float = 3.0):
+    def __init__(self, store: Store, job_id: int, settings: WorkerSettings, cache_s: float = 3.0):
         self.store, self.job_id, self.cache_s = store, job_id, cache_s
         self.redis = sync_redis(settings.redis_url)
         self.key = f"autointerp:{settings.queue_prefix}job:{job_id}:spend"
@@ -363,17 +363,17 @@ class BatchResult:
         return dict(self.__dict__)
 
 
-def run_batch(job_id: int, queue: str | None = None, settings: Settings | None = None,
+def run_batch(job_id: int, queue: str | None = None, settings: WorkerSettings | None = None,
               store: Store | None = None) -> dict:
     """What one Celery task runs: claim and run up to `task_latents` latents of the job (the job's `concurrency`
     in flight) — their stages that belong to `queue` (all stages when None) — then return. Safe to run anywhere,
     any number of times."""
-    settings = settings or Settings.from_env()
+    settings = settings or WorkerSettings.from_env()
     store = store or open_store()
     return asyncio.run(run_batch_async(store, job_id, settings, queue=queue)).as_dict()
 
 
-async def run_batch_async(store: Store, job_id: int, settings: Settings, worker: str | None = None,
+async def run_batch_async(store: Store, job_id: int, settings: WorkerSettings, worker: str | None = None,
                           queue: str | None = None) -> BatchResult:
     from .loop import work
     from .runner import job_context
@@ -450,9 +450,9 @@ class Dispatcher:
     """Feeds the queues from the database, sweeps expired leases, finishes jobs. `step()` is one round; `run()`
     loops until `stop()`. Needs a Celery app (to publish and to count waiting messages)."""
 
-    def __init__(self, app, settings: Settings | None = None, store: Store | None = None):
+    def __init__(self, app, settings: WorkerSettings | None = None, store: Store | None = None):
         self.app = app
-        self.settings = settings or Settings.from_env()
+        self.settings = settings or WorkerSettings.from_env()
         self._store = store
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -541,6 +541,6 @@ class Dispatcher:
             self.thread.join(timeout=10)
 
 
-__all__ = ["Settings", "ENV", "QUEUES", "queue_plan", "stage_queue", "run_batch", "run_batch_async", "Dispatcher",
+__all__ = ["WorkerSettings", "ENV", "QUEUES", "queue_plan", "stage_queue", "run_batch", "run_batch_async", "Dispatcher",
            "Budget",
            "SharedEndpointLimit", "share_limits"]

@@ -248,9 +248,9 @@ def embedded_settings():
     """The queue layer's settings for a runner in this process: its lease (AUTOINTERP_LEASE_S), shared LLM limits
     and a Redis budget counter only when AUTOINTERP_REDIS_URL names a Redis explicitly (a laptop's Redis, if any,
     may serve other stores whose job ids collide)."""
-    from .dispatch import Settings
+    from .dispatch import WorkerSettings
 
-    settings = Settings.from_env()
+    settings = WorkerSettings.from_env()
     if not os.environ.get("AUTOINTERP_REDIS_URL"):
         settings.redis_url = None
     return settings

@@ -23,11 +23,11 @@ from sqlalchemy.engine import Connection, make_url
 from ..errors import ConfigError
 from ..names import dictionary_name
 from .engine import StoreError, engine_for, resolve_url
-from .tables import (ApiKey, Dictionary, Explanation, ExplanationEmbedding, Job, JobItem, Latent, Score,
-                     SubjectModel, utcnow)
+from .tables import (ApiKey, DictionaryRow, ExplanationEmbedding, ExplanationRow, Job, JobItem, Latent, Score,
+                     SubjectModelRow, utcnow)
 
-T_SUBJECT, T_DICT, T_LATENT = SubjectModel.__table__, Dictionary.__table__, Latent.__table__
-T_EXPL, T_SCORE, T_JOB, T_ITEM = Explanation.__table__, Score.__table__, Job.__table__, JobItem.__table__
+T_SUBJECT, T_DICT, T_LATENT = SubjectModelRow.__table__, DictionaryRow.__table__, Latent.__table__
+T_EXPL, T_SCORE, T_JOB, T_ITEM = ExplanationRow.__table__, Score.__table__, Job.__table__, JobItem.__table__
 T_EMB, T_KEY = ExplanationEmbedding.__table__, ApiKey.__table__
 CHUNK = 20_000  # rows per executemany
 

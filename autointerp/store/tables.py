@@ -23,14 +23,14 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class SubjectModel(SQLModel, table=True):
+class SubjectModelRow(SQLModel, table=True):
     __tablename__ = "subject_model"
     id: Optional[int] = Field(default=None, primary_key=True)
     name: str = Field(unique=True, max_length=500)  # the spec the model loads from (builtin:smollm2, hub id, path)
     created: datetime = Field(default_factory=utcnow)
 
 
-class Dictionary(SQLModel, table=True):
+class DictionaryRow(SQLModel, table=True):
     """One dictionary at one hookpoint, as extracted (the latest extraction's statistics and cache)."""
 
     __tablename__ = "dictionary"
@@ -74,7 +74,7 @@ class Latent(SQLModel, table=True):
     top_head: Optional[int] = None  # the head with the largest share
 
 
-class Explanation(SQLModel, table=True):
+class ExplanationRow(SQLModel, table=True):
     __tablename__ = "explanation"
     __table_args__ = (UniqueConstraint("dictionary_pk", "latent", "explain_key", name="uq_explanation_identity"),
                       Index("ix_explanation_latent", "dictionary_pk", "latent"))
