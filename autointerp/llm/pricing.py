@@ -49,6 +49,7 @@ DEFAULT_PRICES: dict[str, Price] = {
     "meta-llama/llama-3.3-70b-instruct": Price(0.13, 0.40),
     # In-process models cost nothing per token.
     "builtin:smollm2": Price(0.0, 0.0),
+    "builtin:gemma3-270m": Price(0.0, 0.0),
 }
 
 
