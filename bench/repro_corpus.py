@@ -64,7 +64,8 @@ def separability_run(reader: LatentReader, a: list[str], b: list[str], max_token
     bs = np.array([stats(np.concatenate([rng.choice(np.nonzero(y == 1)[0], len(a)),
                                          rng.choice(np.nonzero(y == 0)[0], len(b))])) for _ in range(boot)])
     lo, hi = np.percentile(bs, [2.5, 97.5], axis=0)
-    return {"best": (best, lo[0], hi[0]), "top10": (top10, lo[1], hi[1])}
+    # the same resamples for every dictionary (the generator is seeded alike): paired comparisons read `boot`
+    return {"best": (best, lo[0], hi[0]), "top10": (top10, lo[1], hi[1]), "boot": bs}
 
 
 CODE_PUNCT = re.compile(r"^[\s()\[\]{}:=.,+\-*/%<>!'\"#@_]+$")
@@ -146,11 +147,17 @@ def main() -> None:
         print(f"\nseparability: {len(a)} docstrings about files/paths vs {len(b)} about threads/processes/locks, "
               f"{args.max_tokens} tokens each, {args.boot} bootstrap resamples")
         print(f"  {'dictionary':<28} {'units':>6} {'best latent JS [95% CI]':>28} {'mean of top 10 [95% CI]':>28}")
+        boots = {}
         for name, (spec, hp) in readers.items():
             rd = reader(spec, hp)
             s = separability_run(rd, a, b, args.max_tokens, args.boot, args.seed)
+            boots[name] = s["boot"]
             fmt = "{:.3f} [{:.3f}, {:.3f}]"
             print(f"  {name:<28} {rd.n_latents:>6} {fmt.format(*s['best']):>28} {fmt.format(*s['top10']):>28}")
+        sae, *others = boots
+        for o in others:  # paired: the same resampled documents for both
+            win = (boots[sae] > boots[o]).mean(axis=0)
+            print(f"  {sae} > {o}: in {win[0]:.0%} of resamples (best latent), {win[1]:.0%} (mean of top 10)")
     if args.only in (None, "diff"):
         rd = reader(sae, DEMO_HOOKPOINT)
         summary, rows = diff_run(rd, args.docs, args.share, args.max_tokens, args.seed)
