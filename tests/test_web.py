@@ -358,3 +358,23 @@ def test_separability_page_shows_each_latents_two_histograms(browser, api_server
     browser.get(f"{api_server.url}/d/{d['id']}/{r['rows'][0]['latent']}")
     assert browser.find_element(By.CSS_SELECTOR, "dd.latent-stat[data-stat='separability'] a").get_attribute(
         "href").endswith(f"/analyses/{r['id']}")
+
+
+def test_meta_page_lists_each_meta_latents_base_latents(browser, api_server, api_env, shots):
+    """A meta-dictionary's analysis page: one card per meta-latent that fires, its base latents as links to their
+    pages (in the stored order) with their explanations as they are now."""
+    from selenium.webdriver.common.by import By
+
+    from autointerp.meta import save_meta_analysis
+
+    store, d, explained = api_env["store"], api_env["dictionary"], api_env["explained"]
+    every = [[(explained[1], 0.9), (explained[2], 0.5)], [], [(explained[3], 0.7)]]
+    aid = save_meta_analysis(store, d["id"], "runs/meta-x", {"k": 2, "n_latents": 3}, every)
+    browser.get(f"{api_server.url}/analyses/{aid}")
+    _no_xss(browser)
+    cards = browser.find_elements(By.CSS_SELECTOR, "#meta-rows .meta-latent")
+    assert [c.get_attribute("data-meta") for c in cards] == ["0", "2"]
+    links = [a.get_attribute("href").rsplit("/", 1)[1] for a in cards[0].find_elements(By.CSS_SELECTOR, "tr.member a")]
+    assert links == [str(explained[1]), str(explained[2])]
+    assert "closing brackets" in cards[0].text  # explained[1]'s explanation (api_support.populate)
+    _shot(browser, shots / "meta_page.png")
