@@ -125,6 +125,7 @@ def test_signed_neurons_end_to_end_each_pole_its_own_latent(subject, small_cache
 
     from api_support import ApiServer, http
     from autointerp.api import runtime
+    from autointerp.scorers.intervention import steer_edit
     from autointerp.exports import export_parquet
     from autointerp.extract import extract
     from autointerp.store import Store
@@ -167,10 +168,10 @@ def test_signed_neurons_end_to_end_each_pole_its_own_latent(subject, small_cache
     other = Store(f"sqlite:///{tmp_path / 'other.db'}")
     d_other = other.register_cache(small_cache, name="other")
     assert d_other["id"] == d["id"]
-    runtime.steer(d_other, 0, "The river", [1.0], 4, store=other)
-    steered = runtime.steer(d, width + i, "The river", [1.0, -1.0], 4, store=store)["completions"]
-    mirror = runtime.steer(d, i, "The river", [-1.0, 1.0], 4, store=store)["completions"]
+    runtime.steer(d_other, [steer_edit(0)], "The river", [1.0], 4, store=other)
+    steered = runtime.steer(d, [steer_edit(width + i)], "The river", [1.0, -1.0], 4, store=store)["completions"]
+    mirror = runtime.steer(d, [steer_edit(i)], "The river", [-1.0, 1.0], 4, store=store)["completions"]
     assert [c["completion"] for c in steered] == [c["completion"] for c in mirror]
     assert steered[0]["completion"] != steered[1]["completion"]  # the two signs really steer apart
-    sweep = runtime.steer(d, i, "The river", None, 2, store=store)["completions"]  # a pole's default: both signs
+    sweep = runtime.steer(d, [steer_edit(i)], "The river", None, 2, store=store)["completions"]  # a pole's default: both signs
     assert [c["strength"] for c in sweep] == [-2.0, -1.0, 0.0, 1.0, 2.0]
