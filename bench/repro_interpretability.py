@@ -37,30 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-LOADS: list[float] = []
-
-
-def load_note() -> str:
-    load = os.getloadavg()
-    LOADS.append(load[0])
-    return " ".join(f"{x:.2f}" for x in load)
-
-
-def timed(label: str, fn):
-    t, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    print(f"[{label}] {time.perf_counter() - t:.1f} s wall, {time.process_time() - cpu:.1f} s CPU, load average "
-          f"{load_note()}", flush=True)
-    return out
-
-
-def bootstrap_mean(x, n_boot: int, rng) -> tuple[float, float]:
-    """Percentile 95 % interval of the mean of x over n_boot resamples (with replacement)."""
-    import numpy as np
-
-    x = np.asarray(x, float)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repro_common import LOADS, bootstrap_mean, load_note, timed  # noqa: E402
 
 
 def bootstrap_diff(x, y, n_boot: int, rng) -> tuple[float, float]:

@@ -39,31 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-LOADS: list[float] = []
-
-
-def load_note() -> str:
-    load = os.getloadavg()
-    LOADS.append(load[0])
-    return " ".join(f"{x:.2f}" for x in load)
-
-
-def timed(label: str, fn):
-    t, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    print(f"[{label}] {time.perf_counter() - t:.1f} s wall, {time.process_time() - cpu:.1f} s CPU, load average "
-          f"{load_note()}", flush=True)
-    return out
-
-
-def boot_ci(x, n_boot: int, rng) -> tuple[float, float]:
-    import numpy as np
-
-    x = np.asarray(x, float)
-    if not len(x):
-        return float("nan"), float("nan")
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repro_common import LOADS, bootstrap_mean, load_note, timed  # noqa: E402
 
 
 def partner_sims(pairs, latents_a):
@@ -203,12 +180,12 @@ def main() -> int:
         rows.append({
             "a": a, "b": b, "apart": abs(sb["layer"] - sa["layer"]), "same_layer": sa["layer"] == sb["layer"],
             "explained": [emb["summary"]["explained_a"], emb["summary"]["explained_b"]],
-            "emb_mean": float(e_part.mean()), "emb_ci": boot_ci(e_part, args.bootstrap, brng),
+            "emb_mean": float(e_part.mean()), "emb_ci": bootstrap_mean(e_part, args.bootstrap, brng),
             "emb_matched": emb["summary"]["matched_fraction_a"],
-            "emb_matched_ci": boot_ci(e_part >= 0.7, args.bootstrap, brng), "emb_random_pair": random_cos,
-            "dec_mean": float(d_part.mean()), "dec_ci": boot_ci(d_part, args.bootstrap, brng),
+            "emb_matched_ci": bootstrap_mean(e_part >= 0.7, args.bootstrap, brng), "emb_random_pair": random_cos,
+            "dec_mean": float(d_part.mean()), "dec_ci": bootstrap_mean(d_part, args.bootstrap, brng),
             "dec_matched": dec["summary"]["decoder"]["matched_fraction_a"],
-            "dec_matched_ci": boot_ci(d_part >= 0.7, args.bootstrap, brng),
+            "dec_matched_ci": bootstrap_mean(d_part >= 0.7, args.bootstrap, brng),
             "shared": dec["summary"]["shared_fraction"]})
 
     print(f"\nSmolLM2-135M resid_post; TopK SAEs {DEMO['n_latents']} latents, k {DEMO['k']}, {DEMO['steps']} steps, lr "
