@@ -652,30 +652,6 @@ def job_run(job_id: int = typer.Argument(...), progress: bool = typer.Option(Tru
     _print_job_result(store, job_id, summary, None)
 
 
-def _fmt_status(st) -> str:
-    lines = [f"job {st.job_id} [{st.status}] dictionary {st.dictionary}: {st.latents_finished}/{st.latents} latents "
-             f"finished; ${st.spend['cost_usd']:.4f} spent" + (f" of ${st.budget_usd:.2f}" if st.budget_usd else "")
-             + f", {st.spend['calls']} LLM calls, {st.spend['prompt_tokens']}+{st.spend['completion_tokens']} tokens"]
-    ex = st.extraction
-    if ex:
-        lines.append(f"  extraction: {ex['shards_done']}/{ex['shards']} shards, {ex['tokens']:,} tokens"
-                     + (f", {ex['tokens_per_s']:,.0f} tokens/s" if ex["tokens_per_s"] else "")
-                     + (f", ETA {ex['eta_s']:.0f} s" if ex["eta_s"] else "") + (", merged" if ex["merged"] else ""))
-        for sh in ex["per_shard"]:
-            lines.append(f"    shard {sh['shard']:<3} {sh['status']:<8} {sh['tokens']:>10,}/{sh['tokens_total']:,} tokens"
-                         + (f"  {sh['tokens_per_s']:,.0f} tokens/s" if sh["tokens_per_s"] else "")
-                         + (f"  {sh['worker']}" if sh["status"] == "running" and sh["worker"] else ""))
-    if st.rate_per_s:
-        lines.append(f"  {st.rate_per_s:.2f} latents/s" + (f", ETA {st.eta_s:.0f} s" if st.eta_s else ""))
-    for stage, c in sorted(st.stages.items()):
-        lines.append(f"  {stage:<22} " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    if st.error:
-        lines.append(f"  stopped by: {st.error}")
-    for e in st.errors[:5]:
-        lines.append(f"  failed: latent {e['latent']} {e['stage']}: {e['error']}")
-    return "\n".join(lines)
-
-
 @job_app.command("status")
 @_friendly
 def job_status(job_id: int = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
@@ -689,7 +665,7 @@ def job_status(job_id: int = typer.Argument(...), as_json: bool = typer.Option(F
     store = open_store()
     while True:
         st = status(store, job_id)
-        typer.echo(json.dumps(st.as_dict(), default=str, indent=1) if as_json else _fmt_status(st))
+        typer.echo(json.dumps(st.as_dict(), default=str, indent=1) if as_json else st.text())
         if not watch or st.status in ("done", "failed", "stopped", "cancelled", "budget_exhausted"):
             return
         time.sleep(2)
@@ -822,7 +798,7 @@ def job_watch(job_id: int = typer.Argument(...),
     finally:
         for bar in bars.values():
             bar.close()
-    typer.echo(_fmt_status(st))
+    typer.echo(st.text())
     if st.status != "done":
         typer.echo(f"error: job {job_id} ended {st.status}", err=True)
         raise typer.Exit(1)
@@ -1096,7 +1072,7 @@ def compare_cmd(
 ):
     """Compare two dictionaries: a summary number, the similarity distribution, matched pairs, each side's novel
     latents (stored in the store; checkpoints compared by weights are not)."""
-    from .compare import compare, compare_checkpoints
+    from .compare import compare, compare_checkpoints, format_comparison
     from .store import open_store
 
     store = open_store()
@@ -1112,14 +1088,16 @@ def compare_cmd(
             typer.echo(f"  jaccard {o['jaccard']:.4f} ({o['shared']} shared atoms of {o['union']}; "
                        f"A has {o['n_a']}, B {o['n_b']})")
             return
-        _print_comparison(r, show)
+        for line in format_comparison(r, show):
+            typer.echo(line)
         return
     r = compare(store, a, b, method, threshold=threshold)
     if as_json:
         typer.echo(json.dumps(r, default=str))
         return
     typer.echo(f"comparison {r['id']}: {a} vs {b} by {r['method']}")
-    _print_comparison(r, show)
+    for line in format_comparison(r, show):
+        typer.echo(line)
 
 
 def _corpus_reader(dictionary: str, model: str, hookpoint: Optional[str], device: Optional[str]):
@@ -1299,33 +1277,6 @@ def _in_store(store, *refs: str) -> bool:
     except ConfigError:
         return False
     return True
-
-
-def _print_comparison(r: dict, show: int) -> None:
-    if r["method"] == "itda-jaccard":
-        typer.echo(f"  jaccard {r['summary']['jaccard']:.4f} ({r['result']['shared']} shared atoms of "
-                   f"{r['result']['union']})")
-        return
-    res = r["result"]["decoder"] if r["method"] == "decoder" else r["result"]
-    for k, v in r["summary"].items():
-        typer.echo(f"  {k:<22} {json.dumps(v) if isinstance(v, dict) else (f'{v:.3f}' if isinstance(v, float) else v)}")
-    h = res["histogram"]
-    peak = max(h["counts"]) or 1
-    typer.echo("  similarity of matched pairs:")
-    for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
-        if n:
-            typer.echo(f"  {lo:6.2f}..{hi:5.2f} {n:>7} {'#' * max(1, round(40 * n / peak))}")
-    for x, y, sim in sorted(res["pairs"], key=lambda p: -p[2])[:show]:
-        typer.echo(f"  A {x:>7} ~ B {y:>7}  {sim:.3f}")
-    typer.echo(f"  novel: {len(res['novel_a'])} of A, {len(res['novel_b'])} of B (no partner >= {res['threshold']})")
-    from .quality import format_value, quality_rows
-
-    q = r.get("quality") or {}
-    rows = quality_rows(q.get("a"), q.get("b"))
-    if rows:  # what each dictionary is worth, side by side (from their extractions' quality passes)
-        typer.echo(f"  {'quality':<34} {'A':>12} {'B':>12}")
-        for label, (va, vb) in rows:
-            typer.echo(f"  {label:<34} {format_value(va):>12} {format_value(vb):>12}")
 
 
 @app.command("steer")

@@ -16,6 +16,7 @@ Dense Hungarian on 32k x 32k would be 4 GB and cubic.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -583,3 +584,34 @@ def compare(store, a: str | int, b: str | int, method: str = "embedding", *, k: 
         cid = conn.execute(Comparison.__table__.insert().values(**row)).inserted_primary_key[0]
     # each side's quality pass (autointerp.quality), shown beside the comparison; the dictionaries' rows keep it
     return {"id": int(cid), **row, "quality": {"a": da.get("quality"), "b": db.get("quality")}}
+
+
+def format_comparison(r: dict, show: int) -> list[str]:
+    """The lines `autointerp compare` prints: the summary, the similarity histogram, the best pairs, the novel
+    latents and (stored comparisons) both sides' quality."""
+    out: list[str] = []
+    if r["method"] == "itda-jaccard":
+        out.append(f"  jaccard {r['summary']['jaccard']:.4f} ({r['result']['shared']} shared atoms of "
+                   f"{r['result']['union']})")
+        return out
+    res = r["result"]["decoder"] if r["method"] == "decoder" else r["result"]
+    for k, v in r["summary"].items():
+        out.append(f"  {k:<22} {json.dumps(v) if isinstance(v, dict) else (f'{v:.3f}' if isinstance(v, float) else v)}")
+    h = res["histogram"]
+    peak = max(h["counts"]) or 1
+    out.append("  similarity of matched pairs:")
+    for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
+        if n:
+            out.append(f"  {lo:6.2f}..{hi:5.2f} {n:>7} {'#' * max(1, round(40 * n / peak))}")
+    for x, y, sim in sorted(res["pairs"], key=lambda p: -p[2])[:show]:
+        out.append(f"  A {x:>7} ~ B {y:>7}  {sim:.3f}")
+    out.append(f"  novel: {len(res['novel_a'])} of A, {len(res['novel_b'])} of B (no partner >= {res['threshold']})")
+    from .quality import format_value, quality_rows
+
+    q = r.get("quality") or {}
+    rows = quality_rows(q.get("a"), q.get("b"))
+    if rows:  # what each dictionary is worth, side by side (from their extractions' quality passes)
+        out.append(f"  {'quality':<34} {'A':>12} {'B':>12}")
+        for label, (va, vb) in rows:
+            out.append(f"  {label:<34} {format_value(va):>12} {format_value(vb):>12}")
+    return out

@@ -328,6 +328,33 @@ class JobStatus:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def text(self) -> str:
+        """What `autointerp job status` prints."""
+        sp = self.spend
+        lines = [f"job {self.job_id} [{self.status}] dictionary {self.dictionary}: {self.latents_finished}/"
+                 f"{self.latents} latents finished; ${sp['cost_usd']:.4f} spent"
+                 + (f" of ${self.budget_usd:.2f}" if self.budget_usd else "")
+                 + f", {sp['calls']} LLM calls, {sp['prompt_tokens']}+{sp['completion_tokens']} tokens"]
+        ex = self.extraction
+        if ex:
+            lines.append(f"  extraction: {ex['shards_done']}/{ex['shards']} shards, {ex['tokens']:,} tokens"
+                         + (f", {ex['tokens_per_s']:,.0f} tokens/s" if ex["tokens_per_s"] else "")
+                         + (f", ETA {ex['eta_s']:.0f} s" if ex["eta_s"] else "") + (", merged" if ex["merged"] else ""))
+            for sh in ex["per_shard"]:
+                lines.append(f"    shard {sh['shard']:<3} {sh['status']:<8} {sh['tokens']:>10,}/"
+                             f"{sh['tokens_total']:,} tokens"
+                             + (f"  {sh['tokens_per_s']:,.0f} tokens/s" if sh["tokens_per_s"] else "")
+                             + (f"  {sh['worker']}" if sh["status"] == "running" and sh["worker"] else ""))
+        if self.rate_per_s:
+            lines.append(f"  {self.rate_per_s:.2f} latents/s" + (f", ETA {self.eta_s:.0f} s" if self.eta_s else ""))
+        for stage, c in sorted(self.stages.items()):
+            lines.append(f"  {stage:<22} " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
+        if self.error:
+            lines.append(f"  stopped by: {self.error}")
+        for e in self.errors[:5]:
+            lines.append(f"  failed: latent {e['latent']} {e['stage']}: {e['error']}")
+        return "\n".join(lines)
+
 
 def status(store: Store, job_id: int) -> JobStatus:
     job = store.job(job_id)
