@@ -14,7 +14,6 @@ window starts at a conversation boundary or inside the same conversation as the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -86,22 +85,15 @@ def conversation_tokens(tokenizer, messages: list[dict], special_tokens: str = "
 
 
 def _read_conversations(path: Path, column: str) -> Iterator[list[dict]]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise ConfigError(f"{where}: not valid UTF-8; expected UTF-8 JSON lines") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or column not in row:
-                keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-                raise ConfigError(f"{where}: no {column!r} field (found: {keys}); chat corpora need a list of "
-                                  "messages (set --text-column)")
-            yield _check_messages(row[column], where)
+    from .corpus import jsonl_rows
+
+    for lineno, row in jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict) or column not in row:
+            keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(f"{where}: no {column!r} field (found: {keys}); chat corpora need a list of "
+                              "messages (set --text-column)")
+        yield _check_messages(row[column], where)
 
 
 def iter_conversations(spec, ordered: bool = False) -> Iterator[list[dict]]:

@@ -99,8 +99,10 @@ def _builtin_documents(kind: str) -> tuple[str, ...]:
     return tuple(docs)  # immutable: callers shuffle their own copy
 
 
-def _read_jsonl(path: Path, column: str) -> Iterator[str]:
-    """Documents one line at a time (memory is one line, never the file)."""
+def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-blank line, one line at a time (memory is one line, never the file);
+    a bad byte or bad JSON is one ConfigError naming the file and line. Every JSON-lines input reads through this:
+    corpora, chat corpora, labelled texts."""
     with path.open("rb") as f:  # bytes, decoded per line, so a bad byte is reported at its own line
         # \n, \r\n and lone \r all end a line (as in text mode); JSON text holds no raw \r, so this never cuts a row
         lines = (sub for chunk in f for sub in (chunk.splitlines() or [b""]))
@@ -116,12 +118,18 @@ def _read_jsonl(path: Path, column: str) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or column not in row:
-                keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-                raise ConfigError(f"{path}:{lineno}: no text column {column!r} (found: {keys}); set --text-column")
-            if not isinstance(row[column], str):
-                raise ConfigError(f"{path}:{lineno}: column {column!r} is {type(row[column]).__name__}, expected a string")
-            yield row[column]
+            yield lineno, row
+
+
+def _read_jsonl(path: Path, column: str) -> Iterator[str]:
+    """Documents one line at a time."""
+    for lineno, row in jsonl_rows(path):
+        if not isinstance(row, dict) or column not in row:
+            keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(f"{path}:{lineno}: no text column {column!r} (found: {keys}); set --text-column")
+        if not isinstance(row[column], str):
+            raise ConfigError(f"{path}:{lineno}: column {column!r} is {type(row[column]).__name__}, expected a string")
+        yield row[column]
 
 
 def _read_parquet(path: Path, column: str) -> Iterator[str]:

@@ -53,8 +53,14 @@ class LatentReader:
             raise ConfigError(f"dictionary {row['name']}: its extraction manifest is not in the store (re-import it)")
         subject = load_subject(manifest["model"], device=device)
         d = load_cached_dictionary(manifest["dictionary"], device=str(subject.device))
+        return cls.from_manifest(subject, d, manifest, row["name"])
+
+    @classmethod
+    def from_manifest(cls, subject, dictionary, manifest: dict, name: str) -> "LatentReader":
+        """A loaded subject and dictionary (units) read as their extraction read them: its hookpoint and ignored
+        positions."""
         ratio = (manifest.get("ignored_positions") or {}).get("max_norm_ratio", 5.0)
-        return cls(subject, d, manifest["hookpoint"], manifest["model"], row["name"], float(ratio or 0.0))
+        return cls(subject, dictionary, manifest["hookpoint"], manifest["model"], name, float(ratio or 0.0))
 
     @classmethod
     def from_specs(cls, model: str, dictionary: str, hookpoint: str | None = None, device: str | None = None,
@@ -216,17 +222,9 @@ def token_codes(reader: LatentReader, text: str, latents: list[int], max_tokens:
     codes = torch.zeros(ids.shape[1], len(latents))
     pos = torch.nonzero(keep[0], as_tuple=True)[0]
     if len(pos):
-        d = reader.dictionary
-        xs = x[0, pos].float()
-        sparse = d.encode_topk(xs)
-        if sparse is not None:
-            vals, idx = sparse
-            dense = torch.zeros(len(pos), reader.n_latents)
-            dense.scatter_(1, idx.cpu().long(), vals.float().cpu())
-        else:
-            dense = d.encode(xs)
-            dense = (dense.to_dense() if hasattr(dense, "to_dense") else dense).float().cpu()
-        codes[pos.cpu()] = dense[:, latents].clamp_min(0)
+        from .steering import latent_codes
+
+        codes[pos.cpu()] = latent_codes(reader.dictionary, x[0, pos].float(), latents).clamp_min(0).cpu()
     return ids[0].tolist(), codes
 
 
@@ -515,26 +513,20 @@ def js_distance(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 def read_labelled(path, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list[str]]:
     """(texts, labels) of a JSONL of {text, label}; one line naming the line for a bad row."""
-    import json
     from pathlib import Path
+
+    from .corpus import jsonl_rows
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--labelled {path}: no such file (expected a JSONL of {{{text_column}, {label_column}}})")
     texts, labels = [], []
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_column), str) or label_column not in row:
-                raise ConfigError(f"{path}:{lineno}: expected an object with a string {text_column!r} and a "
-                                  f"{label_column!r}")
-            texts.append(row[text_column])
-            labels.append(str(row[label_column]))
+    for lineno, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get(text_column), str) or label_column not in row:
+            raise ConfigError(f"{path}:{lineno}: expected an object with a string {text_column!r} and a "
+                              f"{label_column!r}")
+        texts.append(row[text_column])
+        labels.append(str(row[label_column]))
     if not texts:
         raise ConfigError(f"{path}: no rows")
     return texts, labels

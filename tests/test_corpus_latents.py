@@ -245,6 +245,9 @@ def test_separability_bad_input(tmp_path):
     r = CliRunner().invoke(app, ["separability", str(path), "-d", "topk-neurons:8", "--hookpoint", "mlp_neurons.2",
                                  "--no-progress"])
     assert r.exit_code == 2 and "--concept" in r.output
+    path.write_bytes(b'{"text": "a", "label": "x"}\n{"text": "b\xff", "label": "y"}\n')  # a bad byte: one line
+    r = CliRunner().invoke(app, ["separability", str(path), "-d", "topk-neurons:8", "--hookpoint", "mlp_neurons.2"])
+    assert r.exit_code == 2 and "lab.jsonl:2: not valid UTF-8" in r.output
 
 
 def test_run_functions_store_nothing_without_a_store(reader):

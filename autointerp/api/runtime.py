@@ -83,9 +83,8 @@ def reader_for(dictionary: dict, device: str | None = None, store=None):
 
     cache = _need_cache(dictionary, store)
     subject = subject_for(cache.manifest["model"], device)
-    ratio = (cache.manifest.get("ignored_positions") or {}).get("max_norm_ratio", 5.0)
-    return LatentReader(subject, dictionary_for(cache, str(subject.device)), cache.manifest["hookpoint"],
-                        cache.manifest["model"], dictionary["name"], float(ratio or 0.0))
+    return LatentReader.from_manifest(subject, dictionary_for(cache, str(subject.device)), cache.manifest,
+                                      dictionary["name"])
 
 
 def diff_texts(dictionary: dict, body, device: str | None = None, store=None) -> int:
