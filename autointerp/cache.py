@@ -271,3 +271,40 @@ class LatentCache(ExampleSource):
             out.append({"latent": int(i), "frequency": n / max(1, self.n_tokens), "max_act": float(s["act_max"][i]),
                         "mean_act": float(s["act_sum"][i] / n) if n else 0.0})
         return out
+
+
+def summary_text(cache: LatentCache, n_show: int = 10, tokenizer=None) -> str:
+    """What `autointerp extract` and `autointerp inspect` print about a cache: its size and alive latents, the
+    firing frequencies, the quality block (when the extraction ran it), then the first `n_show` alive latents with
+    each one's top context (decoded with `tokenizer`, which is attached to the cache, when given)."""
+    from .quality import quality_text
+
+    s = cache.stats
+    alive = cache.alive_latents()
+    freq = s["n_active"] / max(1, cache.n_tokens)
+    lines = [f"\n{cache.path}: {cache.n_latents} latents, {cache.n_tokens} tokens, hookpoint "
+             f"{cache.manifest['hookpoint']}, {len(alive)} alive ({len(alive) / cache.n_latents:.1%}), "
+             f"{cache.disk_bytes() / 1e6:.1f} MB on disk"]
+    if len(alive):
+        lines.append(f"firing frequency of alive latents: median {np.median(freq[alive]):.2e}, "
+                     f"max {freq[alive].max():.2e}")
+    quality = quality_text(cache.manifest.get("quality"))
+    if quality:
+        lines.append(quality)
+    order = alive[:n_show]  # the same latents the demo then explains
+    if tokenizer is not None:
+        cache.attach_tokenizer(tokenizer)
+    lines.append(f"{'latent':>7} {'freq':>9} {'max':>8} {'mean':>8}  top context")
+    for i in order:
+        rec = cache.record(int(i))
+        ctx = ""
+        if len(rec.top):
+            acts, toks = rec.top.acts[0], rec.top.tokens[0]
+            j = int(acts.argmax())
+            words = rec.token_strings(toks[max(0, j - 6): j + 2])
+            pivot = min(j, 6)
+            words[pivot] = f"<<{words[pivot]}>>"
+            ctx = "".join(words).replace("\n", "⏎")
+        lines.append(f"{int(i):>7} {freq[i]:>9.2e} {s['act_max'][i]:>8.2f} "
+                     f"{rec.stats.mean_act:>8.2f}  {ctx[:80]}")
+    return "\n".join(lines)

@@ -143,65 +143,14 @@ def extract(
                  checkpoint_every_s=checkpoint_every, max_norm_ratio=max_norm_ratio, encode_dtype=encode_dtype,
                  norm_scaling_factor=norm_scaling_factor, check_corpus=check_corpus, max_memory=max_memory,
                  quality=quality, quality_tokens=quality_tokens)
+    from .cache import summary_text
     from .store import open_store
 
     store = open_store()
     for c in caches:
         row = store.register_cache(c)
-        _print_summary(c, tokenizer=subject.tokenizer)
+        typer.echo(summary_text(c, tokenizer=subject.tokenizer))
         typer.echo(f"registered in the store as dictionary {row['name']!r} ({row['n_latents']} latents)")
-
-
-def _print_summary(cache, n_show: int = 10, tokenizer=None) -> None:
-    import numpy as np
-
-    s = cache.stats
-    alive = cache.alive_latents()
-    freq = s["n_active"] / max(1, cache.n_tokens)
-    typer.echo(f"\n{cache.path}: {cache.n_latents} latents, {cache.n_tokens} tokens, hookpoint "
-               f"{cache.manifest['hookpoint']}, {len(alive)} alive ({len(alive) / cache.n_latents:.1%}), "
-               f"{cache.disk_bytes() / 1e6:.1f} MB on disk")
-    if len(alive):
-        typer.echo(f"firing frequency of alive latents: median {np.median(freq[alive]):.2e}, "
-                   f"max {freq[alive].max():.2e}")
-    _print_quality(cache.manifest.get("quality"))
-    order = alive[:n_show]  # the same latents the demo then explains
-    if tokenizer is not None:
-        cache.attach_tokenizer(tokenizer)
-    typer.echo(f"{'latent':>7} {'freq':>9} {'max':>8} {'mean':>8}  top context")
-    for i in order:
-        rec = cache.record(int(i))
-        ctx = ""
-        if len(rec.top):
-            acts, toks = rec.top.acts[0], rec.top.tokens[0]
-            j = int(acts.argmax())
-            words = rec.token_strings(toks[max(0, j - 6): j + 2])
-            pivot = min(j, 6)
-            words[pivot] = f"<<{words[pivot]}>>"
-            ctx = "".join(words).replace("\n", "⏎")
-        typer.echo(f"{int(i):>7} {freq[i]:>9.2e} {s['act_max'][i]:>8.2f} "
-                   f"{rec.stats.mean_act:>8.2f}  {ctx[:80]}")
-
-
-def _print_quality(q: dict | None) -> None:
-    """The manifest's quality block (autointerp.quality), when the extraction ran it."""
-    from .quality import format_value, quality_rows
-
-    if not q:
-        return
-    if q.get("error"):
-        typer.echo(f"quality pass failed: {q['error']}")
-    rows = quality_rows(q)
-    if rows:
-        typer.echo(f"quality (first {q.get('n_windows', '?')} windows, spliced at {q.get('spliced_at', '?')}):")
-        for label, (v,) in rows:
-            typer.echo(f"  {label:<34} {format_value(v)}")
-    h = q.get("l0_hist") or {}
-    if h.get("counts") and len(h["counts"]) > 1:
-        peak = max(h["counts"]) or 1
-        for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
-            if n:
-                typer.echo(f"  L0 {lo:>6}..{hi - 1:<6} {n:>7} {'#' * max(1, round(30 * n / peak))}")
 
 
 @app.command()
@@ -214,6 +163,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Summarise a latent cache, or show one latent's contexts."""
+    from .cache import summary_text
     from .hf_loading import load_tokenizer
 
     c = _cache_folder(cache)
@@ -222,7 +172,7 @@ def inspect(
         return
     tok = load_tokenizer(c.manifest["model"])
     if latent is None:
-        _print_summary(c, tokenizer=tok)
+        typer.echo(summary_text(c, tokenizer=tok))
         return
     c.attach_tokenizer(tok)
     rec = c.record(latent)
@@ -326,13 +276,14 @@ def meta_members_cmd(
                                                        "that is not a baseline)."),
     save: bool = typer.Option(False, "--save", help="Store the member lists as an analysis of the base dictionary "
                                                     "(implies --store): its page /analyses/{id} lists each "
-                                                    "meta-latent's base latents with their explanations."),
+                                                    "meta-latent's base latents with their explanations; and "
+                                                    "register the meta-dictionary, so `interpret` explains it."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Per meta-latent, the base latents it fires on (their unit-norm decoder rows), with their explanations."""
     from .dictionaries import load_dictionary
     from .errors import ConfigError
-    from .interpret import parse_latents
+    from .jobs.selection import parse_latents
     from .meta import base_rows, load_meta_dictionary, meta_members, store_dictionary_for, unit_explanations
     from .units import unit_label
 
@@ -354,8 +305,13 @@ def meta_members_cmd(
         if save:
             from .meta import save_meta_analysis
 
+            from .meta import register_meta_dictionary
+
             aid = save_meta_analysis(st, row["id"], meta, info, every)
-            typer.echo(f"stored as analysis {aid} of {row['name']} (/analyses/{aid})", err=as_json)
+            m_row = register_meta_dictionary(st, row, info["path"], info, every, aid, rows.shape[0])
+            typer.echo(f"stored as analysis {aid} of {row['name']} (/analyses/{aid}) and as dictionary "
+                       f"{m_row['name']}; explain its latents with: autointerp interpret {m_row['name']} "
+                       f"--latents all --scorers embedding", err=as_json)
     if as_json:
         typer.echo(json.dumps([{"meta_latent": j, "n_members": len(every[j]), "members": [
             {"unit": i, "label": unit_label(i, rows.shape[0], b.signed), "activation": a,
@@ -433,17 +389,9 @@ def _run_job(store, spec, progress: bool, out: Path | None):
 
 
 def _print_job_result(store, job_id: int, summary, out: Path | None) -> None:
-    from .jobs.export import export_rows
-    from .metrics import aggregate, format_table
-
-    scores = [r for r in export_rows(store, job_id=job_id) if r["type"] == "score"]
-    typer.echo(format_table(aggregate(scores)))
-    u = summary.usage
-    typer.echo(f"\njob {job_id}: {summary.latents_done} latents done, {summary.latents_already_done} already done, "
-               f"{summary.latents_skipped} skipped, {summary.latents_failed} failed; LLM: {u.calls} calls "
-               f"({u.cached_calls} cached), {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
-               f"${u.cost_usd:.4f}; status {summary.status}; results in the store ({store!r})"
-               + (f" and {out}" if out else ""))
+    """The run's result (JobSummary.text) on stdout; its first errors and what to do next on stderr, exit 1 unless
+    the job is done."""
+    typer.echo(summary.text(store, out))
     for e in summary.errors[:5]:
         typer.echo(f"  {e}", err=True)
     if summary.status == "budget_exhausted":
@@ -461,11 +409,13 @@ _LATENTS_HELP = "Latents: '0-99,120' or 'all' (alive ones). Default: the first -
 @_friendly
 def interpret(
     cache: Path = typer.Argument(..., help="A cache folder written by `autointerp extract` (registered in the store "
-                                           "if it is not yet)."),
+                                           "if it is not yet), or a store dictionary's name, e.g. a meta-dictionary "
+                                           "registered by `meta-members --save`."),
     latents: Optional[str] = typer.Option(None, help=_LATENTS_HELP),
     n_latents: int = typer.Option(20, min=1, help="How many alive latents when --latents is not given."),
     explainer: str = typer.Option("default", help="Explainer kind: default, activations, cot, contrastive, "
-                                                  "token_frequency, random."),
+                                                  "token_frequency, random; meta for a meta-dictionary (where "
+                                                  "default means meta)."),
     explainer_model: str = typer.Option("local", help="LLM spec: local, local:MODEL, openai:MODEL, "
                                                       "openai:MODEL@http://host:port/v1."),
     judge_model: Optional[str] = typer.Option(None, help="Judge LLM spec for the scorers (default: the explainer's)."),
@@ -540,57 +490,14 @@ def demo(
 ):
     """The main job, offline: SmolLM2 + two small SAEs trained here → extraction → LLM explanations scored by
     detection, fuzzing and embedding beside two baselines → store → search → comparison → web page."""
-    from .demo import run_demo
+    from .demo import demo_summary_text, run_demo
 
     r = run_demo(out, n_tokens=n_tokens, n_latents=n_latents, explainer_model=explainer_model,
                  judge_model=judge_model, echo=typer.echo, progress=progress)
-    _demo_summary(r)
+    typer.echo(demo_summary_text(r))
     typer.echo(f"\n[demo] done in {r['elapsed_s']:.0f} s; store: {r['store']!r}")
     if serve_page:  # the `serve` command: prints the URL, serves until Ctrl-C
         serve(host=host, port=port, database_url=None, read_key=False, cors_origin=[], run_jobs=True, device=None)
-
-
-def _demo_summary(r: dict) -> None:
-    from .jobs import status
-    from .jobs.export import export_rows
-
-    store = r["store"]
-    rows = {kind: list(export_rows(store, job_id=j)) for kind, j in r["jobs"].items()}
-    typer.echo(f"{'scorer':<10} {'metric':<18} " + " ".join(f"{k:>16}" for k in rows) + "   (mean over latents; n)")
-    from .store import HEADLINE
-
-    for scorer in ("detection", "fuzzing", "embedding"):
-        cells = []
-        for kind, rs in rows.items():
-            v = [x["metrics"].get(HEADLINE[scorer]) for x in rs if x["type"] == "score" and x["scorer"] == scorer
-                 and not x["skipped"]]
-            v = [x for x in v if x is not None]
-            cells.append(f"{sum(v) / len(v):>11.3f} ({len(v):>2})" if v else f"{'-':>16}")
-        typer.echo(f"{scorer:<10} {HEADLINE[scorer]:<18} " + " ".join(cells))
-    typer.echo("(a 135M explainer and judge are weak: read the LLM column against the baselines, not as a grade)"
-               if "default" in rows else "")
-    llm = rows.get("default", [])
-    text = {x["explanation_id"]: x["text"] for x in llm if x["type"] == "explanation"}
-    det = sorted((x for x in llm if x["type"] == "score" and x["scorer"] == "detection" and not x["skipped"]),
-                 key=lambda x: -(x["metrics"].get("balanced_accuracy") or 0))
-    typer.echo(f"\n{'latent':>7} {'detect':>7}  explanation (LLM), best first")
-    for x in det[:8]:
-        typer.echo(f"{x['latent']:>7} {x['metrics'].get('balanced_accuracy') or 0:>7.3f}  "
-                   f"{(text.get(x['explanation_id']) or '')[:88]}")
-    spend = [status(store, j).spend for j in r["jobs"].values()]
-    typer.echo(f"\nLLM usage: {sum(s['calls'] for s in spend)} calls, {sum(s['prompt_tokens'] for s in spend)} "
-               f"prompt + {sum(s['completion_tokens'] for s in spend)} completion tokens, "
-               f"${sum(s['cost_usd'] for s in spend):.4f}")
-    for method, (summary, cid) in (r.get("comparison") or {}).items():
-        if method == "decoder":
-            typer.echo(f"demo vs demo-seed1 by decoder/encoder cosine: {summary['shared_fraction']:.1%} of latents "
-                       f"shared (both > 0.7; Paulo & Belrose report 53 % for two seeds at 32k) [comparison {cid}]")
-        else:
-            typer.echo(f"demo vs demo-seed1 by explanation meaning: {summary['matched_fraction_a']:.1%} of "
-                       f"{summary['explained_a']} explained latents matched (cosine >= 0.7) [comparison {cid}]")
-    typer.echo(f"{r['embedded']} explanations embedded for search (try: autointerp search \"numbers\")")
-    if r.get("plot"):
-        typer.echo(f"plot: {r['plot']}")
 
 
 # ----------------------------------------------------------------------------------------------- store and jobs

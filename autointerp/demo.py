@@ -141,6 +141,52 @@ def run_demo(out: Path, *, n_tokens: int = 60_000, n_latents: int = 8, explainer
             "comparison": comparison, "elapsed_s": time.perf_counter() - step.t0}
 
 
+def demo_summary_text(r: dict) -> str:
+    """The summary `autointerp demo` prints from what `run_demo` returned: each scorer's headline metric per
+    explainer (mean over latents), the best LLM explanations by detection, the LLM usage, the two seeds'
+    comparisons and where the search and the plot are."""
+    from .jobs import status
+    from .jobs.export import export_rows
+    from .store import HEADLINE
+
+    store = r["store"]
+    rows = {kind: list(export_rows(store, job_id=j)) for kind, j in r["jobs"].items()}
+    lines = [f"{'scorer':<10} {'metric':<18} " + " ".join(f"{k:>16}" for k in rows) + "   (mean over latents; n)"]
+    for scorer in ("detection", "fuzzing", "embedding"):
+        cells = []
+        for kind, rs in rows.items():
+            v = [x["metrics"].get(HEADLINE[scorer]) for x in rs if x["type"] == "score" and x["scorer"] == scorer
+                 and not x["skipped"]]
+            v = [x for x in v if x is not None]
+            cells.append(f"{sum(v) / len(v):>11.3f} ({len(v):>2})" if v else f"{'-':>16}")
+        lines.append(f"{scorer:<10} {HEADLINE[scorer]:<18} " + " ".join(cells))
+    lines.append("(a 135M explainer and judge are weak: read the LLM column against the baselines, not as a grade)"
+                 if "default" in rows else "")
+    llm = rows.get("default", [])
+    text = {x["explanation_id"]: x["text"] for x in llm if x["type"] == "explanation"}
+    det = sorted((x for x in llm if x["type"] == "score" and x["scorer"] == "detection" and not x["skipped"]),
+                 key=lambda x: -(x["metrics"].get("balanced_accuracy") or 0))
+    lines.append(f"\n{'latent':>7} {'detect':>7}  explanation (LLM), best first")
+    for x in det[:8]:
+        lines.append(f"{x['latent']:>7} {x['metrics'].get('balanced_accuracy') or 0:>7.3f}  "
+                     f"{(text.get(x['explanation_id']) or '')[:88]}")
+    spend = [status(store, j).spend for j in r["jobs"].values()]
+    lines.append(f"\nLLM usage: {sum(s['calls'] for s in spend)} calls, {sum(s['prompt_tokens'] for s in spend)} "
+                 f"prompt + {sum(s['completion_tokens'] for s in spend)} completion tokens, "
+                 f"${sum(s['cost_usd'] for s in spend):.4f}")
+    for method, (summary, cid) in (r.get("comparison") or {}).items():
+        if method == "decoder":
+            lines.append(f"demo vs demo-seed1 by decoder/encoder cosine: {summary['shared_fraction']:.1%} of latents "
+                         f"shared (both > 0.7; Paulo & Belrose report 53 % for two seeds at 32k) [comparison {cid}]")
+        else:
+            lines.append(f"demo vs demo-seed1 by explanation meaning: {summary['matched_fraction_a']:.1%} of "
+                         f"{summary['explained_a']} explained latents matched (cosine >= 0.7) [comparison {cid}]")
+    lines.append(f"{r['embedded']} explanations embedded for search (try: autointerp search \"numbers\")")
+    if r.get("plot"):
+        lines.append(f"plot: {r['plot']}")
+    return "\n".join(lines)
+
+
 def compare_demo(store, a: dict, b: dict) -> dict:
     """The two seeds compared by their decoders/encoders (Paulo & Belrose's shared latents) and by the meaning of
     their explanations: {method: (summary, comparison id)}."""

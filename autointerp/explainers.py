@@ -2,7 +2,7 @@
 
 LLM kinds (one call each): `default` (activating tokens marked <<…>>), `activations` (marks + a 0-10 value per
 activating token), `cot` (reasons step by step first), `contrastive` (also shows similar windows where the latent
-is silent). Baselines: `random` (another latent's explanation, deterministic per seed) and `token_frequency`
+is silent), `meta` (a meta-dictionary's latent from its base latents' explanations; autointerp.meta). Baselines: `random` (another latent's explanation, deterministic per seed) and `token_frequency`
 ("fires on: a, b, …" from the most frequent activating tokens).
 
 Every kind sees the explainer windows as display windows (`SamplingConfig.display_ctx` tokens around each window's
@@ -24,13 +24,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .formatting import highlight_mask, numbered, render_activation_list, render_tokens
+from .formatting import (escape_token, highlight_mask, neutralise_markers, numbered, render_activation_list,
+                         render_tokens)
 from .llm.base import LLMClient, SamplingParams, Usage
 from .prompt_files import load_prompt
 from .records import LatentRecord
 from .sampling import LatentSample, NegativePool, SamplingConfig, Skipped, rng_for, sample_latent
 
-LLM_EXPLAINERS = ("default", "activations", "cot", "contrastive")
+LLM_EXPLAINERS = ("default", "activations", "cot", "contrastive", "meta")
 BASELINES = ("random", "token_frequency")
 EXPLAINERS = LLM_EXPLAINERS + BASELINES
 
@@ -86,7 +87,7 @@ def _prompt_name(kind: str) -> str:
 
 
 _VARS = {"default": {"examples"}, "activations": {"examples"}, "cot": {"examples"},
-         "contrastive": {"examples", "negatives"}}
+         "contrastive": {"examples", "negatives"}, "meta": {"members"}}
 
 
 def templates(kind: str, config: ExplainConfig = ExplainConfig()) -> list:
@@ -116,6 +117,26 @@ def build_messages(record: LatentRecord, sample: LatentSample, kind: str, config
         values["negatives"] = numbered([render_tokens(record.token_strings(t)) for t in neg.tokens]) or "(none)"
         used += [int(i) for i in neg.window_ids]
     return tpl.render(**values), tpl.version, tuple(used)
+
+
+async def _explain_meta(record, client: LLMClient | None, config: ExplainConfig, seed: int):
+    """One call: the explanations of the base latents the meta-latent fires on (the explainer's half), strongest
+    first."""
+    if not record.explain:
+        return Skipped("none of the base latents it fires on is explained", record.latent)
+    if client is None:
+        raise ConfigError("explainer 'meta' needs an LLM client")
+    tpl = load_prompt(_prompt_name("meta"), _VARS["meta"], config.prompt_dir)
+    messages = tpl.render(members=numbered([neutralise_markers(escape_token(m["explanation"])) for m in record.explain]))
+    params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, seed=seed,
+                            answer_prefix="[EXPLANATION]:")
+    completion = await client.complete(messages, params)
+    text, ok = parse_explanation(completion.text)
+    if not text:
+        return Skipped("explainer answer held no explanation", record.latent, usage=completion.usage)
+    return Explanation(record.latent, text, "meta", tpl.version, completion.model or getattr(client, "model", ""),
+                       seed, usage=completion.usage, examples_used=tuple(m["unit"] for m in record.explain),
+                       raw=completion.text, parsed=ok)
 
 
 def token_frequency_explanation(record: LatentRecord, sample: LatentSample, threshold: float, n: int) -> str:
@@ -172,6 +193,13 @@ async def explain(
             return Skipped("no other latent's explanation to draw from", record.latent)
         return Explanation(record.latent, text, kind, "", "", seed)
 
+    meta = getattr(record, "members_only", False)  # a meta-latent (autointerp.meta.MetaRecord): no tokens
+    if meta != (kind == "meta"):
+        raise ConfigError(f"latent {record.latent}: explainer {kind!r} " + (
+            "reads token examples; a meta-dictionary's latents are explained with --explainer meta" if meta else
+            "explains a meta-dictionary's latents (register one with `autointerp meta-members --save`)"))
+    if meta:
+        return await _explain_meta(record, client, config, seed)
     if sample is None:
         # only the contrastive kind shows negatives: the others skip embedding the explainer windows for them
         sample = sample_latent(record, config.sampling, seed, pool=config.pool,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from autointerp.dictionaries import Dictionary, as_units, load_dictionary
 from autointerp.errors import ConfigError
+from autointerp.lru import LRU
 from autointerp.train_sae import TopKSAE, train_topk_sae
 
 SIDECAR = "meta.json"
@@ -212,3 +214,148 @@ def save_meta_analysis(store, base_pk: int, meta_path, info: dict, every: list[l
               "k": info.get("k"), "top": top}
     return save_analysis(store, "meta", base_pk, f"meta-dictionary {Path(str(meta_path)).name} "
                          f"({len(rows)} x k={info.get('k')})", params, summary, {"rows": rows})
+
+
+# ------------------------------------------------------------- a meta-dictionary in the store, explained by jobs
+
+EXPLAIN_SHOWN = 15  # explained members the explainer sees (every other one, strongest first) ...
+TEST_SHOWN = 15  # ... and held out for the embedding scorer, with as many non-members
+
+
+def register_meta_dictionary(store, base: dict, meta_path, info: dict, every: list[list[tuple[int, float]]],
+                             analysis_id: int, n_units: int) -> dict:
+    """Register the meta-dictionary as a store dictionary of its own, beside its member-list analysis: a job then
+    explains its latents (explainer `meta`) from their base latents' explanations, and its pages list them. The
+    hookpoint reads `meta:<base name>` (it encodes decoder rows, not activations); names follow the one slug rule."""
+    from .names import dictionary_name
+    from .store.analyses import register_meta_dictionary as register
+
+    hookpoint = f"meta:{base['name']}"
+    meta_id = str(Path(str(meta_path)).expanduser().resolve())
+    n_meta = len(every)
+    acts = [np.asarray([a for _, a in m], np.float64) for m in every]
+    manifest = {"model": base.get("subject_model") or _subject_name(store, base), "hookpoint": hookpoint,
+                "dictionary": {"id": meta_id, "n_latents": n_meta, "format": KIND, "source": meta_id,
+                               "d_in": int((info.get("base") or {}).get("d") or base.get("d_in") or 0)},
+                "meta": {"base_pk": int(base["id"]), "base_key": base["key"], "base_name": base["name"],
+                         "analysis_id": int(analysis_id), "n_units": int(n_units), "k": info.get("k")}}
+    row = {"key": f"{meta_id}@{hookpoint}", "name": dictionary_name(meta_id, hookpoint), "dictionary_id": meta_id,
+           "hookpoint": hookpoint, "format": KIND, "source": meta_id, "n_latents": n_meta,
+           "d_in": manifest["dictionary"]["d_in"], "n_tokens": 0, "ctx_len": 0, "cache_path": None,
+           "n_alive": sum(1 for m in every if m), "manifest": manifest, "examples_in_store": False,
+           "signed": False, "quality": None}
+    latents = [{"index": j, "n_active": len(every[j]), "frequency": len(every[j]) / max(1, n_units),
+                "max_act": float(a.max()) if a.size else 0.0, "mean_act": float(a.mean()) if a.size else 0.0,
+                "hist": None, "heads": None, "top_head": None} for j, a in enumerate(acts)]
+    return register(store, row, int(base["subject_model_id"]), latents)
+
+
+def _subject_name(store, base: dict) -> str:
+    return next(d["subject_model"] for d in store.dictionaries() if d["id"] == base["id"])
+
+
+def is_meta(dictionary: dict) -> bool:
+    return dictionary.get("format") == KIND and bool((dictionary.get("manifest") or {}).get("meta"))
+
+
+META_EXPLAINERS = ("meta", "random")  # what reads member lists (random: another meta-latent's explanation)
+META_SCORERS = ("embedding",)  # the scorers that read member lists (the judges read token examples)
+
+
+def meta_spec(spec, dictionary: dict):
+    """A job spec as it runs on a meta-dictionary: explainer `default` means `meta` (the kind that reads member
+    lists); another token explainer, or a scorer that reads token examples, fails with one line saying what works."""
+    name = dictionary["name"]
+    if spec.explainer == "default":
+        spec = spec.model_copy(update={"explainer": "meta"})
+    if spec.explainer not in META_EXPLAINERS:
+        raise ConfigError(f"dictionary {name} is a meta-dictionary: explainer {spec.explainer!r} reads token "
+                          f"examples; use one of {', '.join(META_EXPLAINERS)}")
+    bad = [s for s in spec.scorers if s not in META_SCORERS]
+    if bad:
+        raise ConfigError(f"dictionary {name} is a meta-dictionary: scorer(s) {', '.join(bad)} read token examples; "
+                          f"use --scorers {','.join(META_SCORERS)} (or none)")
+    return spec
+
+
+@dataclass
+class MetaRecord:
+    """What the job seam reads for one meta-latent: its explained base latents, strongest first, split into what
+    the explainer sees and what the embedding scorer tests on (disjoint), plus explained base latents it does not
+    fire on (the scorer's negatives)."""
+
+    members_only: ClassVar[bool] = True  # what explainers and scorers test: no token windows here
+    latent: int
+    n_members: int
+    explain: list[dict]  # {"unit", "label", "activation", "explanation"}
+    test: list[dict]
+    negatives: list[dict]
+
+
+_MEMBER_LISTS = LRU(8)
+
+
+def member_lists(store, analysis_id: int) -> dict[int, tuple[int, list[tuple[int, float]]]]:
+    """meta-latent -> (its member count, its stored members [(base unit, activation)], strongest first), from the
+    analysis `meta-members --save` stored (kept per process: an analysis never changes)."""
+    from .store.analyses import analysis
+
+    def read():
+        rows = (analysis(store, analysis_id).get("result") or {}).get("rows") or []
+        return {int(r["meta_latent"]): (int(r["n_members"]), [(int(u), float(a)) for u, a in r["members"]])
+                for r in rows}
+    return _MEMBER_LISTS.get((store.url, int(analysis_id)), read)
+
+
+def latent_members(store, dictionary: dict, latent: int) -> dict:
+    """A registered meta-latent's page data: its base dictionary and the base latents it fires on (stored ones,
+    strongest first) with their newest explanations."""
+    meta = dictionary["manifest"]["meta"]
+    n, members = member_lists(store, meta["analysis_id"]).get(int(latent), (0, []))
+    base = store.dictionary(meta["base_pk"])
+    texts = unit_explanations(store, base["id"], [u for u, _ in members])
+    from .units import unit_label
+
+    return {"base_dictionary": base["name"], "base_dictionary_pk": base["id"], "n_members": n, "analysis_id":
+            meta["analysis_id"], "members": [{"unit": u, "label": unit_label(u, base["n_latents"], base["signed"]),
+                                              "activation": round(a, 4), "explanation": texts.get(u)}
+                                             for u, a in members]}
+
+
+class MetaSource:
+    """A registered meta-dictionary's latents for the job seam (what a cache is to a token dictionary). Member lists
+    come from its analysis; the base latents' explanations are read from the store once (the newest non-baseline
+    explanation of each). Negatives are drawn per (seed, latent) from the explained base latents outside the stored
+    member list (a meta-latent with more members than the analysis kept may draw a weak member: it can only lower
+    the score)."""
+
+    def __init__(self, store, dictionary: dict, seed: int = 0):
+        self.manifest = dictionary["manifest"]
+        self.meta = self.manifest["meta"]
+        self.seed = int(seed)
+        self.path = None
+        self.members = member_lists(store, self.meta["analysis_id"])
+        base = store.dictionary(self.meta["base_pk"])
+        self.base_n, self.base_signed = int(base["n_latents"]), bool(base.get("signed"))
+        self.texts = unit_explanations(store, base["id"], range(self.base_n))
+        self.explained = np.asarray(sorted(self.texts), np.int64)
+
+    def attach_tokenizer(self, tokenizer) -> None:  # nothing here is tokens
+        pass
+
+    def _entry(self, unit: int, act: float | None) -> dict:
+        from .units import unit_label
+
+        return {"unit": unit, "label": unit_label(unit, self.base_n, self.base_signed),
+                "activation": None if act is None else round(act, 4), "explanation": self.texts[unit]}
+
+    def record(self, latent: int) -> MetaRecord:
+        from .sampling import rng_for
+
+        n, members = self.members.get(int(latent), (0, []))
+        shown = [self._entry(u, a) for u, a in members if u in self.texts]
+        explain, test = shown[0::2][:EXPLAIN_SHOWN], shown[1::2][:TEST_SHOWN]
+        outside = self.explained[~np.isin(self.explained, [u for u, _ in members])]
+        rng = rng_for(self.seed, int(latent), "meta-negatives")
+        picked = rng.choice(outside, size=min(len(test), len(outside)), replace=False) if len(outside) else []
+        return MetaRecord(int(latent), n, explain, test, [self._entry(int(u), None) for u in sorted(picked)])

@@ -219,3 +219,25 @@ def format_value(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def quality_text(q: dict | None) -> str:
+    """A manifest's quality block as `autointerp inspect` prints it (its rows, then the L0 histogram); "" when the
+    extraction did not run the quality pass."""
+    if not q:
+        return ""
+    lines = []
+    if q.get("error"):
+        lines.append(f"quality pass failed: {q['error']}")
+    rows = quality_rows(q)
+    if rows:
+        lines.append(f"quality (first {q.get('n_windows', '?')} windows, spliced at {q.get('spliced_at', '?')}):")
+        for label, (v,) in rows:
+            lines.append(f"  {label:<34} {format_value(v)}")
+    h = q.get("l0_hist") or {}
+    if h.get("counts") and len(h["counts"]) > 1:
+        peak = max(h["counts"]) or 1
+        for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"]):
+            if n:
+                lines.append(f"  L0 {lo:>6}..{hi - 1:<6} {n:>7} {'#' * max(1, round(30 * n / peak))}")
+    return "\n".join(lines)

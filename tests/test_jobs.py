@@ -316,7 +316,7 @@ def test_spec_is_data():
 
 
 def test_a_sampling_option_updates_the_jobs_sampling_not_the_default():
-    from autointerp.interpret import scorer_config
+    from autointerp.jobs.scoring import scorer_config
 
     spec = JobSpec(dictionary="d", sampling={"n_test": 7, "n_negatives": 9}, scorers=["detection", "fuzzing"],
                    scorer_options={"detection": {"sampling": {"n_negatives": 3}}})

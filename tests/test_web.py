@@ -378,3 +378,20 @@ def test_meta_page_lists_each_meta_latents_base_latents(browser, api_server, api
     assert links == [str(explained[1]), str(explained[2])]
     assert "closing brackets" in cards[0].text  # explained[1]'s explanation (api_support.populate)
     _shot(browser, shots / "meta_page.png")
+    # registered as a dictionary of its own: the card links to the meta-latent's page, which lists the same base
+    # latents (no token examples) and follows a link back to a base latent's page
+    from autointerp.meta import register_meta_dictionary
+
+    md = register_meta_dictionary(store, d, "runs/meta-x", {"k": 2, "base": {"d": 8}}, every, aid, d["n_latents"])
+    browser.get(f"{api_server.url}/analyses/{aid}")
+    browser.find_element(By.CSS_SELECTOR, "#meta-rows .meta-latent[data-meta='0'] h3 a").click()
+    assert browser.current_url.endswith(f"/d/{md['id']}/0")
+    _no_xss(browser)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#meta-members tr.member")
+    assert [r.find_element(By.TAG_NAME, "a").get_attribute("href").rsplit("/", 1)[1] for r in rows] == [
+        str(explained[1]), str(explained[2])]
+    assert "closing brackets" in rows[0].text and not browser.find_elements(By.ID, "top-examples")
+    assert f"(2 of {d['n_latents']} base latents)" in browser.find_element(By.CSS_SELECTOR, "section.stats").text
+    _shot(browser, shots / "meta_latent_page.png")
+    rows[0].find_element(By.TAG_NAME, "a").click()
+    assert browser.current_url.endswith(f"/d/{d['id']}/{explained[1]}")

@@ -231,7 +231,12 @@ def latent_detail(store: Store, d: dict, index: int, n_top: int = 20, row: dict 
         for s in e["scores"]:
             s["metrics"], s["usage"] = s["metrics"] or {}, s["usage"] or {}
     base, pole = unit_pole(index, d["n_latents"], bool(d.get("signed")))
-    return {"dictionary": d["name"], "dictionary_pk": d["id"], "index": index, **dict(row),
+    meta = None
+    if d.get("format") == "meta-dictionary":
+        from ..meta import latent_members
+
+        meta = latent_members(store, d, index)
+    return {"dictionary": d["name"], "dictionary_pk": d["id"], "index": index, **dict(row), "meta": meta,
             "pole": pole, "base_latent": base if pole else None,
             "hist_edges": ex["hist_edges"] if ex else None, "top": ex["top"] if ex else [],
             "quantiles": ex["quantiles"] if ex else [], "examples_available": ex is not None,

@@ -143,6 +143,21 @@ class Quantile(BaseModel):
     examples: list[Example]
 
 
+class MetaMember(BaseModel):
+    unit: int = Field(description="The base dictionary's unit (latent, or pole of a signed latent)")
+    label: str
+    activation: float = Field(description="The meta-latent's activation on the unit's unit-norm decoder row")
+    explanation: Optional[str] = Field(None, description="The unit's newest explanation that is not a baseline")
+
+
+class MetaMembers(BaseModel):
+    base_dictionary: str
+    base_dictionary_pk: int
+    n_members: int = Field(description="Base units the meta-latent fires on (the list holds the strongest)")
+    analysis_id: int = Field(description="The meta analysis the member lists come from")
+    members: list[MetaMember]
+
+
 class LatentDetail(BaseModel):
     dictionary: str
     dictionary_pk: int
@@ -165,6 +180,9 @@ class LatentDetail(BaseModel):
     examples_available: bool = Field(False, description="False when the extraction cache is not on this machine")
     explanations: list[ExplanationOut]
     cost_usd: float = Field(0.0, description="Everything spent on this latent's explanations and scores")
+    meta: Optional[MetaMembers] = Field(None, description="Meta-dictionaries: the base latents this meta-latent "
+                                                          "fires on, with their explanations (it has no token "
+                                                          "examples)")
 
 
 class SearchHitOut(BaseModel):

@@ -295,16 +295,22 @@ def analysis_page(request: Request, analysis_id: int = PathParam(..., ge=0, le=2
     a = analysis(store, analysis_id)
     d = store.dictionary(a["dictionary_pk"])
     rows = (a.get("result") or {}).get("rows") or []
-    hists, texts = {}, {}
+    hists, texts, meta_d, meta_texts = {}, {}, None, {}
     if a["kind"] == "meta":  # the members' explanations as they are now
         from ..meta import unit_explanations
 
         texts = unit_explanations(store, d["id"], [u for r in rows for u, _ in r["members"]])
+        # the meta-dictionary registered from this analysis (meta-members --save): its latents' own explanations
+        meta_d = next((m for m in store.dictionaries() if ((m.get("manifest") or {}).get("meta") or {})
+                       .get("analysis_id") == a["id"]), None)
+        if meta_d is not None:
+            meta_texts = unit_explanations(store, meta_d["id"], [r["meta_latent"] for r in rows if r["n_members"]])
     if a["kind"] == "separability":  # each latent's two histograms, from its stored statistic
         for s in latent_stats(store, d["id"], [r["latent"] for r in rows], "separability"):
             if s["analysis_id"] == a["id"]:
                 hists[s["latent"]] = s["details"]
-    return _page(request, "analysis.html", a=a, d=d, rows=rows, hists=hists, texts=texts,
+    return _page(request, "analysis.html", a=a, d=d, rows=rows, hists=hists, texts=texts, meta_d=meta_d,
+                 meta_texts=meta_texts,
                  summary={k: v for k, v in (a.get("summary") or {}).items() if not isinstance(v, (list, dict))})
 
 

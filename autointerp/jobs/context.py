@@ -28,7 +28,7 @@ import numpy as np
 
 from ..cache import ExampleSource
 from ..errors import ConfigError
-from ..explainers import ExplainConfig
+from ..explainers import LLM_EXPLAINERS, ExplainConfig
 from ..explainers import templates as explainer_templates
 from ..sampling import NegativePool
 from .spec import JobSpec, digest, explain_identity, score_identity
@@ -120,7 +120,7 @@ class JobContext:
         from ..llm import client_from_spec
 
         s = self.spec
-        llm_explainer = s.explainer in ("default", "activations", "cot", "contrastive")
+        llm_explainer = s.explainer in LLM_EXPLAINERS
         needs_judge = any(n not in ("embedding",) for n in s.scorers)
         kw = {"concurrency": s.llm.concurrency, "timeout": s.llm.timeout_s, "max_retries": s.llm.max_retries,
               "api_key_env": s.llm.api_key_env, "prices": s.llm.prices, "backoff_base": s.llm.backoff_base_s}
@@ -196,14 +196,17 @@ _LOCK = threading.Lock()
 
 def load_context(store, spec: JobSpec, dictionary: dict, *, random_pool=None) -> JobContext:
     """The context of (spec, dictionary), built once per process (the last 4 are kept)."""
-    from ..interpret import scorer_config
+    from .scoring import scorer_config
 
     key = (spec.model_dump_json(), dictionary["id"], dictionary.get("cache_path"), dictionary.get("n_tokens"),
-           store.url if store is not None else None)
+           store.url if store is not None else None, ((dictionary.get("manifest") or {}).get("meta") or {}).get(
+               "analysis_id"))  # a meta-dictionary registered again reads its new member lists
     with _LOCK:
         if key in _CONTEXTS and random_pool is None:
             _CONTEXTS.move_to_end(key)
             return _CONTEXTS[key]
+    if dictionary.get("format") == "meta-dictionary":
+        return _remember(key, _meta_context(store, spec, dictionary, random_pool), random_pool)
     from ..store.examples import open_examples
 
     cache = open_examples(dictionary, store)
@@ -226,9 +229,29 @@ def load_context(store, spec: JobSpec, dictionary: dict, *, random_pool=None) ->
                      explain_config=dataclasses.replace(expl_cfg, pool=pool),
                      scorer_configs=[scorer_config(n, spec, pool, extra) for n in spec.scorers],
                      pool=pool, extra=extra)
-    if random_pool is None:
+    return _remember(key, ctx, random_pool)
+
+
+def _remember(key: tuple, ctx: JobContext, random_pool) -> JobContext:
+    if random_pool is None:  # a context with a random pool is the random baseline's, made for one run
         with _LOCK:
             _CONTEXTS[key] = ctx
             while len(_CONTEXTS) > 4:
                 _CONTEXTS.popitem(last=False)
     return ctx
+
+
+def _meta_context(store, spec: JobSpec, dictionary: dict, random_pool) -> JobContext:
+    """A meta-dictionary's context: its latents are read from member lists (autointerp.meta.MetaSource); no token
+    windows, so no negative pool and no live model objects."""
+    from ..meta import MetaSource, meta_spec
+    from .scoring import scorer_config
+
+    spec = meta_spec(spec, dictionary)
+    expl_cfg = ExplainConfig(sampling=spec.sampling_config(),
+                             prompt_dir=Path(spec.prompt_dir) if spec.prompt_dir else None, random_pool=random_pool)
+    explainer_templates(spec.explainer, expl_cfg)
+    ek = digest(explain_identity(spec, dictionary["key"]))
+    return JobContext(spec=spec, dictionary=dictionary, cache=MetaSource(store, dictionary, spec.seed),
+                      explain_key=ek, score_keys={s: digest(score_identity(spec, s, ek)) for s in spec.scorers},
+                      explain_config=expl_cfg, scorer_configs=[scorer_config(n, spec, None, {}) for n in spec.scorers])

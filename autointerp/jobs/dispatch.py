@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AutointerpError, ConfigError
+from ..explainers import LLM_EXPLAINERS
 from ..llm.base import PermanentLLMError
 from ..store import Store, open_store
 from .spec import STAGE_EXPLAIN, JobSpec, parse_job_spec, score_stage
@@ -64,7 +65,6 @@ TASK = "autointerp.run_batch"
 ACTIVE = ("pending", "running")
 GPU_SCORERS = {"intervention", "surprisal"}
 CPU_SCORERS = {"embedding"}
-LLM_EXPLAINERS = {"default", "activations", "cot", "contrastive"}
 
 # every environment variable of the queue layer: name -> (default, meaning); the README's table lists them
 ENV: dict[str, tuple[str, str]] = {

@@ -59,7 +59,7 @@ def ensure_dictionary(store: Store, ref: str) -> dict:
 def select_latents(store: Store, dictionary: dict, spec: JobSpec) -> list[int]:
     from sqlalchemy import select
 
-    from ..interpret import parse_latents
+    from .selection import parse_latents
     from ..store.store import T_LATENT
 
     with store.tx() as conn:
@@ -92,6 +92,13 @@ def submit(store: Store, spec: JobSpec | dict | str) -> int:
         # extracted before with these settings (by another job): this one starts at its latents
     else:
         dictionary = ensure_dictionary(store, spec.dictionary)
+        if dictionary.get("format") == "meta-dictionary":
+            from ..meta import meta_spec
+
+            spec = meta_spec(spec, dictionary)
+        elif spec.explainer == "meta":
+            raise ConfigError(f"explainer 'meta' explains a meta-dictionary's latents; {dictionary['name']} is not "
+                              "one (register one with `autointerp meta-members --save`)")
     latents = select_latents(store, dictionary, spec)
     key = digest(job_identity(spec, dictionary["key"], latents))  # reads every prompt file: a missing one fails here
     existing = store.find_job(key)
@@ -140,7 +147,7 @@ class _AnyJudge:
 def _preflight(spec: JobSpec) -> None:
     from ..explainers import ExplainConfig
     from ..explainers import templates as explainer_templates
-    from ..interpret import scorer_config
+    from .scoring import scorer_config
 
     explainer_templates(spec.explainer, ExplainConfig(prompt_dir=Path(spec.prompt_dir) if spec.prompt_dir else None))
     for name in spec.scorers:
@@ -160,6 +167,21 @@ class JobSummary:
     usage: Usage = field(default_factory=Usage)
     errors: list[str] = field(default_factory=list)
     stopped_by: str | None = None
+
+    def text(self, store: Store, out: Path | None = None) -> str:
+        """What `autointerp interpret`, `run` and `job run` print when the run ends: the job's score table, then
+        one line of counts, LLM usage and status (and `out`, the file its rows were also exported to)."""
+        from ..metrics import aggregate, format_table
+        from .export import export_rows
+
+        scores = [r for r in export_rows(store, job_id=self.job_id) if r["type"] == "score"]
+        u = self.usage
+        return (format_table(aggregate(scores))
+                + f"\n\njob {self.job_id}: {self.latents_done} latents done, {self.latents_already_done} already "
+                  f"done, {self.latents_skipped} skipped, {self.latents_failed} failed; LLM: {u.calls} calls "
+                  f"({u.cached_calls} cached), {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
+                  f"${u.cost_usd:.4f}; status {self.status}; results in the store ({store!r})"
+                + (f" and {out}" if out else ""))
 
 
 def _worker_name() -> str:

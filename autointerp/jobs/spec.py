@@ -16,12 +16,13 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import ConfigError
-from ..explainers import EXPLAINERS, ExplainConfig, check_kind
+from ..explainers import EXPLAINERS, LLM_EXPLAINERS, ExplainConfig, check_kind
 from ..llm.client import parse_spec
 from ..names import digest  # noqa: F401 — re-exported: job keys are digests
 from ..prompt_files import _load, prompts_dir
 from ..sampling import SamplingConfig
 from ..scorers import SCORERS
+from .scoring import check_scorer_options, scorer_config_for_key
 
 STAGE_EXPLAIN = "explain"
 STAGE_EXTRACT = "extract"  # one item per shard (its index in the item's `latent`)
@@ -237,14 +238,12 @@ def explainer_versions(spec: JobSpec) -> list[str]:
 
 
 def scorer_options(spec: JobSpec) -> dict[str, dict[str, Any]]:
-    from ..interpret import check_scorer_options
-
     return check_scorer_options(spec.scorers, spec.scorer_options)
 
 
 def explain_identity(spec: JobSpec, dictionary_key: str) -> dict:
     check_kind(spec.explainer)
-    llm = spec.explainer in ("default", "activations", "cot", "contrastive")
+    llm = spec.explainer in LLM_EXPLAINERS
     return {"dictionary": dictionary_key, "explainer": spec.explainer,
             "model": model_identity(spec.explainer_model) if llm else "",
             "prompts": explainer_versions(spec), "sampling": dataclasses.asdict(spec.sampling_config()),
@@ -270,8 +269,6 @@ def config_options(config) -> dict:
 
 
 def score_identity(spec: JobSpec, scorer: str, explain_key: str) -> dict:
-    from ..interpret import scorer_config_for_key
-
     cfg = scorer_config_for_key(scorer, spec)
     return {"explanation": explain_key, "scorer": scorer, "judge": model_identity(spec.judge),
             "prompts": template_versions(cfg), "options": config_options(cfg),

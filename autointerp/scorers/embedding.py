@@ -109,6 +109,8 @@ async def score(
 ) -> ScoreResult:
     if isinstance(explanation, Skipped):
         return ScoreResult(NAME, record.latent, {}, seed=seed, skipped=explanation.reason)
+    if getattr(record, "members_only", False):
+        return await asyncio.to_thread(score_members, record, explanation, config or EmbeddingConfig(), seed)
     # the encoder is CPU/GPU bound: keep the event loop free for the LLM-bound scorers running beside it
     return (await asyncio.to_thread(score_many, [record], [explanation], config=config, seed=seed))[0]
 
@@ -152,3 +154,23 @@ def score_many(
             vecs = W[a:b]
         out.append(_result(r, ex, Q[i], vecs, labels, cfg, seed))
     return out
+
+
+def score_members(record, explanation, cfg: EmbeddingConfig, seed: int) -> ScoreResult:
+    """A meta-latent (autointerp.meta.MetaRecord): how well similarity to its explanation separates the held-out
+    explanations of base latents it fires on (never shown to the explainer) from those of base latents it does not
+    fire on, as ROC AUC."""
+    text, _ = explanation_parts(explanation)
+    pos, neg = [m["explanation"] for m in record.test], [m["explanation"] for m in record.negatives]
+    res = ScoreResult(NAME, record.latent, {}, model=embedder_name(cfg.embedder), seed=seed)
+    if not pos or not neg:
+        res.skipped = "need explained base latents it fires on (held out) and ones it does not"
+        return res
+    sims = _CACHE.get(pos + neg, cfg.embedder) @ embed([cfg.query_prefix + text], cfg.embedder)[0]
+    y = np.r_[np.ones(len(pos), int), np.zeros(len(neg), int)]
+    res.metrics = {"auc": roc_auc(y, sims), "mean_sim_activating": float(sims[:len(pos)].mean()),
+                   "mean_sim_negative": float(sims[len(pos):].mean()), "n_activating": float(len(pos)),
+                   "n_negative": float(len(neg))}
+    res.details = {"units": [m["unit"] for m in record.test + record.negatives],
+                   "similarities": np.round(sims, 4).tolist(), "labels": y.tolist()}
+    return res

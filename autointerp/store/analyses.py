@@ -101,3 +101,23 @@ def stat_names(store: Store, dictionary_pk: int) -> list[str]:
         have = {r[0] for r in conn.execute(select(T_STAT.c.stat).where(T_STAT.c.dictionary_pk == dictionary_pk)
                                            .group_by(T_STAT.c.stat)).all()}
     return [s for s in STATS if s in have]
+
+
+def register_meta_dictionary(store: Store, row: dict, subject_model_id: int, latents: Sequence[dict]) -> dict:
+    """A meta-dictionary as a dictionary of its own (so jobs explain its latents and pages list them): its row,
+    keyed like any other, and one latent row per meta-latent (`n_active`: the base latents it fires on,
+    `frequency`: their share of the base's units, max/mean: its activations on them), in one transaction; a second
+    registration of the same key replaces the latents' statistics and keeps the explanations."""
+    from sqlalchemy import delete
+
+    from .store import T_DICT, T_LATENT
+    from .tables import utcnow
+
+    with store.tx(write=True) as conn:
+        conn.execute(store._upsert(T_DICT, ["key"], [c for c in row if c not in ("key", "name")])
+                     .values(**row, subject_model_id=subject_model_id, created=utcnow()))
+        pk = conn.execute(select(T_DICT.c.id).where(T_DICT.c.key == row["key"])).scalar_one()
+        conn.execute(delete(T_LATENT).where(T_LATENT.c.dictionary_pk == pk))
+        if latents:
+            conn.execute(T_LATENT.insert(), [{**r, "dictionary_pk": pk} for r in latents])
+    return store.dictionary(pk)

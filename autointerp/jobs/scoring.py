@@ -1,8 +1,8 @@
-"""Scorer configuration and latent selection, shared by every entry point (jobs, CLI, API).
+"""Scorer options of a job spec → the scorer's Config.
 
-A job spec carries scorer options as JSON data; `scorer_config` turns them into the scorer's Config, adding the
-job's sampling, prompt folder, negative pool and the live objects some scorers need (subject model, dictionary),
-which never travel in a spec.
+A job spec carries scorer options as JSON data; `check_scorer_options` checks them (the spec validates itself
+through it) and `scorer_config` turns them into the scorer's Config, adding the job's sampling, prompt folder,
+negative pool and the live objects some scorers need (subject model, dictionary), which never travel in a spec.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ConfigError
-from .scorers import get_scorer
+from ..errors import ConfigError
+from ..scorers import get_scorer
 
 
 def _default(f: dataclasses.Field):
@@ -93,41 +93,4 @@ def scorer_config_for_key(name: str, spec):
     return scorer_config(name, spec, None, {})[1]
 
 
-def parse_latents(spec: str | Sequence[int] | None, alive: Sequence[int], n_latents: int,
-                  n: int | None = None) -> list[int]:
-    """Latents of a selection: '0-99,120', 'all' (every alive latent), a list, or None (the first `n` alive ones).
-    A reversed range, a number out of range or a selection of nothing is one error naming it."""
-    if spec is None or (isinstance(spec, str) and not spec.strip()):
-        alive = list(alive)
-        out = alive[: n or len(alive)]
-        if not out:
-            raise ConfigError("latents: the dictionary has no alive latent (nothing fired during extraction)")
-        return [int(i) for i in out]
-    if isinstance(spec, str) and spec.strip() == "all":
-        return parse_latents(None, alive, n_latents, None)
-    out: list[int] = []
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    for part in parts:
-        if not isinstance(part, str):
-            out.append(int(part))
-            continue
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if b < a:
-                    raise ConfigError(f"latents: range {part!r} is reversed (write {b}-{a})")
-                out.extend(range(a, b + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise ConfigError(f"latents: {part!r} is not a number or a range like 0-99") from None
-    bad = [i for i in out if not 0 <= i < n_latents]
-    if bad:
-        raise ConfigError(f"latents: {bad[0]} out of range (the dictionary has {n_latents} latents)")
-    if not out:
-        raise ConfigError("latents: the selection names no latent")
-    return list(dict.fromkeys(out))
-
-
-__all__ = ["check_scorer_options", "scorer_config", "scorer_config_for_key", "parse_latents"]
+__all__ = ["check_scorer_options", "scorer_config", "scorer_config_for_key"]
