@@ -191,16 +191,22 @@ def keyword_search(store: Store, query: str, k: int = 20, filters: SearchFilters
     with store.tx() as conn:
         if store.dialect == "sqlite":
             match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
-            fts = text("SELECT rowid AS rowid, bm25(explanation_fts) AS rank FROM explanation_fts "
-                       "WHERE explanation_fts MATCH :m").bindparams(m=match)\
-                .columns(column("rowid", Integer), column("rank", Float)).subquery("fts")
-            # filters on the explanation alone: no dictionary, subject or latent row per match (foreign keys: the
-            # inner joins never drop one, the outer join never filters), a lookup saved for each of many matches
-            own = f.hookpoint is None and f.subject_model is None and f.min_frequency is None \
-                and f.max_frequency is None and f.head is None
-            base = select(T_EXPL.c.id).select_from(T_EXPL) if own else _joined([T_EXPL.c.id])
-            rows = conn.execute(base.join(fts, fts.c.rowid == T_EXPL.c.id).where(*cond)
-                                .order_by(fts.c.rank).limit(k)).scalars().all()
+            if f == SearchFilters():  # the index alone: it holds exactly the explanations with a text
+                # (ranked in the index, ties by id, and only the k best looked up: no explanation row per match)
+                rows = conn.execute(text("SELECT rowid FROM explanation_fts WHERE explanation_fts MATCH :m "
+                                         "ORDER BY bm25(explanation_fts), rowid LIMIT :k"),
+                                    {"m": match, "k": k}).scalars().all()
+            else:
+                fts = text("SELECT rowid AS rowid, bm25(explanation_fts) AS rank FROM explanation_fts "
+                           "WHERE explanation_fts MATCH :m").bindparams(m=match)\
+                    .columns(column("rowid", Integer), column("rank", Float)).subquery("fts")
+                # filters on the explanation alone: no dictionary, subject or latent row per match (foreign keys:
+                # the inner joins never drop one, the outer join never filters), a lookup saved per match
+                own = f.hookpoint is None and f.subject_model is None and f.min_frequency is None \
+                    and f.max_frequency is None and f.head is None
+                base = select(T_EXPL.c.id).select_from(T_EXPL) if own else _joined([T_EXPL.c.id])
+                rows = conn.execute(base.join(fts, fts.c.rowid == T_EXPL.c.id).where(*cond)
+                                    .order_by(fts.c.rank, T_EXPL.c.id).limit(k)).scalars().all()
         else:
             tsq = func.plainto_tsquery("english", " ".join(words))
             vec = func.to_tsvector("english", func.coalesce(T_EXPL.c.text, ""))

@@ -237,6 +237,11 @@ def run_backend(name: str, url: str, args, work: Path) -> list[dict]:
             (["/api/v1/search?" + urllib.parse.urlencode({"q": w, "mode": "keyword"})
               for w in ("numbers", "French", "brackets code", "money", "legal text", "HTML")], {}),
     }
+    # the same three with the store-wide read cache off (AUTOINTERP_API_READ_CACHE_MB=0): what each request costs
+    # while the store is being written (any write empties that cache), or on PostgreSQL (never cached)
+    off = {"AUTOINTERP_API_READ_CACHE_MB": "0"}
+    for label in [k for k in scenarios if k.startswith(("GET latents page", "search keyword"))]:
+        scenarios[label.replace(" (", ", read cache off (", 1)] = (scenarios[label][0], off)
     if args.only:
         scenarios = {k: v for k, v in scenarios.items() if any(o in k for o in args.only.split(","))}
     if args.semantic:

@@ -42,6 +42,19 @@ def test_explanations_are_embedded_once_and_found_by_meaning_and_by_word(explain
     assert semantic_search(store, target["text"], filters=SearchFilters(dictionary=str(target["dictionary_pk"])))
 
 
+def test_unfiltered_keyword_search_ranks_as_the_filtered_one(explained):
+    """On SQLite an unfiltered search ranks inside the full-text index alone; it must give the same hits in the same
+    order (ties by id) as the general query, here forced by a filter every explanation passes."""
+    store = explained
+    every = SearchFilters(explainer="token_frequency")
+    for word in ("fires", "the", "on", "and"):
+        for k in (1, 5, 200):
+            plain = [(h.explanation_id, h.text, h.latent) for h in keyword_search(store, word, k=k)]
+            assert plain == [(h.explanation_id, h.text, h.latent)
+                             for h in keyword_search(store, word, k=k, filters=every)]
+    assert len(keyword_search(store, "fires", k=200)) == len([e for e in store.explanations() if e["text"]]) > 10
+
+
 def test_hostile_and_bad_queries(explained):
     store = explained
     for q in ['"; DROP TABLE explanation; --', "fires OR 1=1", "NEAR(a b)", "*", "'", "%_%", "a\x00b"]:

@@ -52,6 +52,8 @@ class Settings:
     embedded_runner: bool = field(default_factory=lambda: _env_bool("AUTOINTERP_API_RUN_JOBS", True))
     # GET one latent: serialised answers kept per latent, checked against the store on every request (0: off)
     latent_cache_mb: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_LATENT_CACHE_MB", 64.0))
+    # search and the latents list on SQLite: answers kept per query until the next write to the store (0: off)
+    read_cache_mb: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_READ_CACHE_MB", 32.0))
     # subject model device for /activations and /steer (default: CUDA when present)
     device: str | None = field(default_factory=lambda: os.environ.get("AUTOINTERP_API_DEVICE") or None)
 
@@ -167,6 +169,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     from .. import __version__
     from . import fast, routes, web
+    from .read_cache import ReadCache
 
     settings = settings or Settings()
     app = FastAPI(title="autointerp", version=__version__,
@@ -204,6 +207,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.fast_latent = fast.install(app)
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(ReadCache, state=app.state)  # innermost: CORS and security headers apply to its answers
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])

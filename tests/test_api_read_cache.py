@@ -1,0 +1,69 @@
+"""The store-wide read cache (autointerp/api/read_cache.py): search and latents-list answers served again only
+while no write reached the store — from this process or another — identical to a fresh answer, never for a store
+that needs a read key; PostgreSQL answers every request itself. Against a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from api_support import ApiServer, api_env, http  # noqa: F401 (fixtures)
+from test_api_fast import _expl, _score, fast_env  # noqa: F401 (fixture)
+
+
+def _search(env, q="words"):
+    return http("GET", f"{env['srv'].url}/api/v1/search?q={q}&mode=keyword&k=50")
+
+
+def _page(env, query="sort=score&scorer=detection&order=desc&limit=5"):
+    return http("GET", f"{env['srv'].url}/api/v1/dictionaries/{env['d']['name']}/latents?{query}")
+
+
+def test_answers_served_again_until_any_write(fast_env):
+    store, pk = fast_env["store"], fast_env["d"]["id"]
+    i, j = fast_env["latents"][0], fast_env["latents"][2]
+    s, _, first = _search(fast_env)
+    assert s == 200 and len(first["hits"]) == 2
+    page = _page(fast_env)[2]
+    assert _search(fast_env)[2] == first and _page(fast_env)[2] == page
+    cache = fast_env["srv"].app.state.read_cache
+    sqlite = fast_env["url"].startswith("sqlite")
+    assert cache.on == sqlite and (cache.hits, cache.misses) == ((2, 2) if sqlite else (0, 0))
+
+    # a write through this process's store: the next answers see it
+    with store.tx(write=True) as conn:
+        store.insert_explanation(conn, _expl(pk, j, "llm", "more words here"))
+    assert len(_search(fast_env)[2]["hits"]) == 3
+    # a score written by another process moves the latent to the top of the sorted page
+    eid = next(e["id"] for e in store.explanations(pk) if e["latent"] == j)
+    code = ("import sys, json\nfrom autointerp.store import open_store\ns = open_store(sys.argv[1])\n"
+            "with s.tx(write=True) as c:\n    s.insert_score(c, json.loads(sys.argv[2]))\n")
+    subprocess.run([sys.executable, "-c", code, fast_env["url"], json.dumps(_score(eid, "detection", 0.99))],
+                   check=True, timeout=120)
+    top = _page(fast_env)[2]["items"][0]
+    assert (top["index"], top["score"]) == (j, 0.99)
+    assert _page(fast_env)[2]["items"][0]["index"] == j  # and cached again, still fresh
+    if sqlite:
+        assert cache.hits == 3
+    # a write that touches neither explanations nor scores (a job's bookkeeping) still invalidates: nothing stale
+    from sqlalchemy import update
+
+    from autointerp.store.store import T_LATENT
+
+    with store.tx(write=True) as conn:
+        conn.execute(update(T_LATENT).where(T_LATENT.c.dictionary_pk == pk, T_LATENT.c.index == i)
+                     .values(frequency=0.5))
+    assert next(h for h in _search(fast_env)[2]["hits"] if h["latent"] == i)["frequency"] == 0.5
+
+
+def test_not_cached_when_a_read_key_is_required_or_off(fast_env):
+    from autointerp.api import Settings
+
+    for settings in (Settings(database_url=fast_env["url"], embedded_runner=False, read_key_required=True),
+                     Settings(database_url=fast_env["url"], embedded_runner=False, read_cache_mb=0)):
+        with ApiServer(settings) as srv:
+            url = f"{srv.url}/api/v1/search?q=words&mode=keyword"
+            a, b = http("GET", url), http("GET", url)
+            assert a[0] == b[0] == (401 if settings.read_key_required else 200)
+            assert srv.app.state.read_cache.hits == 0
