@@ -169,8 +169,8 @@ def test_a_store_older_than_the_code_says_how_to_upgrade(store_url, capfd):
     if store_url.startswith("sqlite"):
         capfd.readouterr()
         store = open_store()
-        assert store.dictionaries() == [] and current_revision(store.engine) == head == "0007"
-        assert f"upgraded the store {url} from schema 0001 to 0007" in capfd.readouterr().err
+        assert store.dictionaries() == [] and current_revision(store.engine) == head == "0008"
+        assert f"upgraded the store {url} from schema 0001 to 0008" in capfd.readouterr().err
         with store.engine.connect() as conn:
             assert {"ix_latent_max_act", "ix_latent_mean_act"} <= {i["name"] for i in inspect(conn).get_indexes("latent")}
             assert {"example_window", "latent_example", "blob"} <= set(inspect(conn).get_table_names())
@@ -178,12 +178,12 @@ def test_a_store_older_than_the_code_says_how_to_upgrade(store_url, capfd):
         open_store()
         assert "upgraded" not in capfd.readouterr().err  # once
         return
-    with pytest.raises(StoreError, match=r"is at schema 0001, this autointerp needs 0007: run `autointerp db upgrade`"):
+    with pytest.raises(StoreError, match=r"is at schema 0001, this autointerp needs 0008: run `autointerp db upgrade`"):
         open_store()
     r = _cli("job", "list")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "autointerp db upgrade" in r.stderr
     r = _cli("db", "upgrade")
-    assert r.returncode == 0 and "0001 -> 0007" in r.stdout, r.stderr
+    assert r.returncode == 0 and "0001 -> 0008" in r.stdout, r.stderr
     engine_for.cache_clear()
     assert open_store().dictionaries() == []
 
@@ -298,3 +298,101 @@ def test_a_claim_skips_a_latent_another_claimer_holds_instead_of_waiting(pg_url,
     assert got[0] == [(second, ["explain", "score:detection", "score:fuzzing"])]
     # once the other transaction is gone, the next claim takes the first latent whole
     assert store.claim_latents(job_id, "w2", 1, 60.0) == [(first, ["explain", "score:detection", "score:fuzzing"])]
+
+
+def test_job_counts_and_spend_equal_a_direct_group_by_and_sum(store_url, small_cache):
+    """`Store.item_counts` (on SQLite a skip scan of ix_job_item_stage) and `Store.job_spend` (the items with spend,
+    from the partial index ix_job_item_spend) give what a GROUP BY (stage, status) and a SUM over every item of the job give,
+    through claims, finishes with and without spend, failures, releases, expired leases, retry, cancel and resume;
+    and on both backends the planner can read them from those indexes."""
+    from sqlalchemy import text
+
+    from autointerp.jobs import cancel, resume, retry_failed
+    from autointerp.llm.base import Usage
+
+    store = open_store()
+    latents = [int(i) for i in small_cache.alive_latents()[:40]]
+    spec = {**_baseline_spec(small_cache, latents), "explainer": "default",
+            "explainer_model": "openai:x@http://127.0.0.1:9/v1", "scorers": ["detection", "fuzzing"]}
+    job_id = submit(store, spec)
+    other = submit(store, {**spec, "latents": latents[:5], "seed": 7})  # another job's items count for nothing
+    assert other != job_id
+
+    def direct() -> tuple[dict, dict]:
+        with store.tx() as conn:
+            rows = conn.execute(select(T_ITEM.c.stage, T_ITEM.c.status, func.count()).where(T_ITEM.c.job_id == job_id)
+                                .group_by(T_ITEM.c.stage, T_ITEM.c.status)).all()
+            s = conn.execute(select(func.coalesce(func.sum(T_ITEM.c.prompt_tokens), 0),
+                                    func.coalesce(func.sum(T_ITEM.c.completion_tokens), 0),
+                                    func.coalesce(func.sum(T_ITEM.c.calls), 0),
+                                    func.coalesce(func.sum(T_ITEM.c.cost_usd), 0.0))
+                             .where(T_ITEM.c.job_id == job_id)).one()
+        counts: dict = {}
+        for stage, st, n in rows:
+            counts.setdefault(stage, {})[st] = int(n)
+        return counts, {"prompt_tokens": int(s[0]), "completion_tokens": int(s[1]), "calls": int(s[2]),
+                        "cost_usd": float(s[3])}
+
+    def check() -> dict:
+        counts, spend = direct()
+        assert store.item_counts(job_id) == counts
+        assert store.job_spend(job_id) == spend  # costs are multiples of 1/1024: exact in any summing order
+        return counts
+
+    assert check() == {s: {"pending": 40} for s in ("explain", "score:detection", "score:fuzzing")}
+    assert store.job_spend(job_id) == {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "cost_usd": 0.0}
+    claimed = store.claim_latents(job_id, "w1", 12, 60.0)
+    check()
+    spent = [Usage(prompt_tokens=100 + k, completion_tokens=7, calls=1, cost_usd=(k + 1) / 1024) for k in range(12)]
+    with store.tx(write=True) as conn:
+        for k, (latent, stages) in enumerate(claimed[:8]):
+            store.finish_item(conn, job_id, latent, "explain", "done", spent[k])
+            store.finish_item(conn, job_id, latent, "score:detection", "failed" if k % 3 == 0 else "done",
+                              Usage(prompt_tokens=50, completion_tokens=0, calls=0),
+                              error="boom" if k % 3 == 0 else None)
+            store.finish_item(conn, job_id, latent, "score:fuzzing", "skipped", Usage(cost_usd=3 / 1024))
+        store.finish_item(conn, job_id, claimed[8][0], "explain", "pending", spent[8])  # interrupted: back, spend kept
+        store.finish_item(conn, other, latents[0], "explain", "done", spent[9])
+    store.fail_unfinished(job_id, claimed[9][0], ["explain", "score:detection", "score:fuzzing"], "crashed")
+    store.release_items(job_id, [claimed[10][0]], "w1")
+    counts = check()
+    assert counts["explain"] == {"done": 8, "failed": 1, "pending": 30, "running": 1}
+    assert counts["score:detection"] == {"done": 5, "failed": 3 + 1, "pending": 29, "running": 2}
+    # an expired lease goes back (the sweep), a worker's leases go back (requeue), the orphans of failed explanations
+    with store.tx(write=True) as conn:
+        conn.execute(T_ITEM.update().where(T_ITEM.c.job_id == job_id, T_ITEM.c.latent == claimed[11][0])
+                     .values(lease_until=T_ITEM.c.updated))
+    assert store.requeue_expired(job_id) >= 1
+    store.claim_latents(job_id, "w2", 3, 60.0)
+    check()
+    store.fail_orphans(job_id)
+    check()
+    assert retry_failed(store, job_id) > 0
+    check()
+    cancel(store, job_id)
+    check()
+    resume(store, job_id)
+    store.claim_latents(job_id, "w3", 2, 60.0)
+    counts = check()
+    assert sum(sum(c.values()) for c in counts.values()) == 120 and set(counts["explain"]) >= {"done", "pending"}
+    assert store.job_spend(job_id)["cost_usd"] > 0 and store.item_counts(10_000) == {} and \
+        store.job_spend(10_000) == {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "cost_usd": 0.0}
+
+    # the plans: index-only reads of the two indexes (PostgreSQL: with the scans a tiny table prefers priced out)
+    from autointerp.store.tables import JOB_ITEM_SPENT
+
+    queries = {"ix_job_item_stage": f"SELECT count(*) FROM job_item WHERE job_id = {job_id} AND stage = 'explain' "
+                                    "AND status = 'done'",
+               "ix_job_item_spend": f"SELECT sum(prompt_tokens), sum(completion_tokens), sum(calls), sum(cost_usd) "
+                                    f"FROM job_item WHERE job_id = {job_id} AND ({JOB_ITEM_SPENT})"}
+    with store.engine.connect() as conn:
+        for index, q in queries.items():
+            if store.dialect == "sqlite":
+                plan = " ".join(str(r[-1]) for r in conn.execute(text("EXPLAIN QUERY PLAN " + q)))
+                assert f"COVERING INDEX {index}" in plan, plan
+            else:
+                for knob in ("enable_seqscan", "enable_bitmapscan"):
+                    conn.execute(text(f"SET LOCAL {knob} = off"))  # this transaction only (rolled back below)
+                plan = " ".join(r[0] for r in conn.execute(text("EXPLAIN " + q)))
+                assert f"Index Only Scan using {index}" in plan, plan
+                conn.rollback()

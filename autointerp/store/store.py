@@ -16,15 +16,15 @@ from datetime import timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
 from ..errors import ConfigError
 from ..names import dictionary_name
 from .engine import StoreError, engine_for, resolve_url
-from .tables import (ApiKey, DictionaryRow, ExplanationEmbedding, ExplanationRow, Job, JobItem, Latent, Score,
-                     SubjectModelRow, utcnow)
+from .tables import (JOB_ITEM_SPENT, ApiKey, DictionaryRow, ExplanationEmbedding, ExplanationRow, Job, JobItem,
+                     Latent, Score, SubjectModelRow, utcnow)
 
 T_SUBJECT, T_DICT, T_LATENT = SubjectModelRow.__table__, DictionaryRow.__table__, Latent.__table__
 T_EXPL, T_SCORE, T_JOB, T_ITEM = ExplanationRow.__table__, Score.__table__, Job.__table__, JobItem.__table__
@@ -386,13 +386,36 @@ class Store:
         return r.rowcount
 
     def item_counts(self, job_id: int) -> dict[str, dict[str, int]]:
-        """{stage: {status: count}}"""
-        with self.tx() as conn:
-            rows = conn.execute(select(T_ITEM.c.stage, T_ITEM.c.status, func.count())
-                                .where(T_ITEM.c.job_id == job_id).group_by(T_ITEM.c.stage, T_ITEM.c.status)).all()
+        """{stage: {status: count}}. On SQLite a skip scan of ix_job_item_stage (job_id, stage, status): each
+        (stage, status) present found by one index seek past the previous one, its items counted in one index-only
+        range; a GROUP BY compared every item's (stage, status) through a temporary B-tree (1.6 s at 3M items, this
+        0.15 s). All in one read transaction, one snapshot, so the counts add up as one GROUP BY's would. PostgreSQL
+        keeps the GROUP BY: a hash aggregate over a parallel scan, or an index-only scan of ix_job_item_stage once
+        vacuum has marked the pages all-visible (before that, a count per (stage, status) is a scan each)."""
+        c = T_ITEM.c
         out: dict[str, dict[str, int]] = {}
-        for stage, status, n in rows:
-            out.setdefault(stage, {})[status] = int(n)
+        with self.tx() as conn:
+            if self.dialect == "postgresql":
+                for stage, status, n in conn.execute(select(c.stage, c.status, func.count())
+                                                     .where(c.job_id == job_id).group_by(c.stage, c.status)):
+                    out.setdefault(stage, {})[status] = int(n)
+                return out
+            stage_p, status_p = bindparam("stage", type_=c.stage.type), bindparam("status", type_=c.status.type)
+            next_stage = select(c.stage, c.status).where(c.job_id == job_id, c.stage > stage_p)\
+                .order_by(c.stage, c.status).limit(1)
+            next_status = select(c.status).where(c.job_id == job_id, c.stage == stage_p, c.status > status_p)\
+                .order_by(c.status).limit(1)
+            count = select(func.count()).select_from(T_ITEM).where(c.job_id == job_id, c.stage == stage_p,
+                                                                  c.status == status_p)
+            row = conn.execute(select(c.stage, c.status).where(c.job_id == job_id).order_by(c.stage, c.status)
+                               .limit(1)).first()
+            while row is not None:
+                stage, status = row
+                while status is not None:
+                    out.setdefault(stage, {})[status] = int(
+                        conn.execute(count, {"stage": stage, "status": status}).scalar_one())
+                    status = conn.execute(next_status, {"stage": stage, "status": status}).scalar()
+                row = conn.execute(next_stage, {"stage": stage}).first()
         return out
 
     def latent_progress(self, job_id: int, latents: Sequence[int] | None = None,
@@ -409,12 +432,16 @@ class Store:
         return int(total), int(some)
 
     def job_spend(self, job_id: int) -> dict:
+        """The job's spend summed over its items: only those with spend (JOB_ITEM_SPENT, written out as the partial
+        index ix_job_item_spend's predicate so the sums are an index-only scan of those items; the others are all
+        zeros). Over all 3M items of a fresh job this was 0.6 s on SQLite; a job whose every item has spend still
+        reads them all, from the index."""
         with self.tx() as conn:
             r = conn.execute(select(func.coalesce(func.sum(T_ITEM.c.prompt_tokens), 0),
                                     func.coalesce(func.sum(T_ITEM.c.completion_tokens), 0),
                                     func.coalesce(func.sum(T_ITEM.c.calls), 0),
                                     func.coalesce(func.sum(T_ITEM.c.cost_usd), 0.0))
-                             .where(T_ITEM.c.job_id == job_id)).one()
+                             .where(T_ITEM.c.job_id == job_id, text(f"({JOB_ITEM_SPENT})"))).one()
         return {"prompt_tokens": int(r[0]), "completion_tokens": int(r[1]), "calls": int(r[2]),
                 "cost_usd": float(r[3])}
 

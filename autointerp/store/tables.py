@@ -15,12 +15,18 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# the job items that carry spend: the predicate of the partial index ix_job_item_spend, and the filter
+# `Store.job_spend` repeats word for word so the planner (SQLite, PostgreSQL) can use that index (rows outside it
+# are all zeros, which add nothing to the sums)
+JOB_ITEM_SPENT = "calls != 0 OR prompt_tokens != 0 OR completion_tokens != 0 OR cost_usd != 0"
 
 
 class SubjectModelRow(SQLModel, table=True):
@@ -149,7 +155,14 @@ class JobItem(SQLModel, table=True):
     completion: a worker renews it while it works; an item whose lease ran out is handed out again."""
 
     __tablename__ = "job_item"
-    __table_args__ = (Index("ix_job_item_status", "job_id", "status", "latent"),)
+    __table_args__ = (
+        Index("ix_job_item_status", "job_id", "status", "latent"),
+        # `job status` at millions of items: the (stage, status) counts are index-only range counts, and the spend
+        # sums read only the items that have spend, from the index (Store.item_counts, Store.job_spend)
+        Index("ix_job_item_stage", "job_id", "stage", "status"),
+        Index("ix_job_item_spend", "job_id", "prompt_tokens", "completion_tokens", "calls", "cost_usd",
+              sqlite_where=text(JOB_ITEM_SPENT), postgresql_where=text(JOB_ITEM_SPENT)),
+    )
     job_id: int = Field(foreign_key="job.id", primary_key=True)
     latent: int = Field(primary_key=True)
     stage: str = Field(primary_key=True, max_length=60)
