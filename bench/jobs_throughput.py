@@ -26,9 +26,15 @@ from jobs_common import Redis, Worker, wait_job, worker_env
 from llm_server_fixture import start_llm_server
 
 
+LLM_CONCURRENCY: int | None = None  # --llm-concurrency: None keeps the job's default
+
+
 def spec(cache: Path, latents: list[int], srv) -> dict:
+    llm = {"api_key_env": None, "response_cache": False}
+    if LLM_CONCURRENCY is not None:
+        llm["concurrency"] = LLM_CONCURRENCY
     return {"dictionary": str(cache), "latents": latents, "explainer_model": f"openai:judge@{srv.base_url}",
-            "scorers": ["detection", "fuzzing"], "llm": {"api_key_env": None, "response_cache": False}}
+            "scorers": ["detection", "fuzzing"], "llm": llm}
 
 
 def run_config(cache: Path, alive: list[int], n: int, procs: int | None, latency_ms: int,
@@ -88,6 +94,9 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=int, default=100)
     ap.add_argument("--procs", default="1,2,4")
     ap.add_argument("--no-embedded", action="store_true")
+    ap.add_argument("--llm-concurrency", type=int, nargs="+", default=[None],
+                    help="requests in flight per process (llm.concurrency); several values run one after the other "
+                         "(default: the job's default)")
     a = ap.parse_args()
     os.environ.setdefault("AUTOINTERP_LLM_CACHE", "off")
     from llm_calls import ensure_cache
@@ -99,10 +108,11 @@ def main() -> None:
     assert len(alive) >= 100 + a.latents, f"{cache}: only {len(alive)} alive latents"
     configs = [int(p) for p in a.procs.split(",") if p] + ([] if a.no_embedded else [None])
     redis = Redis() if any(p is not None for p in configs) else None  # the embedded runner needs none
+    global LLM_CONCURRENCY
     try:
-        for procs in configs:
+        for LLM_CONCURRENCY, procs in [(c, p) for c in a.llm_concurrency for p in configs]:
             r = run_config(cache, alive, a.latents, procs, a.latency_ms, redis)
-            print(f"{str(r['procs']):>9} procs: {r['latents']} latents in {r['wall_s']:.1f} s = "
+            print(f"llm.concurrency {LLM_CONCURRENCY or 'default'}, {str(r['procs']):>9} procs: {r['latents']} latents in {r['wall_s']:.1f} s = "
                   f"{r['latents_per_s']:.2f} latents/s (after a {r['warmup_s']:.1f} s warm-up job); "
                   f"{r['calls_per_latent']:.2f} calls, {r['prompt_chars_per_latent']:,.0f} prompt chars per latent; "
                   f"{1000 * r['cpu_s_per_latent']:.1f} ms worker CPU per latent; server max in flight "

@@ -89,3 +89,23 @@ def test_loadable_by_eleutherai_sparsify(trained):
         acts, idx, _ = ref.encode(x[:100])
     expected = torch.zeros(100, 128).scatter_(-1, idx, acts)
     torch.testing.assert_close(load_dictionary(r.path).encode(x[:100]), expected)
+
+
+def test_side_by_side_training_equals_one_thread_runs_and_raises_failures(tmp_path):
+    """The demo trains its two seeds at once, one torch thread each: each result must be the SAE a single-threaded
+    run of that seed gives (so the cached demo dictionaries do not depend on how they were trained), torch's thread
+    count is restored, and a failing training is raised, not lost in its thread."""
+    from autointerp.demo import train_side_by_side
+
+    x = torch.randn(3000, 24, generator=torch.Generator().manual_seed(5))
+    kw = dict(n_latents=48, k=4, hookpoint="h", steps=60, lr=3e-3)
+    threads = torch.get_num_threads()
+    both = train_side_by_side(x, [0, 1], [tmp_path / "a", tmp_path / "b"], **kw)
+    assert torch.get_num_threads() == threads
+    for sd, got in zip((0, 1), both):
+        alone = train_topk_sae(x, out_dir=tmp_path / f"alone{sd}", seed=sd, num_threads=1, **kw)
+        assert torch.equal(got.model.W_dec, alone.model.W_dec) and got.fvu == alone.fvu
+    assert not torch.equal(both[0].model.W_dec, both[1].model.W_dec)
+    with pytest.raises(ConfigError, match="plain folder name"):
+        train_side_by_side(x, [0, 1], [tmp_path / "c", tmp_path / "d"], **{**kw, "hookpoint": "a/b"})
+    assert torch.get_num_threads() == threads

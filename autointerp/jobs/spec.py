@@ -40,7 +40,7 @@ class LLMSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timeout_s: float = Field(60.0, gt=0, description="Seconds per request before it counts as a timeout")
     max_retries: int = Field(5, ge=0, description="Retries of a transient failure (429, 5xx, timeout)")
-    concurrency: int = Field(16, ge=1, description="Requests in flight per endpoint and process")
+    concurrency: int = Field(32, ge=1, description="Requests in flight per endpoint and process")
     backoff_base_s: float = Field(1.0, ge=0, description="First retry delay (doubles, with jitter)")
     response_cache: bool = Field(True, description="Reuse identical earlier answers (no second payment)")
     api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="Environment variable holding the API key")
