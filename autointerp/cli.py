@@ -488,8 +488,9 @@ def demo(
     port: int = typer.Option(8000, help="Port to serve on."),
     progress: bool = typer.Option(True, help="Progress bars."),
 ):
-    """The main job, offline: SmolLM2 + two small SAEs trained here → extraction → LLM explanations scored by
-    detection, fuzzing and embedding beside two baselines → store → search → comparison → web page."""
+    """The main job, offline: SmolLM2 + two small SAEs (shipped, or trained here once) → extraction → LLM
+    explanations scored by detection, fuzzing and embedding beside two baselines → store → search → comparison →
+    web page."""
     from .demo import demo_summary_text, run_demo
 
     r = run_demo(out, n_tokens=n_tokens, n_latents=n_latents, explainer_model=explainer_model,

@@ -6,7 +6,9 @@ first time it is asked for, under the autointerp cache folder; later runs load i
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +23,11 @@ DEMO_HOOKPOINT = "resid_post.15"
 # with their random init; at 2e-3 0.18, FVU 0.167 vs 0.186, 11 % dead vs 2 % (bench/three_saes.py --probe-lr).
 # 750 steps, not 1000: the training was the largest share of a first run (twice that on a busy machine); held-out FVU
 # 0.205 vs 0.199, dead 7 % vs 11 %, 25 % less time (bench/demo_training.py). Version 6: trained side by side.
-DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 64_000, "seed": 0, "steps": 750, "lr": 2e-3, "version": 6}
+# Version 7: the weights are kept in float16 (what the package ships, autointerp/data/demo_saes, and what a machine
+# without that copy trains and rounds): a first run copies them instead of training for minutes.
+DEMO = {"n_latents": 2048, "k": 32, "n_tokens": 64_000, "seed": 0, "steps": 750, "lr": 2e-3, "version": 7,
+        "dtype": "float16"}
+SHIPPED = Path(__file__).resolve().parent / "data" / "demo_saes"
 
 
 def demo_dictionary_path(seed: int = 0) -> Path:
@@ -34,11 +40,63 @@ def _trained(root: Path) -> Path | None:
     return folder if (folder / "cfg.json").is_file() and (folder / "sae.safetensors").is_file() else None
 
 
-def ensure_demo_dictionary(subject=None, progress: bool = True, seeds: tuple[int, ...] = (0,)) -> Path:
-    """Path to the demo SAE's sparsify folder (a hookpoint subfolder inside), training it if needed. With several
-    `seeds`, SAEs of the other seeds are trained on the same activations (collected once) — two seeds on one layer
-    are what the demo compares; the first seed's folder is returned."""
-    missing = [sd for sd in seeds if _trained(demo_dictionary_path(sd)) is None]
+def _shipped(seed: int) -> Path | None:
+    """The package's copy of a demo SAE (sparsify folder under it), when it was made with today's DEMO settings."""
+    folder = SHIPPED / f"seed{seed}"
+    try:
+        made = json.loads((folder / "demo.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return folder if made == {**DEMO, "seed": seed} and _trained(folder) is not None else None
+
+
+def write_shipped(seeds: tuple[int, ...] = (0, 1)) -> list[Path]:
+    """Copy this machine's demo SAEs (training them if needed) into the package's data folder, with the settings
+    that made them (bench/demo_training.py --ship; a maintainer's step when DEMO changes)."""
+    ensure_demo_dictionary(seeds=seeds, use_shipped=False)
+    out = []
+    for sd in seeds:
+        dest = SHIPPED / f"seed{sd}"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(demo_dictionary_path(sd) / DEMO_HOOKPOINT, dest / DEMO_HOOKPOINT)
+        (dest / "demo.json").write_text(json.dumps({**DEMO, "seed": sd}, indent=1))
+        out.append(dest)
+    return out
+
+
+def _copy_shipped(seed: int) -> bool:
+    src = _shipped(seed)
+    if src is None:
+        return False
+    dest = demo_dictionary_path(seed)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src / DEMO_HOOKPOINT, tmp / DEMO_HOOKPOINT)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)  # whole or absent: a copy cut short is never taken for the SAE
+    return True
+
+
+def _as_half(folder: Path) -> None:
+    """Round a trained checkpoint's float tensors to float16 in place (DEMO["dtype"]): the demo SAE is the rounded
+    one, whether shipped or trained here."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / DEMO_HOOKPOINT / "sae.safetensors"
+    tensors = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def ensure_demo_dictionary(subject=None, progress: bool = True, seeds: tuple[int, ...] = (0,),
+                           use_shipped: bool = True) -> Path:
+    """Path to the demo SAE's sparsify folder (a hookpoint subfolder inside): the package's copy when it ships one
+    for today's settings, else trained here once. With several `seeds`, SAEs of the other seeds are trained on the
+    same activations (collected once) — two seeds on one layer are what the demo compares; the first seed's folder
+    is returned."""
+    missing = [sd for sd in seeds if _trained(demo_dictionary_path(sd)) is None
+               and not (use_shipped and _copy_shipped(sd))]
     if missing:
         from .activations import collect_activations
         from .subject import load_subject
@@ -53,9 +111,13 @@ def ensure_demo_dictionary(subject=None, progress: bool = True, seeds: tuple[int
         acts = collect_activations(subject, DEMO_HOOKPOINT, spec, progress=progress)
         log.info("training the demo dictionaries (seeds %s) once into %s", missing,
                  ", ".join(str(demo_dictionary_path(sd)) for sd in missing))
-        train_side_by_side(acts, missing, [demo_dictionary_path(sd) for sd in missing], n_latents=DEMO["n_latents"],
-                           k=DEMO["k"], hookpoint=DEMO_HOOKPOINT, steps=DEMO["steps"], lr=DEMO["lr"],
-                           progress=progress)
+        tmp = [demo_dictionary_path(sd).with_name(demo_dictionary_path(sd).name + ".partial") for sd in missing]
+        train_side_by_side(acts, missing, tmp, n_latents=DEMO["n_latents"], k=DEMO["k"], hookpoint=DEMO_HOOKPOINT,
+                           steps=DEMO["steps"], lr=DEMO["lr"], progress=progress)
+        for sd, t in zip(missing, tmp):
+            _as_half(t)
+            shutil.rmtree(demo_dictionary_path(sd), ignore_errors=True)
+            t.rename(demo_dictionary_path(sd))
     return demo_dictionary_path(seeds[0]) / DEMO_HOOKPOINT
 
 
@@ -150,7 +212,8 @@ def run_demo(out: Path, *, n_tokens: int = 60_000, n_latents: int = 8, explainer
         from .subject import load_subject
 
         subject = share_subject(load_subject("builtin:smollm2"))  # the extraction stage runs on this one
-        step("two demo SAEs on resid_post.15 (2048 latents, TopK 32; seeds 0 and 1), trained once and cached")
+        step("two demo SAEs on resid_post.15 (2048 latents, TopK 32; seeds 0 and 1): "
+             + ("the package's copies" if all(_shipped(sd) for sd in (0, 1)) else "trained once and cached"))
         ensure_demo_dictionary(subject, progress=progress, seeds=(0, 1))
     common = {"extraction": extraction, "n_latents": n_latents, "scorers": DEMO_SCORERS, "sampling": DEMO_SAMPLING,
               "judge_model": judge_model or explainer_model, "explainer_model": explainer_model}

@@ -3,6 +3,7 @@ trained one after the other on torch's default threads (the old demo) or side by
 now), and what fewer steps would cost in quality.
 
     python bench/demo_training.py [--steps 1000 750 500] [--no-sequential]
+    python bench/demo_training.py --ship     # (maintainers) train today's DEMO settings, copy into the package
 
 It collects the demo's training activations exactly as `autointerp demo` does (SmolLM2-135M resid_post.15, the
 builtin corpus, 64k tokens, corpus seed 1234) plus 16k held-out tokens from another corpus seed, then for each step
@@ -48,7 +49,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[DEMO["steps"], 750, 500])
     ap.add_argument("--no-sequential", action="store_true", help="Skip the old way (sequential, default threads)")
+    ap.add_argument("--ship", action="store_true", help="Only train the demo SAEs with today's settings (float16, "
+                    "as the demo keeps them) and write them to autointerp/data/demo_saes, the package's copies")
     args = ap.parse_args()
+    if args.ship:
+        from autointerp.demo import write_shipped
+
+        t = time.perf_counter()
+        for path in write_shipped():
+            print(f"wrote {path}")
+        print(f"{time.perf_counter() - t:.0f} s")
+        return
     subject = load_subject("builtin:smollm2")
     train = collect_activations(subject, DEMO_HOOKPOINT, CorpusSpec(source="builtin", ctx_len=64,
                                                                      n_tokens=DEMO["n_tokens"], seed=1234))

@@ -46,6 +46,9 @@ def wheel_target(tmp_path_factory) -> Path:
     want = {f"autointerp/db/{p.relative_to(ROOT / 'autointerp' / 'db')}"
             for p in (ROOT / "autointerp" / "db").rglob("*") if p.suffix in (".py", ".mako")}
     want |= {f"autointerp/prompts/{p.name}" for p in (ROOT / "prompts").glob("*.md")}
+    want |= {f"autointerp/{p.relative_to(ROOT / 'autointerp')}" for p in (ROOT / "autointerp" / "data").rglob("*")
+             if p.is_file()}  # the demo's shipped SAEs
+    assert sum(1 for w in want if w.endswith("sae.safetensors")) == 2
     assert {"autointerp/db/env.py", "autointerp/db/script.py.mako"} <= want
     assert want <= names, sorted(want - names)
     target = tmp / "target"
