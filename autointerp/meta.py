@@ -254,10 +254,6 @@ def _subject_name(store, base: dict) -> str:
     return next(d["subject_model"] for d in store.dictionaries() if d["id"] == base["id"])
 
 
-def is_meta(dictionary: dict) -> bool:
-    return dictionary.get("format") == KIND and bool((dictionary.get("manifest") or {}).get("meta"))
-
-
 META_EXPLAINERS = ("meta", "random")  # what reads member lists (random: another meta-latent's explanation)
 META_SCORERS = ("embedding",)  # the scorers that read member lists (the judges read token examples)
 
