@@ -31,3 +31,16 @@ def bootstrap_mean(x, n_boot: int, rng) -> tuple[float, float]:
         return float("nan"), float("nan")
     means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def finish(out, stamp: str, args, t_start: float, results: dict) -> None:
+    """The closing lines every reproduction prints (wall time, load averages) and its result file."""
+    import json
+
+    total = time.perf_counter() - t_start
+    print(f"\ntotal {total:.0f} s wall; 1-min load average over the phases {min(LOADS):.2f}–{max(LOADS):.2f}; "
+          f"end {time.strftime('%H:%M:%S', time.gmtime())} UTC; /proc/loadavg {open('/proc/loadavg').read().strip()}")
+    res = out / f"result-{stamp}.json"
+    res.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results,
+                               "total_s": round(total, 1), "loads": LOADS}, indent=1))
+    print(f"written {res}")

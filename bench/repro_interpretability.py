@@ -31,14 +31,13 @@ AUTOINTERP_CACHE is left as it is (the demo SAE and the dequantized model are re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repro_common import LOADS, bootstrap_mean, load_note, timed  # noqa: E402
+from repro_common import bootstrap_mean, finish, load_note, timed  # noqa: E402
 
 
 def bootstrap_diff(x, y, n_boot: int, rng) -> tuple[float, float]:
@@ -222,13 +221,7 @@ def report(rows, args, t_start, out, stamp) -> None:
     for r in rows:
         print(f"| {r['name']} | " + ("; ".join(f"{n}: {why}" for why, n in r["skip_reasons"].items()) or "none")
               + " |")
-    total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f} s wall; 1-min load average over the phases {min(LOADS):.2f}–{max(LOADS):.2f}; "
-          f"end {time.strftime('%H:%M:%S', time.gmtime())} UTC; /proc/loadavg {open('/proc/loadavg').read().strip()}")
-    res = out / f"result-{stamp}.json"
-    res.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "diffs": diffs,
-                               "total_s": round(total, 1), "loads": LOADS}, indent=1))
-    print(f"written {res}")
+    finish(out, stamp, args, t_start, {"rows": rows, "diffs": diffs})
 
 
 if __name__ == "__main__":

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repro_common import LOADS, bootstrap_mean, load_note, timed  # noqa: E402
+from repro_common import bootstrap_mean, finish, load_note, timed  # noqa: E402
 
 
 def partner_sims(pairs, latents_a):
@@ -209,13 +208,7 @@ def main() -> int:
         print(f"| {r['a']} vs {r['b']} | {apart} | {r['emb_mean']:.3f} {ci(r['emb_ci'])} | {r['emb_matched']:.3f} "
               f"{ci(r['emb_matched_ci'])} | {r['emb_random_pair']:.3f} | {r['dec_mean']:.3f} {ci(r['dec_ci'])} | "
               f"{r['dec_matched']:.3f} {ci(r['dec_matched_ci'])} | {r['shared']:.3f} |")
-    total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f} s wall; 1-min load average over the phases {min(LOADS):.2f}–{max(LOADS):.2f}; "
-          f"end {time.strftime('%H:%M:%S', time.gmtime())} UTC; /proc/loadavg {open('/proc/loadavg').read().strip()}")
-    res = out / f"result-{stamp}.json"
-    res.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "saes": saes, "pairs": rows,
-                               "total_s": round(total, 1), "loads": LOADS}, indent=1))
-    print(f"written {res}")
+    finish(out, stamp, args, t_start, {"saes": saes, "pairs": rows})
     return 0
 
 
