@@ -24,8 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .formatting import (escape_token, highlight_mask, neutralise_markers, numbered, render_activation_list,
-                         render_tokens)
+from .formatting import escape_token, highlight_mask, neutralise_markers, numbered, render_activation_list
 from .llm.base import LLMClient, SamplingParams, Usage
 from .prompt_files import load_prompt
 from .records import LatentRecord
@@ -105,16 +104,16 @@ def build_messages(record: LatentRecord, sample: LatentSample, kind: str, config
     ex = sample.shown("explain")
     lines = []
     for toks, acts in zip(ex.tokens, ex.acts):
-        strs = record.token_strings(toks)
-        line = render_tokens(strs, highlight_mask(acts, thr))
+        line = record.prompt_text(toks, highlight_mask(acts, thr))
         if kind == "activations":
-            line += "\n   Activations: " + render_activation_list(strs, acts, sample.max_act, thr)
+            line += "\n   Activations: " + render_activation_list(record.token_strings(toks), acts, sample.max_act,
+                                                                   thr)
         lines.append(line)
     values = {"examples": numbered(lines)}
     used = [int(i) for i in ex.window_ids]
     if kind == "contrastive":
         neg = sample.shown("explain_negatives")
-        values["negatives"] = numbered([render_tokens(record.token_strings(t)) for t in neg.tokens]) or "(none)"
+        values["negatives"] = numbered([record.prompt_text(t) for t in neg.tokens]) or "(none)"
         used += [int(i) for i in neg.window_ids]
     return tpl.render(**values), tpl.version, tuple(used)
 

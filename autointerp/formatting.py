@@ -36,17 +36,23 @@ def highlight_mask(acts: np.ndarray, threshold: float) -> np.ndarray:
     return (acts > threshold) & (acts > 0)
 
 
-def render_tokens(tokens: Sequence[str], mask: np.ndarray | Sequence[bool] | None = None) -> str:
-    """Join token strings; runs of masked tokens are wrapped in one `<<…>>` pair."""
+def render_tokens(tokens: Sequence[str], mask: np.ndarray | Sequence[bool] | None = None, *,
+                  escaped: bool = False) -> str:
+    """Join token strings; runs of masked tokens are wrapped in one `<<…>>` pair. `escaped`: the strings went
+    through escape_token already (LatentRecord.prompt_text memoises that per token id)."""
     tokens = list(tokens)
+    table = None if escaped else _TRANSLATE
     if mask is None or not tokens:
-        return neutralise_markers("".join(tokens).translate(_TRANSLATE))
+        text = "".join(tokens)
+        return neutralise_markers(text if table is None else text.translate(table))
     m = np.asarray(mask, bool)[: len(tokens)]
     # one escape per run, not per token: ~170 windows are rendered per latent
     out: list[str] = []
     start = 0
     for end in [*(np.flatnonzero(m[1:] != m[:-1]) + 1).tolist(), len(tokens)]:
-        run = "".join(tokens[start:end]).translate(_TRANSLATE)
+        run = "".join(tokens[start:end])
+        if table is not None:
+            run = run.translate(table)
         out.append(HL_OPEN + run + HL_CLOSE if m[start] else run)
         start = end
     return neutralise_markers("".join(out))

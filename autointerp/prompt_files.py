@@ -26,7 +26,17 @@ def prompts_dir() -> Path:
     env = os.environ.get("AUTOINTERP_PROMPTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent / "prompts"
+    return _PACKAGED
+
+
+_PACKAGED = Path(__file__).resolve().parent / "prompts"
+
+
+@lru_cache(maxsize=256)
+def _resolve(path: Path) -> Path:
+    """A prompt path with links resolved, once per path: resolve() walks every component (~0.5 ms), and scorers
+    load their prompt on every call."""
+    return path.resolve()
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,7 @@ def _load(path: Path) -> PromptTemplate:
 def load_prompt(name: str, variables: set[str] | frozenset[str], directory: Path | None = None) -> PromptTemplate:
     """Load `prompts/<name>.md` and check it uses exactly `variables` (no missing, no unknown ones)."""
     path = (directory or prompts_dir()) / f"{name}.md"
-    tpl = _load(path.resolve())
+    tpl = _load(_resolve(path))
     want = set(variables)
     if tpl.variables != want:
         missing = sorted(want - tpl.variables)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .formatting import escape_token, render_tokens
+
 
 @dataclass
 class Examples:
@@ -94,4 +96,15 @@ class LatentRecord:
         """Per-token strings of one window (what a prompt shows)."""
         if self.decode is None:
             return [str(int(t)) for t in tokens]
-        return list(self.decode([int(t) for t in tokens]))
+        return list(self.decode(tokens.tolist() if hasattr(tokens, "tolist") else [int(t) for t in tokens]))
+
+    def prompt_text(self, tokens, mask=None) -> str:
+        """One window as a prompt shows it (formatting.render_tokens, runs under `mask` highlighted). A
+        TokenDecoder escapes each token id's string once (`escaped`), not once per window: ~150 windows per
+        latent."""
+        escaped = getattr(self.decode, "escaped", None)
+        if escaped is not None:
+            strs = escaped(tokens.tolist() if hasattr(tokens, "tolist") else [int(t) for t in tokens])
+        else:
+            strs = [escape_token(s) for s in self.token_strings(tokens)]
+        return render_tokens(strs, mask, escaped=True)

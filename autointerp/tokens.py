@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from .formatting import escape_token
+
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 
@@ -18,10 +20,15 @@ class TokenDecoder:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.memo: dict[int, str] = {}
+        self.memo_escaped: dict[int, str] = {}
 
     def _miss(self, i: int) -> str:
         s = self.tok.decode([i]) if self.tok is not None else f"#{i}"
         self.memo[i] = s
+        return s
+
+    def _miss_escaped(self, i: int) -> str:
+        s = self.memo_escaped[i] = escape_token(self.memo[i] if i in self.memo else self._miss(i))
         return s
 
     def __call__(self, ids) -> list[str]:
@@ -31,6 +38,15 @@ class TokenDecoder:
             return [memo[i] for i in ids]
         except KeyError:
             return [memo[i] if i in memo else self._miss(i) for i in ids]
+
+    def escaped(self, ids) -> list[str]:
+        """The strings as a prompt shows them (formatting.escape_token), memoised alike."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        memo = self.memo_escaped
+        try:
+            return [memo[i] for i in ids]
+        except KeyError:
+            return [memo[i] if i in memo else self._miss_escaped(i) for i in ids]
 
 
 def tokenizer_for(model_spec: str):

@@ -9,7 +9,8 @@ Reported per configuration: latents/s from submit to the job's end (`end to end`
 made every worker process load its context (tokenizer, MiniLM, the pool's saved embeddings) — `steady`; LLM calls
 and prompt characters per latent (from the server's counters); worker CPU ms per latent (user+sys of the worker
 processes — the Celery tree, or this process for the embedded runner — over the measured job / its latents: issue 19's
-target is <= 30 ms at the defaults); the 1-minute load average at the end of each configuration. The cache is the one
+target is <= 30 ms at the defaults) and the test server's CPU per latent beside it (a stand-in for a remote LLM that
+shares this machine's cores: a deployment does not pay it); the 1-minute load average at the end of each configuration. The cache is the one
 bench/llm_calls.py makes (SmolLM2-135M, the demo SAE or top-32 MLP neurons of layer 15, 60k tokens, 64-token
 windows). The judge is a rule-based stand-in: its answers cost nothing to compute, its scores say nothing.
 """
@@ -37,6 +38,13 @@ def spec(cache: Path, latents: list[int], srv) -> dict:
             "scorers": ["detection", "fuzzing"], "llm": llm}
 
 
+def proc_cpu_s(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def run_config(cache: Path, alive: list[int], n: int, procs: int | None, latency_ms: int,
                redis: Redis | None) -> dict:
     from autointerp.jobs import run, submit
@@ -56,6 +64,7 @@ def run_config(cache: Path, alive: list[int], n: int, procs: int | None, latency
             run(store, j, progress=False)
             out["warmup_s"] = time.perf_counter() - t0
             srv.reset_stats()
+            scpu0 = proc_cpu_s(srv.process.pid)
             cpu0 = time.process_time()
             t0 = time.perf_counter()
             j = submit(store, spec(cache, measured, srv))
@@ -73,6 +82,7 @@ def run_config(cache: Path, alive: list[int], n: int, procs: int | None, latency
                 wait_job(store, j)
                 out["warmup_s"] = time.perf_counter() - t0
                 srv.reset_stats()
+                scpu0 = proc_cpu_s(srv.process.pid)
                 cpu0 = w.cpu_s()
                 t0 = time.perf_counter()
                 j = submit(store, spec(cache, measured, srv))
@@ -81,6 +91,7 @@ def run_config(cache: Path, alive: list[int], n: int, procs: int | None, latency
                 out["cpu_s_per_latent"] = (w.cpu_s() - cpu0) / n
             finally:
                 w.stop()
+        out["server_cpu_s_per_latent"] = (proc_cpu_s(srv.process.pid) - scpu0) / n
         st = srv.stats()
     out.update(status=status, wall_s=wall, latents_per_s=n / wall, calls_per_latent=st["requests"] / n,
                prompt_chars_per_latent=st["prompt_chars"] / n, max_in_flight=st["max_in_flight"])
@@ -115,7 +126,8 @@ def main() -> None:
             print(f"llm.concurrency {LLM_CONCURRENCY or 'default'}, {str(r['procs']):>9} procs: {r['latents']} latents in {r['wall_s']:.1f} s = "
                   f"{r['latents_per_s']:.2f} latents/s (after a {r['warmup_s']:.1f} s warm-up job); "
                   f"{r['calls_per_latent']:.2f} calls, {r['prompt_chars_per_latent']:,.0f} prompt chars per latent; "
-                  f"{1000 * r['cpu_s_per_latent']:.1f} ms worker CPU per latent; server max in flight "
+                  f"{1000 * r['cpu_s_per_latent']:.1f} ms worker CPU per latent "
+                  f"({1000 * r['server_cpu_s_per_latent']:.1f} ms in the test server); server max in flight "
                   f"{r['max_in_flight']}; {r['status']}; load average {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         if redis is not None:

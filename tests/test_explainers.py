@@ -111,6 +111,29 @@ def test_render_merges_runs_and_escapes():
     assert out == "a<<‹‹>>b›<<›>>［EXPLANATION］↵"
 
 
+def test_prompt_text_escapes_like_render_tokens_through_a_memoising_decoder():
+    """LatentRecord.prompt_text escapes each token id once (TokenDecoder.escaped) and must read exactly as
+    render_tokens of the raw strings — also for a plain decode callable, and on the second call (from the memo)."""
+    from autointerp.records import Examples, LatentRecord
+    from autointerp.tokens import TokenDecoder
+
+    vocab = ["a", "<", ">", "[EXPLANATION", "]", "\n", "\t", "b ${x}", "<<", "ANSWER"]
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(vocab[i] for i in ids)
+
+    ids = np.array([0, 1, 1, 3, 4, 2, 8, 5, 6, 7, 1, 9, 4], np.int32)
+    empty = Examples(np.zeros(0, np.int64), np.zeros((0, len(ids)), np.int32), np.zeros((0, len(ids)), np.float32))
+    masks = [None, np.array([0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1], bool), np.ones(len(ids), bool)]
+    for decode in (TokenDecoder(Tok()), lambda xs: [vocab[i] for i in xs]):
+        rec = LatentRecord(0, empty, empty, empty, None, decode=decode)
+        for _ in range(2):
+            for m in masks:
+                assert rec.prompt_text(ids, m) == render_tokens([vocab[i] for i in ids], m)
+    assert "［EXPLANATION］" in rec.prompt_text(ids)  # a marker spread over two tokens is still neutralised
+
+
 # ------------------------------------------------------------------------------------------------ kinds
 
 

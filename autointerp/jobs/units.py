@@ -57,8 +57,9 @@ def _as_explanation(row: dict) -> Explanation:
                        row["seed"], examples_used=tuple(row.get("examples_used") or ()))
 
 
-async def _explain(ctx: JobContext, store: Store, job_id: int, record, client) -> dict:
-    """The latent's explanation row: the stored one with this identity, else made now and stored."""
+async def _explain(ctx: JobContext, store: Store, job_id: int, record, client) -> tuple[dict, bool]:
+    """(The latent's explanation row: the stored one with this identity, else made now and stored; whether this
+    call inserted it — a row just inserted has no scores yet)."""
     row = await _db(store.find_explanation, ctx.dictionary["id"], record.latent, ctx.explain_key)
     if row is not None:
         def mark():
@@ -66,7 +67,7 @@ async def _explain(ctx: JobContext, store: Store, job_id: int, record, client) -
                 store.finish_item(conn, job_id, record.latent, STAGE_EXPLAIN, "done" if row["text"] else "skipped",
                                   error=row["skipped"])
         await _db(mark)
-        return row
+        return row, False
     with usage_scope() as spent:
         try:
             res = await explain(record, client, kind=ctx.spec.explainer, config=ctx.explain_config,
@@ -76,13 +77,13 @@ async def _explain(ctx: JobContext, store: Store, job_id: int, record, client) -
             raise
     usage = res.usage if isinstance(res, Explanation) else (res.usage or spent)
 
-    def write() -> dict:
+    def write() -> tuple[dict, bool]:
         with store.tx(write=True) as conn:
-            store.insert_explanation(conn, _explanation_row(ctx, job_id, record.latent, res, usage))
+            stored = store.store_explanation(conn, _explanation_row(ctx, job_id, record.latent, res, usage))
             store.finish_item(conn, job_id, record.latent, STAGE_EXPLAIN,
                               "skipped" if isinstance(res, Skipped) else "done", usage,
                               error=res.reason if isinstance(res, Skipped) else None)
-            return store.find_explanation(ctx.dictionary["id"], record.latent, ctx.explain_key, conn)
+            return stored
     return await _db(write)
 
 
@@ -135,12 +136,12 @@ async def run_latent(ctx: JobContext, store: Store, job_id: int, latent: int, st
     with usage_scope() as total, shared_samples():  # the latent is sampled once for all its stages
         try:
             await ctx.warm(record)
-            expl = await _explain(ctx, store, job_id, record, explainer_client)
+            expl, fresh = await _explain(ctx, store, job_id, record, explainer_client)
             todo = [(s, c) for s, c in ctx.scorer_configs if score_stage(s.name) in stages]
             if not expl["text"]:
                 await _db(_skip_scores, store, job_id, latent, todo, expl["skipped"] or "no explanation")
                 return LatentOutcome(latent, "already_done" if expl.get("job_id") != job_id else "skipped", total)
-            done_keys = await _db(store.score_keys_done, expl["id"])
+            done_keys = set() if fresh else await _db(store.score_keys_done, expl["id"])
             reused = expl.get("job_id") != job_id and all(ctx.score_keys[s.name] in done_keys for s, _ in todo)
             await gather_or_cancel(*(_score(ctx, store, job_id, record, expl, s, c, judge_client, done_keys)
                                      for s, c in todo))

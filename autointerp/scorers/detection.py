@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..formatting import render_tokens
 from ..llm.base import LLMClient
 from ..prompt_files import load_prompt
 from ..records import LatentRecord
@@ -74,9 +73,9 @@ async def score(
     if isinstance(sample, Skipped):
         return skipped_result(NAME, record, sample, seed)
     test, neg = sample.shown("test"), sample.shown("negatives")
-    items = [Item(render_tokens(record.token_strings(t)), 1, int(q), int(w))
+    items = [Item(record.prompt_text(t), 1, int(q), int(w))
              for t, q, w in zip(test.tokens, sample.test_quantile, test.window_ids)]
-    items += [Item(render_tokens(record.token_strings(t)), 0, -1, int(w), "hard" if h else "random")
+    items += [Item(record.prompt_text(t), 0, -1, int(w), "hard" if h else "random")
               for t, w, h in zip(neg.tokens, neg.window_ids, sample.negative_is_hard)]
     out = await classify(items, text, client, prompt=config.prompt, prompt_dir=config.prompt_dir,
                          batch_size=config.batch_size, rng=rng_for(seed, record.latent, NAME),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..formatting import highlight_mask, render_tokens
+from ..formatting import highlight_mask
 from ..llm.base import LLMClient
 from ..prompt_files import load_prompt
 from ..records import LatentRecord
@@ -91,7 +91,7 @@ async def score(
         if mask is None:  # a window that fires almost everywhere cannot be mis-highlighted
             n_unfuzzable += 1
             continue
-        items.append(Item(render_tokens(record.token_strings(t), mask), int(c), int(q), int(w),
+        items.append(Item(record.prompt_text(t, mask), int(c), int(q), int(w),
                           "correct" if c else "wrong"))
     if not items:
         return ScoreResult(NAME, record.latent, {}, seed=seed, skipped="no window could be fuzzed")

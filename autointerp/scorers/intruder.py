@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..aio import gather_or_cancel
 from ..errors import ConfigError
-from ..formatting import highlight_mask, numbered, render_tokens
+from ..formatting import highlight_mask, numbered
 from ..llm.base import LLMClient, SamplingParams, Usage
 from ..prompt_files import load_prompt
 from ..records import LatentRecord
@@ -80,7 +80,7 @@ async def score(
 
     def show(tokens, acts):
         mask = highlight_mask(acts, config.threshold * sample.max_act) if config.highlight else None
-        return render_tokens(record.token_strings(tokens), mask)
+        return record.prompt_text(tokens, mask)
 
     # windows cycle through a shuffled order so trials reuse a window only when the test set runs out
     act_order = rng.permutation(len(sample.test))
