@@ -423,7 +423,7 @@ def interpret(
                                                           "simulation, embedding, surprisal, intervention."),
     out: Optional[Path] = typer.Option(None, help="Also export this job's rows as JSON lines to this file."),
     seed: int = typer.Option(0, help="Sampling seed (recorded with every row)."),
-    concurrency: int = typer.Option(8, min=1, help="Latents in flight."),
+    concurrency: int = typer.Option(16, min=1, help="Latents in flight (the job spec's default)."),
     llm_concurrency: int = typer.Option(32, min=1, help="Requests in flight per LLM endpoint."),
     llm_timeout: float = typer.Option(60.0, min=0.1, help="Seconds per LLM request before it counts as a timeout."),
     llm_retries: int = typer.Option(5, min=0, help="Retries of a transient LLM failure (429, 5xx, timeout)."),

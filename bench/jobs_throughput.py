@@ -28,14 +28,18 @@ from llm_server_fixture import start_llm_server
 
 
 LLM_CONCURRENCY: int | None = None  # --llm-concurrency: None keeps the job's default
+JOB_CONCURRENCY: int | None = None  # --job-concurrency: latents in flight per process; None keeps the default
 
 
 def spec(cache: Path, latents: list[int], srv) -> dict:
     llm = {"api_key_env": None, "response_cache": False}
     if LLM_CONCURRENCY is not None:
         llm["concurrency"] = LLM_CONCURRENCY
-    return {"dictionary": str(cache), "latents": latents, "explainer_model": f"openai:judge@{srv.base_url}",
-            "scorers": ["detection", "fuzzing"], "llm": llm}
+    out = {"dictionary": str(cache), "latents": latents, "explainer_model": f"openai:judge@{srv.base_url}",
+           "scorers": ["detection", "fuzzing"], "llm": llm}
+    if JOB_CONCURRENCY is not None:
+        out["concurrency"] = JOB_CONCURRENCY
+    return out
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -108,6 +112,8 @@ def main() -> None:
     ap.add_argument("--llm-concurrency", type=int, nargs="+", default=[None],
                     help="requests in flight per process (llm.concurrency); several values run one after the other "
                          "(default: the job's default)")
+    ap.add_argument("--job-concurrency", type=int, default=None,
+                    help="latents in flight per process (the job's concurrency; default: the job's default)")
     a = ap.parse_args()
     os.environ.setdefault("AUTOINTERP_LLM_CACHE", "off")
     from llm_calls import ensure_cache
@@ -119,11 +125,13 @@ def main() -> None:
     assert len(alive) >= 100 + a.latents, f"{cache}: only {len(alive)} alive latents"
     configs = [int(p) for p in a.procs.split(",") if p] + ([] if a.no_embedded else [None])
     redis = Redis() if any(p is not None for p in configs) else None  # the embedded runner needs none
-    global LLM_CONCURRENCY
+    global LLM_CONCURRENCY, JOB_CONCURRENCY
+    JOB_CONCURRENCY = a.job_concurrency
     try:
         for LLM_CONCURRENCY, procs in [(c, p) for c in a.llm_concurrency for p in configs]:
             r = run_config(cache, alive, a.latents, procs, a.latency_ms, redis)
-            print(f"llm.concurrency {LLM_CONCURRENCY or 'default'}, {str(r['procs']):>9} procs: {r['latents']} latents in {r['wall_s']:.1f} s = "
+            print(f"job concurrency {JOB_CONCURRENCY or 'default'}, "
+                  f"llm.concurrency {LLM_CONCURRENCY or 'default'}, {str(r['procs']):>9} procs: {r['latents']} latents in {r['wall_s']:.1f} s = "
                   f"{r['latents_per_s']:.2f} latents/s (after a {r['warmup_s']:.1f} s warm-up job); "
                   f"{r['calls_per_latent']:.2f} calls, {r['prompt_chars_per_latent']:,.0f} prompt chars per latent; "
                   f"{1000 * r['cpu_s_per_latent']:.1f} ms worker CPU per latent "

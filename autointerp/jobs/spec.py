@@ -138,7 +138,7 @@ class JobSpec(BaseModel):
     seed: int = 0
     hard_negatives: bool = Field(True, description="Pick half the negatives by embedding similarity")
     prompt_dir: Optional[str] = None
-    concurrency: int = Field(8, ge=1, description="Latents in flight per process")
+    concurrency: int = Field(16, ge=1, description="Latents in flight per process")
     llm: LLMSettings = Field(default_factory=LLMSettings)
     budget_usd: Optional[float] = Field(None, ge=0, description="Stop scheduling LLM work past this spend")
 

@@ -69,6 +69,10 @@ def _lease(conn: Connection, claimable, latents: list[int], worker: str, lease_s
                         .values(status="running", worker=worker, lease_until=now + timedelta(seconds=lease_s),
                                 attempts=T_ITEM.c.attempts + 1, updated=now)
                         .returning(T_ITEM.c.latent, T_ITEM.c.stage)).all()
+    return _by_latent(rows)
+
+
+def _by_latent(rows) -> list[tuple[int, list[str]]]:
     out: dict[int, list[str]] = {}
     for latent, stage in rows:
         out.setdefault(int(latent), []).append(stage)
@@ -317,21 +321,23 @@ class Store:
         [(latent, [stages])], in latent order. What is returned is what this call's UPDATE changed (RETURNING), so
         two workers never lease the same item, whatever the isolation level; a latent is leased whole, and on
         PostgreSQL latents another claimer is leasing are skipped instead of waited for."""
+        st = self._stmt
         for attempt in range(CLAIM_ATTEMPTS):
             now = utcnow()
-            claimable = and_(T_ITEM.c.job_id == job_id,
-                             or_(T_ITEM.c.status == "pending",
-                                 and_(T_ITEM.c.status == "running", T_ITEM.c.lease_until < now)))
+            args = {"j": job_id, "now": now, "n": max(CLAIM_WINDOW, limit * 16)}
             with self.tx(write=True) as conn:
-                q = select(T_ITEM.c.latent).where(claimable)
-                if latents is not None:
-                    q = q.where(T_ITEM.c.latent.in_(list(latents)))
-                q = q.order_by(T_ITEM.c.latent).limit(max(CLAIM_WINDOW, limit * 16))
-                candidates = list(dict.fromkeys(conn.execute(q).scalars()))
+                if latents is None:  # a worker's claim: the statements built once (_Statements)
+                    q = st.claim_candidates
+                else:
+                    q = (select(T_ITEM.c.latent).where(st.claimable, T_ITEM.c.latent.in_(list(latents)))
+                         .order_by(T_ITEM.c.latent).limit(bindparam("n")))
+                candidates = list(dict.fromkeys(conn.execute(q, args).scalars()))
                 if not candidates:
                     return []
                 chosen = _lock_latents(conn, job_id, candidates, limit)
-                leased = _lease(conn, claimable, chosen, worker, lease_s, now) if chosen else []
+                leased = _by_latent(conn.execute(st.claim_lease, {
+                    **args, "ls": chosen, "w": worker, "until": now + timedelta(seconds=lease_s)}).all()) \
+                    if chosen else []
             if leased:
                 return leased
             _contended(attempt)
@@ -770,6 +776,14 @@ class _Statements:
         self.find_explanation = select(T_EXPL).where(T_EXPL.c.dictionary_pk == bindparam("d"),
                                                      T_EXPL.c.latent == bindparam("l"),
                                                      T_EXPL.c.explain_key == bindparam("k"))
+        # claim_latents: items with work left (pending, or running with an expired lease), then their lease
+        self.claimable = and_(c.job_id == bindparam("j"), or_(c.status == "pending", and_(
+            c.status == "running", c.lease_until < bindparam("now"))))
+        self.claim_candidates = select(c.latent).where(self.claimable).order_by(c.latent).limit(bindparam("n"))
+        self.claim_lease = (update(T_ITEM).where(self.claimable, c.latent.in_(bindparam("ls", expanding=True)))
+                            .values(status="running", worker=bindparam("w"), lease_until=bindparam("until"),
+                                    attempts=c.attempts + 1, updated=bindparam("now"))
+                            .returning(c.latent, c.stage))
         self.score_keys = select(T_SCORE.c.score_key).where(T_SCORE.c.explanation_id == bindparam("e"))
         self.insert_explanation = store._insert_ignore(T_EXPL, ["dictionary_pk", "latent", "explain_key"])
         self.insert_score = store._insert_ignore(T_SCORE, ["explanation_id", "score_key"])
