@@ -229,6 +229,8 @@ def run_backend(name: str, url: str, args, work: Path) -> list[dict]:
             (every, {"AUTOINTERP_API_LATENT_CACHE_MB": "0"}),
         "GET latent with examples (real cache: 20 top + quantile contexts, decoded)":
             ([f"/api/v1/dictionaries/{real}/latents/{i}" for i in info["real_latents"]], {}),
+        "GET dictionary (its score table and counts: aggregates over every explanation and score)":
+            ([f"/api/v1/dictionaries/{syn}"], {}),
         "GET latents page (sort by detection score, 50 rows, keyset)":
             ([f"/api/v1/dictionaries/{syn}/latents?sort=score&scorer=detection&order=desc&limit=50"], {}),
         "GET latents page (sort by max activation, 50 rows, keyset)":

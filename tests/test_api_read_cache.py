@@ -67,3 +67,46 @@ def test_not_cached_when_a_read_key_is_required_or_off(fast_env):
             a, b = http("GET", url), http("GET", url)
             assert a[0] == b[0] == (401 if settings.read_key_required else 200)
             assert srv.app.state.read_cache.hits == 0
+
+
+def test_quick_reads_run_at_most_the_configured_threads_at_once_on_sqlite(fast_env, monkeypatch):
+    """access.store_read: the quick read routes run in the app's store-read limiter — on SQLite at most
+    `sqlite_read_threads` of them read the store at once (more made each dearer); PostgreSQL keeps anyio's 40.
+    Twelve concurrent requests of three routes, each held in the store for 50 ms: at most the limit overlap, and
+    all answer as usual."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from autointerp.api import Settings
+    from autointerp.store import queries as Q
+
+    sqlite = fast_env["url"].startswith("sqlite")
+    lock, now, peak = threading.Lock(), [0], [0]
+    real = {name: getattr(Q, name) for name in ("subject_models", "comparisons", "jobs")}
+
+    def held(fn):
+        def run(*a, **kw):
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+            try:
+                time.sleep(0.05)
+                return fn(*a, **kw)
+            finally:
+                with lock:
+                    now[0] -= 1
+        return run
+
+    for name, fn in real.items():
+        monkeypatch.setattr(Q, name, held(fn))
+    paths = ["/api/v1/subject-models", "/api/v1/comparisons", "/api/v1/jobs"] * 4
+    for limit in (1, 3):
+        peak[0] = 0
+        with ApiServer(Settings(database_url=fast_env["url"], embedded_runner=False, sqlite_read_threads=limit)) as srv:
+            with ThreadPoolExecutor(12) as ex:
+                answers = list(ex.map(lambda p: http("GET", srv.url + p), paths))
+            assert all(a[0] == 200 for a in answers)
+            assert (srv.app.state.read_limiter is not None) == sqlite
+        assert peak[0] <= limit if sqlite else peak[0] > 3, peak[0]
+        assert peak[0] == limit or not sqlite  # the limit is reached, not undercut

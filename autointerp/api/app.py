@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AutointerpError, ConfigError
 from ..store import Store, open_store
-from .access import API, KeyCheck, read_access, require_key  # noqa: F401 (require_key, read_access: the API's own)
+from .access import API, KeyCheck, read_access, require_key, store_read_limiter  # noqa: F401 (require_key, read_access: the API's own)
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -54,6 +54,9 @@ class Settings:
     latent_cache_mb: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_LATENT_CACHE_MB", 64.0))
     # search and the latents list on SQLite: answers kept per query until the next write to the store (0: off)
     read_cache_mb: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_READ_CACHE_MB", 32.0))
+    # SQLite: threads that read the store at once for the quick read routes (access.store_read); more threads
+    # than cores made each request dearer (the GIL and SQLite's released-and-retaken locks), 0: no limit
+    sqlite_read_threads: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_SQLITE_READ_THREADS", 2))
     # subject model device for /activations and /steer (default: CUDA when present)
     device: str | None = field(default_factory=lambda: os.environ.get("AUTOINTERP_API_DEVICE") or None)
 
@@ -180,6 +183,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store or open_store(settings.database_url)
     app.state.keys = KeyCheck()
     app.state.runners = {}
+    app.state.read_limiter = store_read_limiter(app.state.store, settings)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):

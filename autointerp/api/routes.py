@@ -24,7 +24,7 @@ from ..store import queries as Q
 from ..store.store import T_DICT, T_LATENT, T_SUBJECT
 from ..units import unit_pole
 from . import runtime
-from .access import KeyedRoute, ReadRoute, read_access, require_key
+from .access import KeyedRoute, ReadRoute, read_access, require_key, store_read
 from .schemas import (MAX_QUERY_CHARS, ActivationsOut, ActivationsRequest, AnalysisOut, ComparisonOut,
                       ComparisonRequest, DiffRequest,
                       DictionaryDetail, DictionaryOut, Health, JobOut, JobStatusOut, JobSubmitted, LatentDetail,
@@ -143,11 +143,13 @@ def health(request: Request):
 
 
 @reads.get("/subject-models", response_model=list[SubjectModelOut], tags=["browse"])
+@store_read
 def list_subject_models(request: Request):
     return Q.subject_models(store_of(request))
 
 
 @reads.get("/dictionaries", response_model=list[DictionaryOut], tags=["browse"])
+@store_read
 def list_dictionaries(request: Request, subject_model: Optional[str] = Query(None, max_length=500)):
     store = store_of(request)
     counts = Q.dictionary_counts(store)
@@ -158,6 +160,7 @@ def list_dictionaries(request: Request, subject_model: Optional[str] = Query(Non
 
 
 @reads.get("/dictionaries/{ref}", response_model=DictionaryDetail, tags=["browse"])
+@store_read
 def get_dictionary(request: Request, ref: str):
     store = store_of(request)
     d = lookup_dictionary(store, ref)
@@ -181,6 +184,7 @@ def dictionary_plot(request: Request, ref: str):
 
 
 @reads.get("/dictionaries/{ref}/latents", response_model=LatentPage, tags=["browse"])
+@store_read
 def list_latents(request: Request, ref: str,
                  sort: Literal["index", "frequency", "max_act", "mean_act", "score", "stat"] = "index",
                  order: Literal["asc", "desc"] = "asc",
@@ -244,6 +248,7 @@ def latent_detail(store: Store, d: dict, index: int, n_top: int = 20, row: dict 
 
 
 @reads.get("/dictionaries/{ref}/latents/{index}", response_model=LatentDetail, tags=["browse"])
+@store_read
 def get_latent(request: Request, ref: str, index: int = IndexParam(),
                n_top: int = Query(20, ge=0, le=100, description="Top examples to return")):
     store = store_of(request)
@@ -311,6 +316,7 @@ def _ensure_embedded(store: Store) -> None:
 
 
 @reads.get("/search", response_model=SearchResult, tags=["search"])
+@store_read
 def search(request: Request, q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
            mode: Literal["semantic", "keyword"] = "semantic", k: int = Query(20, ge=1, le=200),
            dictionary: Optional[str] = Query(None, max_length=1000),
@@ -342,16 +348,19 @@ def search(request: Request, q: str = Query(..., min_length=1, max_length=MAX_QU
 
 
 @reads.get("/comparisons", response_model=list[ComparisonOut], tags=["compare"])
+@store_read
 def list_comparisons(request: Request, limit: int = Query(50, ge=1, le=200)):
     return Q.comparisons(store_of(request), limit)
 
 
 @reads.get("/comparisons/{comparison_id}", response_model=ComparisonOut, tags=["compare"])
+@store_read
 def get_comparison(request: Request, comparison_id: int = IdParam()):
     return Q.comparison(store_of(request), comparison_id)
 
 
 @reads.get("/jobs", response_model=list[JobOut], tags=["jobs"])
+@store_read
 def list_jobs(request: Request, limit: int = Query(50, ge=1, le=200),
               before: Optional[int] = Query(None, ge=0, le=MAX_ID, description="Jobs with an id below this (keyset pagination)"),
               status: Optional[str] = Query(None, max_length=30)):
@@ -359,6 +368,7 @@ def list_jobs(request: Request, limit: int = Query(50, ge=1, le=200),
 
 
 @reads.get("/jobs/{job_id}", response_model=JobStatusOut, tags=["jobs"])
+@store_read
 def get_job(request: Request, job_id: int = IdParam()):
     from ..jobs import status
 
@@ -401,6 +411,7 @@ def export(request: Request, ref: str, format: Literal["jsonl", "neuronpedia", "
 
 
 @reads.get("/analyses", response_model=list[AnalysisOut], tags=["corpus"])
+@store_read
 def list_analyses(request: Request, dictionary: Optional[str] = Query(None, max_length=1000),
                   kind: Optional[str] = Query(None, pattern="^(diff|separability|meta)$"),
                   limit: int = Query(50, ge=1, le=200)):
@@ -413,6 +424,7 @@ def list_analyses(request: Request, dictionary: Optional[str] = Query(None, max_
 
 
 @reads.get("/analyses/{analysis_id}", response_model=AnalysisOut, tags=["corpus"])
+@store_read
 def get_analysis(request: Request, analysis_id: int = IdParam()):
     from ..store.analyses import analysis
 

@@ -70,15 +70,63 @@ def subject_models(store: Store) -> list[dict]:
         return [dict(r) for r in conn.execute(q).mappings()]
 
 
-def dictionary_counts(store: Store) -> dict[int, dict]:
-    """{dictionary pk: {n_explained, n_explanations, n_scores}}: one grouped query each, for the listing."""
+# An aggregate over explanations and scores is unchanged while no row was added to either: both tables are
+# insert-only, with growing ids. A row's id is drawn at insert and it may commit after a row with a larger id (on
+# PostgreSQL, concurrent writers), so the version is the newest id *and* how many rows lie in the last RECENT ids:
+# a late commit there changes the count. One statement; an index range of at most RECENT entries per table.
+RECENT = 1024
+_AGG_CACHE: dict[tuple, tuple[tuple, Any]] = {}
+_AGG_LOCK = threading.Lock()
+
+
+def _version_columns():
+    cols = []
+    for t in (T_EXPL, T_SCORE):
+        newest = select(func.coalesce(func.max(t.c.id), 0)).scalar_subquery()
+        cols += [newest, select(func.count()).select_from(t).where(t.c.id > newest - RECENT).scalar_subquery()]
+    return select(*cols)
+
+
+_VERSION = _version_columns()
+
+
+def results_version(conn) -> tuple:
+    """(newest explanation id, explanations among the last RECENT ids, the same two of scores)."""
+    return tuple(conn.execute(_VERSION).one())
+
+
+def _versioned(store: Store, key: tuple, compute):
+    """compute(conn), kept per process under results_version: read before computing, in the same transaction, so a
+    value is never older than the version it is kept under (a write meanwhile makes the next call recompute)."""
+    key = (store.url, *key)
     with store.tx() as conn:
-        ex = conn.execute(select(T_EXPL.c.dictionary_pk, func.count(func.distinct(T_EXPL.c.latent)),
-                                 func.count(), func.coalesce(func.sum(T_EXPL.c.cost_usd), 0.0))
-                          .where(T_EXPL.c.text.is_not(None)).group_by(T_EXPL.c.dictionary_pk)).all()
-        sc = conn.execute(select(T_EXPL.c.dictionary_pk, func.count(), func.coalesce(func.sum(T_SCORE.c.cost_usd), 0.0))
-                          .select_from(T_SCORE).join(T_EXPL, T_EXPL.c.id == T_SCORE.c.explanation_id)
-                          .group_by(T_EXPL.c.dictionary_pk)).all()
+        version = results_version(conn)
+        with _AGG_LOCK:
+            hit = _AGG_CACHE.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = compute(conn)
+    with _AGG_LOCK:
+        if len(_AGG_CACHE) > 256:
+            _AGG_CACHE.clear()
+        _AGG_CACHE[key] = (version, value)
+    return value
+
+
+def dictionary_counts(store: Store) -> dict[int, dict]:
+    """{dictionary pk: {n_explained, n_explanations, n_scores}}: one grouped query each, for the listing (kept
+    while no explanation or score is added: _versioned)."""
+    out = _versioned(store, ("counts",), _dictionary_counts)
+    return {pk: dict(v) for pk, v in out.items()}
+
+
+def _dictionary_counts(conn) -> dict[int, dict]:
+    ex = conn.execute(select(T_EXPL.c.dictionary_pk, func.count(func.distinct(T_EXPL.c.latent)),
+                             func.count(), func.coalesce(func.sum(T_EXPL.c.cost_usd), 0.0))
+                      .where(T_EXPL.c.text.is_not(None)).group_by(T_EXPL.c.dictionary_pk)).all()
+    sc = conn.execute(select(T_EXPL.c.dictionary_pk, func.count(), func.coalesce(func.sum(T_SCORE.c.cost_usd), 0.0))
+                      .select_from(T_SCORE).join(T_EXPL, T_EXPL.c.id == T_SCORE.c.explanation_id)
+                      .group_by(T_EXPL.c.dictionary_pk)).all()
     out: dict[int, dict] = {}
     for pk, n_lat, n_ex, cost in ex:
         out.setdefault(pk, {"n_explained": 0, "n_explanations": 0, "n_scores": 0, "cost_usd": 0.0})
@@ -113,9 +161,11 @@ def score_table(store: Store, dictionary_pk: int, n_bins: int = 20) -> list[dict
     bucket = _bucket(store, T_SCORE.c.value, n_bins).label("bucket")
     hist = (base.add_columns(bucket, func.count().label("c")).where(T_SCORE.c.value.is_not(None))
             .group_by(*keys, bucket))
-    with store.tx() as conn:
-        rows = [dict(r) for r in conn.execute(agg).mappings()]
-        bins = conn.execute(hist).all()
+
+    def compute(conn) -> tuple[list[dict], list]:
+        return [dict(r) for r in conn.execute(agg).mappings()], conn.execute(hist).all()
+    rows, bins = _versioned(store, ("score_table", dictionary_pk, n_bins), compute)
+    rows = [dict(r) for r in rows]
     by_key = {}
     for r in rows:
         r["hist"] = [0] * n_bins
@@ -136,31 +186,18 @@ def _best_scores(dictionary_pk: int, scorer: str):
             .group_by(T_EXPL.c.latent).subquery("best"))
 
 
-_BEST_CACHE: dict[tuple, tuple[int, np.ndarray, np.ndarray]] = {}
-_BEST_LOCK = threading.Lock()
-
 
 def best_scores(store: Store, dictionary_pk: int, scorer: str) -> tuple[np.ndarray, np.ndarray]:
     """(latents, best headline score) of a dictionary's scored latents, sorted by (score, latent) ascending.
-    Kept per process and recomputed only when a score was added since (scores are insert-only: the newest score
-    id tells), so score-sorted pages cost a binary search instead of an aggregate over every score."""
-    key = (store.url, dictionary_pk, scorer)
-    with store.tx() as conn:
-        newest = conn.execute(select(func.max(T_SCORE.c.id))).scalar() or 0
-        with _BEST_LOCK:
-            hit = _BEST_CACHE.get(key)
-        if hit is not None and hit[0] == newest:
-            return hit[1], hit[2]
+    Kept per process and recomputed only when an explanation or score was added since (_versioned), so
+    score-sorted pages cost a binary search instead of an aggregate over every score."""
+    def compute(conn) -> tuple[np.ndarray, np.ndarray]:
         rows = conn.execute(select(_best_scores(dictionary_pk, scorer))).all()
-    lat = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    val = np.fromiter((r[1] for r in rows), np.float64, len(rows))
-    order = np.lexsort((lat, val))
-    lat, val = lat[order], val[order]
-    with _BEST_LOCK:
-        if len(_BEST_CACHE) > 64:
-            _BEST_CACHE.clear()
-        _BEST_CACHE[key] = (newest, lat, val)
-    return lat, val
+        lat = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        val = np.fromiter((r[1] for r in rows), np.float64, len(rows))
+        order = np.lexsort((lat, val))
+        return lat[order], val[order]
+    return _versioned(store, ("best_scores", dictionary_pk, scorer), compute)
 
 
 def _page_by_score(store: Store, dictionary_pk: int, f: LatentFilter, order: str, limit: int,
