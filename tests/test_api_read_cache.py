@@ -110,3 +110,34 @@ def test_quick_reads_run_at_most_the_configured_threads_at_once_on_sqlite(fast_e
             assert (srv.app.state.read_limiter is not None) == sqlite
         assert peak[0] <= limit if sqlite else peak[0] > 3, peak[0]
         assert peak[0] == limit or not sqlite  # the limit is reached, not undercut
+
+
+def test_pages_and_the_dictionary_are_cached_until_any_write_too(fast_env):
+    """The dictionary's JSON and the pages (home, a dictionary's, a latent's, search) are served again while nothing
+    was written, and show a write at once after it."""
+    store, pk, name = fast_env["store"], fast_env["d"]["id"], fast_env["d"]["name"]
+    j = fast_env["latents"][2]
+    base = fast_env["srv"].url
+    cache = fast_env["srv"].app.state.read_cache
+    sqlite = fast_env["url"].startswith("sqlite")
+    paths = ["/", f"/d/{name}", f"/d/{name}/{j}", "/search?q=zanzibar&mode=keyword", f"/api/v1/dictionaries/{name}"]
+
+    def get_all():
+        out = []
+        for p in paths:
+            s, _, body = http("GET", base + p)
+            assert s == 200, (p, s)
+            out.append(body if isinstance(body, dict) else body.decode())
+        return out
+
+    first = get_all()
+    hits = cache.hits
+    assert get_all() == first
+    assert cache.hits - hits == (len(paths) if sqlite else 0)
+    assert "zanzibar words" not in first[2] and "zanzibar words" not in first[3]
+    with store.tx(write=True) as conn:
+        store.insert_explanation(conn, _expl(pk, j, "zanzibar", "zanzibar words"))
+    after = get_all()
+    assert "zanzibar words" in after[2] and "zanzibar words" in after[3]  # the latent's page and the search page
+    assert after[4]["n_explanations"] == first[4]["n_explanations"] + 1
+    assert after[1] != first[1]  # the dictionary's page counts it

@@ -52,7 +52,7 @@ class Settings:
     embedded_runner: bool = field(default_factory=lambda: _env_bool("AUTOINTERP_API_RUN_JOBS", True))
     # GET one latent: serialised answers kept per latent, checked against the store on every request (0: off)
     latent_cache_mb: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_LATENT_CACHE_MB", 64.0))
-    # search and the latents list on SQLite: answers kept per query until the next write to the store (0: off)
+    # SQLite: search, the latents list, a dictionary and their pages kept per query until the next write (0: off)
     read_cache_mb: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_READ_CACHE_MB", 32.0))
     # SQLite: threads that read the store at once for the quick read routes (access.store_read); more threads
     # than cores made each request dearer (the GIL and SQLite's released-and-retaken locks), 0: no limit

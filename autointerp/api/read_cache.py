@@ -1,4 +1,5 @@
-"""A response cache for the API's read queries over a whole store (search, the latents list), SQLite only.
+"""A response cache for the read queries over a whole store, SQLite only: the API's search, latents list and
+dictionary detail, and the pages built from the same queries (home, a dictionary's page, a latent's page, search).
 
 Their answers depend on many rows (every explanation a search matches, a page of latents and their best scores), so
 no per-row version is cheap to read, as the GET-latent fast path reads one (fast.py). SQLite gives a store-wide one:
@@ -10,7 +11,8 @@ miss, never serve stale data. Any write invalidates every body: while jobs write
 that is being read (browsing, a finished job's results) popular queries cost one PRAGMA.
 
 Not cached: other methods and paths, non-200 answers, stores that need a read key (the key decides the answer), and
-PostgreSQL (no store-wide counter: its reads run every time).
+PostgreSQL (no store-wide counter: its reads run every time). The pages use nothing of the request but its path and
+query string (no host, cookie or header reaches a template), so one body serves every client.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import threading
 from .fast import BodyCache
 
 # the read endpoints whose answers are a function of the store's rows and the query string alone
-PATHS = re.compile(r"^/api/v1/(search|dictionaries/[^/]+/latents)$")
+PATHS = re.compile(r"^(/api/v1/(search|dictionaries/[^/]+(/latents)?)|/|/search|/d/[^/]+(/[0-9]+)?)$")
+TYPES = (b"application/json", b"text/html")
 
 
 class StoreVersion:
@@ -74,7 +77,7 @@ class ReadCache:
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body") and start.get("status") == 200:
                     headers = list(start.get("headers", []))
-                    if any(k == b"content-type" and v.startswith(b"application/json") for k, v in headers):
+                    if any(k == b"content-type" and v.startswith(TYPES) for k, v in headers):
                         self.bodies.put(key, version, headers, b"".join(chunks))
             await send(message)
 
