@@ -32,21 +32,19 @@ class TokenDecoder:
         return s
 
     def __call__(self, ids) -> list[str]:
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        memo = self.memo
-        try:
-            return [memo[i] for i in ids]
-        except KeyError:
-            return [memo[i] if i in memo else self._miss(i) for i in ids]
+        return self._lookup(ids, self.memo, self._miss)
 
     def escaped(self, ids) -> list[str]:
         """The strings as a prompt shows them (formatting.escape_token), memoised alike."""
+        return self._lookup(ids, self.memo_escaped, self._miss_escaped)
+
+    @staticmethod
+    def _lookup(ids, memo: dict[int, str], miss) -> list[str]:
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        memo = self.memo_escaped
         try:
             return [memo[i] for i in ids]
         except KeyError:
-            return [memo[i] if i in memo else self._miss_escaped(i) for i in ids]
+            return [memo[i] if i in memo else miss(i) for i in ids]
 
 
 def tokenizer_for(model_spec: str):
