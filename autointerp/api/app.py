@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AutointerpError, ConfigError
 from ..store import Store, open_store
-from .access import API, KeyCheck, read_access, require_key, store_read_limiter  # noqa: F401 (require_key, read_access: the API's own)
+from .access import (API, KeyCheck, read_access, require_key,  # noqa: F401 (require_key, read_access: the API's own)
+                     store_read_limiter)
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -56,7 +57,7 @@ class Settings:
     read_cache_mb: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_READ_CACHE_MB", 32.0))
     # SQLite: threads that read the store at once for the quick read routes (access.store_read); more threads
     # than cores made each request dearer (the GIL and SQLite's released-and-retaken locks), 0: no limit
-    sqlite_read_threads: float = field(default_factory=lambda: _env_float("AUTOINTERP_API_SQLITE_READ_THREADS", 2))
+    sqlite_read_threads: int = field(default_factory=lambda: int(_env_float("AUTOINTERP_API_SQLITE_READ_THREADS", 2)))
     # subject model device for /activations and /steer (default: CUDA when present)
     device: str | None = field(default_factory=lambda: os.environ.get("AUTOINTERP_API_DEVICE") or None)
 

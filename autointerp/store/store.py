@@ -12,8 +12,8 @@ import hashlib
 import random
 import time
 from contextlib import contextmanager
-from functools import cached_property
 from datetime import timedelta
+from functools import cached_property
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -86,6 +86,45 @@ def _contended(attempt: int) -> None:
     """Every candidate was held by other claimers: back off a little before looking again (not after the last)."""
     if attempt < CLAIM_ATTEMPTS - 1:
         time.sleep(0.005 * (attempt + 1) + random.random() * 0.005)
+
+
+def _row_of(table, row: dict) -> dict:
+    """`row` with its creation time, for a prepared INSERT: a key that is no column fails here, as `.values()` did
+    (executed parameters that name no column would be dropped without a word)."""
+    extra = row.keys() - table.c.keys()
+    if extra:
+        raise ValueError(f"{table.name}: no column {sorted(extra)[0]!r}")
+    return {**row, "created": utcnow()}
+
+
+class _Statements:
+    """The statements a job's worker runs for every unit, built once per store with bound parameters: building a
+    statement (operators, VALUES, its cache key) cost several times more than running it, ~1 ms of a worker's CPU
+    per latent."""
+
+    def __init__(self, store: Store):
+        c = T_ITEM.c
+        self.find_explanation = select(T_EXPL).where(T_EXPL.c.dictionary_pk == bindparam("d"),
+                                                     T_EXPL.c.latent == bindparam("l"),
+                                                     T_EXPL.c.explain_key == bindparam("k"))
+        # claim_latents: items with work left (pending, or running with an expired lease), then their lease
+        self.claimable = and_(c.job_id == bindparam("j"), or_(c.status == "pending", and_(
+            c.status == "running", c.lease_until < bindparam("now"))))
+        self.claim_candidates = select(c.latent).where(self.claimable).order_by(c.latent).limit(bindparam("n"))
+        self.claim_lease = (update(T_ITEM).where(self.claimable, c.latent.in_(bindparam("ls", expanding=True)))
+                            .values(status="running", worker=bindparam("w"), lease_until=bindparam("until"),
+                                    attempts=c.attempts + 1, updated=bindparam("now"))
+                            .returning(c.latent, c.stage))
+        self.score_keys = select(T_SCORE.c.score_key).where(T_SCORE.c.explanation_id == bindparam("e"))
+        self.insert_explanation = store._insert_ignore(T_EXPL, ["dictionary_pk", "latent", "explain_key"])
+        self.insert_score = store._insert_ignore(T_SCORE, ["explanation_id", "score_key"])
+        self.finish_item = (
+            update(T_ITEM).where(c.job_id == bindparam("j"), c.latent == bindparam("l"), c.stage == bindparam("s"))
+            .values(status=bindparam("st"), error=bindparam("err"), lease_until=None, updated=bindparam("now"),
+                    prompt_tokens=c.prompt_tokens + bindparam("pt", type_=c.prompt_tokens.type),
+                    completion_tokens=c.completion_tokens + bindparam("ct", type_=c.completion_tokens.type),
+                    calls=c.calls + bindparam("n", type_=c.calls.type),
+                    cost_usd=c.cost_usd + bindparam("usd", type_=c.cost_usd.type)))
 
 
 class Store:
@@ -236,12 +275,12 @@ class Store:
     def store_explanation(self, conn: Connection, row: dict) -> tuple[dict, bool]:
         """insert_explanation, returning the row that is there afterwards and whether this call inserted it (a row
         just inserted has no scores yet: the caller need not look for them)."""
-        r = conn.execute(self._stmt.insert_explanation, {**row, "created": utcnow()})
+        r = conn.execute(self._stmt.insert_explanation, _row_of(T_EXPL, row))
         found = self.find_explanation(row["dictionary_pk"], row["latent"], row["explain_key"], conn)
         return found, r.rowcount == 1
 
     def insert_score(self, conn: Connection, row: dict) -> None:
-        conn.execute(self._stmt.insert_score, {**row, "created": utcnow()})
+        conn.execute(self._stmt.insert_score, _row_of(T_SCORE, row))
 
     def explanations(self, dictionary_pk: int | None = None, *, latents: Iterable[int] | None = None,
                      explainer: str | None = None, exclude_explainer: str | None = None,
@@ -764,33 +803,3 @@ def open_store(url: str | None = None) -> Store:
 
 
 __all__ = ["Store", "StoreError", "open_store", "headline", "HEADLINE"]
-
-
-class _Statements:
-    """The statements a job's worker runs for every unit, built once per store with bound parameters: building a
-    statement (operators, VALUES, its cache key) cost several times more than running it, ~1 ms of a worker's CPU
-    per latent."""
-
-    def __init__(self, store: Store):
-        c = T_ITEM.c
-        self.find_explanation = select(T_EXPL).where(T_EXPL.c.dictionary_pk == bindparam("d"),
-                                                     T_EXPL.c.latent == bindparam("l"),
-                                                     T_EXPL.c.explain_key == bindparam("k"))
-        # claim_latents: items with work left (pending, or running with an expired lease), then their lease
-        self.claimable = and_(c.job_id == bindparam("j"), or_(c.status == "pending", and_(
-            c.status == "running", c.lease_until < bindparam("now"))))
-        self.claim_candidates = select(c.latent).where(self.claimable).order_by(c.latent).limit(bindparam("n"))
-        self.claim_lease = (update(T_ITEM).where(self.claimable, c.latent.in_(bindparam("ls", expanding=True)))
-                            .values(status="running", worker=bindparam("w"), lease_until=bindparam("until"),
-                                    attempts=c.attempts + 1, updated=bindparam("now"))
-                            .returning(c.latent, c.stage))
-        self.score_keys = select(T_SCORE.c.score_key).where(T_SCORE.c.explanation_id == bindparam("e"))
-        self.insert_explanation = store._insert_ignore(T_EXPL, ["dictionary_pk", "latent", "explain_key"])
-        self.insert_score = store._insert_ignore(T_SCORE, ["explanation_id", "score_key"])
-        self.finish_item = (
-            update(T_ITEM).where(c.job_id == bindparam("j"), c.latent == bindparam("l"), c.stage == bindparam("s"))
-            .values(status=bindparam("st"), error=bindparam("err"), lease_until=None, updated=bindparam("now"),
-                    prompt_tokens=c.prompt_tokens + bindparam("pt", type_=c.prompt_tokens.type),
-                    completion_tokens=c.completion_tokens + bindparam("ct", type_=c.completion_tokens.type),
-                    calls=c.calls + bindparam("n", type_=c.calls.type),
-                    cost_usd=c.cost_usd + bindparam("usd", type_=c.cost_usd.type)))
