@@ -22,14 +22,14 @@ from .llm.base import ChatMessage
 _SECTION = re.compile(r"^### (system|user|assistant)\s*$", re.M)
 
 
+_PACKAGED = Path(__file__).resolve().parent / "prompts"
+
+
 def prompts_dir() -> Path:
     env = os.environ.get("AUTOINTERP_PROMPTS")
     if env:
         return Path(env)
     return _PACKAGED
-
-
-_PACKAGED = Path(__file__).resolve().parent / "prompts"
 
 
 @lru_cache(maxsize=256)

@@ -104,7 +104,7 @@ class LatentRecord:
         latent."""
         escaped = getattr(self.decode, "escaped", None)
         if escaped is not None:
-            strs = escaped(tokens.tolist() if hasattr(tokens, "tolist") else [int(t) for t in tokens])
+            strs = escaped(tokens)
         else:
             strs = [escape_token(s) for s in self.token_strings(tokens)]
         return render_tokens(strs, mask, escaped=True)
